@@ -1,0 +1,536 @@
+//! Drives one [`Session`] over a blocking byte stream: buffered reads with deadlines,
+//! replies flushed before every blocking read (RFC 2920 pipelining), DATA and BDAT
+//! streamed into the store, STARTTLS with injection detection (SPEC invariant 3).
+//!
+//! Generic over [`Transport`] so that tests can run whole sessions in memory.
+
+use crate::hooks::TlsInfo;
+use crate::protocol::data::{BareLf, DataReader, Verdict};
+use crate::protocol::reply::Reply;
+use crate::session::{MessageOutcome, Session, Step};
+use crate::spool::{MessageWriter, Store, StoreError};
+use std::io::{self, Read, Write};
+use std::time::{Duration, Instant, SystemTime};
+
+/// A byte stream the driver can put deadlines on and upgrade to TLS.
+pub trait Transport: Read + Write {
+    /// Bounds the next blocking read (`None`: no bound).
+    fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()>;
+    /// Runs the server side of a TLS handshake on this stream (RFC 3207).
+    fn start_tls(&mut self) -> io::Result<TlsInfo> {
+        Err(io::Error::new(io::ErrorKind::Unsupported, "TLS not available"))
+    }
+}
+
+/// How the server's lifecycle reaches a session (graceful stop, SPEC invariant 7).
+pub trait Lifecycle {
+    /// True once the server is stopping: the session answers 421 4.3.2 and closes.
+    fn stopping(&self) -> bool;
+    /// Called before a message transfer; `false` when stopping (then no transfer).
+    /// While inside a message the server lets it finish.
+    fn enter_message(&self) -> bool;
+    fn leave_message(&self);
+}
+
+/// A lifecycle that never stops (tests, embedders that drive sessions themselves).
+pub struct Forever;
+
+impl Lifecycle for Forever {
+    fn stopping(&self) -> bool {
+        false
+    }
+    fn enter_message(&self) -> bool {
+        true
+    }
+    fn leave_message(&self) {}
+}
+
+/// The limits the driver enforces on the wire (the rest are the session's).
+#[derive(Clone, Debug)]
+pub struct WireLimits {
+    pub max_line_length: usize,
+    pub max_message_size: u64,
+    pub bare_lf: BareLf,
+    pub command_timeout: Duration,
+    pub data_timeout: Duration,
+    /// Bytes per second inside DATA/BDAT once `data_timeout` has passed; 0 disables.
+    pub min_data_rate: u64,
+}
+
+/// How a connection ended (for the log).
+#[derive(Debug, PartialEq, Eq)]
+pub enum End {
+    Quit,
+    /// The client closed the connection.
+    Eof,
+    Timeout,
+    /// Closed after a refusal (too many errors, hook, injection).
+    Closed,
+    ShuttingDown,
+    Io(io::ErrorKind),
+}
+
+enum Read1 {
+    Line(usize, usize),
+    TooLong,
+    Eof,
+    Timeout,
+}
+
+const BUF: usize = 64 * 1024;
+/// How much message content is gathered before a write to the store.
+const FLUSH_AT: usize = 32 * 1024;
+
+/// The driver for one connection.
+pub struct Connection<'a, T: Transport> {
+    io: T,
+    session: Session,
+    store: &'a dyn Store,
+    life: &'a dyn Lifecycle,
+    limits: WireLimits,
+    wants_data: bool,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    out: Vec<u8>,
+    /// The message of a BDAT transaction in progress.
+    chunked: Option<Box<dyn MessageWriter>>,
+    chunk_copy: Vec<u8>,
+    chunk_write_error: Option<StoreError>,
+}
+
+impl<'a, T: Transport> Connection<'a, T> {
+    pub fn new(
+        io: T,
+        session: Session,
+        store: &'a dyn Store,
+        life: &'a dyn Lifecycle,
+        limits: WireLimits,
+        wants_data: bool,
+    ) -> Self {
+        let cap = BUF.max(limits.max_line_length + 2);
+        Connection {
+            io,
+            session,
+            store,
+            life,
+            limits,
+            wants_data,
+            buf: vec![0; cap],
+            start: 0,
+            end: 0,
+            out: Vec::with_capacity(4096),
+            chunked: None,
+            chunk_copy: Vec::new(),
+            chunk_write_error: None,
+        }
+    }
+
+    /// The stream, e.g. to inspect what the server wrote in tests.
+    pub fn into_transport(self) -> T {
+        self.io
+    }
+
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// Runs the session to its end. Never panics on client input.
+    pub fn run(&mut self) -> End {
+        let end = self.run_inner();
+        let _ = self.flush();
+        self.chunked = None;
+        end
+    }
+
+    fn run_inner(&mut self) -> End {
+        let step = self.session.greeting();
+        if let Some(end) = self.simple(step) {
+            return end;
+        }
+        loop {
+            if self.life.stopping() {
+                return self.shutdown_now();
+            }
+            let step = match self.read_line() {
+                Ok(Read1::Line(a, b)) => {
+                    let line = self.buf[a..b].to_vec();
+                    self.session.command(&line)
+                }
+                Ok(Read1::TooLong) => self.session.line_too_long(),
+                // The server shuts the read side of idle sessions when it stops.
+                Ok(Read1::Eof) | Err(_) if self.life.stopping() => return self.shutdown_now(),
+                Ok(Read1::Eof) => return End::Eof,
+                Ok(Read1::Timeout) => return self.timed_out(),
+                Err(e) => return End::Io(e.kind()),
+            };
+            let outcome = match step {
+                Step::Data => self.data(),
+                Step::Chunk { size, last } => self.chunk(size, last),
+                Step::Discard { size, reply } => self.discard(size, reply),
+                Step::StartTls(reply) => self.start_tls(&reply),
+                other => match self.simple(other) {
+                    Some(end) => Err(end),
+                    None => Ok(()),
+                },
+            };
+            if let Err(end) = outcome {
+                return end;
+            }
+            if self.chunked.is_some() && !self.session.is_chunking() {
+                // RSET, EHLO or a failed chunk ended the BDAT transaction.
+                self.chunked = None;
+            }
+        }
+    }
+
+    /// Reply / Close steps. `Some` when the connection ends.
+    fn simple(&mut self, step: Step) -> Option<End> {
+        match step {
+            Step::Reply(r) => {
+                self.reply(&r);
+                None
+            }
+            Step::Close(rs) => {
+                let quit = rs.first().is_some_and(|r| r.code == 221);
+                for r in &rs {
+                    self.reply(r);
+                }
+                Some(if quit { End::Quit } else { End::Closed })
+            }
+            // Only the main loop produces the other steps.
+            _ => Some(End::Closed),
+        }
+    }
+
+    fn reply(&mut self, r: &Reply) {
+        r.write_to(&mut self.out);
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.out.is_empty() {
+            let res = self.io.write_all(&self.out).and_then(|_| self.io.flush());
+            self.out.clear();
+            res?;
+        }
+        Ok(())
+    }
+
+    fn timed_out(&mut self) -> End {
+        let r = self.session.timeout();
+        self.reply(&r);
+        End::Timeout
+    }
+
+    /// Reads more bytes, flushing pending replies first. Returns 0 at EOF;
+    /// `TimedOut` when `deadline` passes.
+    fn fill(&mut self, deadline: Instant) -> io::Result<usize> {
+        self.flush()?;
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.end == self.buf.len() {
+            return Err(io::Error::other("input buffer full"));
+        }
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            self.io.set_read_timeout(Some(left))?;
+            match self.io.read(&mut self.buf[self.end..]) {
+                Ok(n) => {
+                    self.end += n;
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                    return Err(io::ErrorKind::TimedOut.into())
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One command line within the command deadline (RFC 5321 §4.5.3.2: the whole
+    /// line must arrive in time; partial bytes do not restart the clock).
+    fn read_line(&mut self) -> io::Result<Read1> {
+        let deadline = Instant::now() + self.limits.command_timeout;
+        let max = self.limits.max_line_length;
+        let mut discarding = false;
+        let mut scanned = 0;
+        loop {
+            let avail = &self.buf[self.start + scanned..self.end];
+            if let Some(i) = avail.iter().position(|&b| b == b'\n') {
+                let lf = self.start + scanned + i;
+                let a = self.start;
+                self.start = lf + 1;
+                if discarding || lf - a > max {
+                    return Ok(Read1::TooLong);
+                }
+                let b = if lf > a && self.buf[lf - 1] == b'\r' { lf - 1 } else { lf };
+                return Ok(Read1::Line(a, b));
+            }
+            scanned = self.end - self.start;
+            if scanned > max {
+                // Too long: forget what we have and skip to the next LF.
+                discarding = true;
+                self.start = self.end;
+                scanned = 0;
+            }
+            match self.fill(deadline) {
+                Ok(0) => return Ok(Read1::Eof),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => return Ok(Read1::Timeout),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Data-phase read: silence bounded by `data_timeout`; after that long, the
+    /// average rate must stay above `min_data_rate` (slowloris, invariant 4).
+    fn fill_data(&mut self, began: Instant, got: u64) -> Result<usize, End> {
+        let deadline = Instant::now() + self.limits.data_timeout;
+        match self.fill(deadline) {
+            Ok(n) => {
+                let elapsed = began.elapsed();
+                if self.limits.min_data_rate > 0 && elapsed > self.limits.data_timeout {
+                    let rate = (got + n as u64) as f64 / elapsed.as_secs_f64();
+                    if rate < self.limits.min_data_rate as f64 {
+                        return Err(self.timed_out());
+                    }
+                }
+                Ok(n)
+            }
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => Err(self.timed_out()),
+            Err(e) => Err(End::Io(e.kind())),
+        }
+    }
+
+    /// Opens a message and writes its trace headers.
+    fn open_message(&mut self) -> Result<Box<dyn MessageWriter>, StoreError> {
+        let mut msg = self.store.begin()?;
+        let headers = self.session.trace_headers(msg.queue_id(), SystemTime::now());
+        msg.write_all(&headers)
+            .map_err(|e| StoreError::from_io("message file", &e))?;
+        Ok(msg)
+    }
+
+    /// DATA: 354, stream until `<CRLF>.<CRLF>`, store, answer.
+    fn data(&mut self) -> Result<(), End> {
+        if !self.life.enter_message() {
+            return Err(self.shutdown_now());
+        }
+        let result = self.data_inner();
+        self.life.leave_message();
+        result
+    }
+
+    fn shutdown_now(&mut self) -> End {
+        let r = self.session.shutting_down();
+        self.reply(&r);
+        End::ShuttingDown
+    }
+
+    fn data_inner(&mut self) -> Result<(), End> {
+        let mut msg = match self.open_message() {
+            Ok(m) => Some(m),
+            Err(e) => {
+                let r = self.session.message_end(storage(e), 0);
+                self.reply(&r);
+                return Ok(());
+            }
+        };
+        self.reply(&Session::data_prompt());
+        let mut reader = DataReader::new(self.limits.max_message_size, self.limits.bare_lf);
+        let mut pending = Vec::with_capacity(FLUSH_AT * 2);
+        let mut copy = Vec::new();
+        let mut write_error = None;
+        let began = Instant::now();
+        loop {
+            let n = reader.feed(&self.buf[self.start..self.end], &mut pending);
+            self.start += n;
+            if pending.len() >= FLUSH_AT || reader.is_done() {
+                if reader.is_keeping() && write_error.is_none() {
+                    if self.wants_data {
+                        copy.extend_from_slice(&pending);
+                    }
+                    if let Some(m) = msg.as_mut() {
+                        if let Err(e) = m.write_all(&pending) {
+                            write_error = Some(StoreError::from_io("message file", &e));
+                            msg = None;
+                        }
+                    }
+                }
+                pending.clear();
+            }
+            if reader.is_done() {
+                break;
+            }
+            if let Err(end) = self.fill_data(began, reader.size()) {
+                return Err(end);
+            }
+            if self.end == self.start {
+                // EOF inside DATA: the message is abandoned (dropped = removed).
+                return Err(End::Eof);
+            }
+        }
+        let outcome = match (reader.verdict(), write_error) {
+            (Verdict::TooBig, _) => MessageOutcome::TooBig,
+            (Verdict::BareLf, _) => MessageOutcome::BareLf,
+            (Verdict::Ok, Some(e)) => storage(e),
+            (Verdict::Ok, None) => self.finish(msg, &copy),
+        };
+        let r = self.session.message_end(outcome, reader.size());
+        self.reply(&r);
+        Ok(())
+    }
+
+    /// Runs the data hook (if wanted) and commits.
+    fn finish(&mut self, msg: Option<Box<dyn MessageWriter>>, copy: &[u8]) -> MessageOutcome {
+        let Some(msg) = msg else {
+            return MessageOutcome::StorageError("message file closed".into());
+        };
+        if self.wants_data {
+            if let Err(reply) = self.session.check_content(copy) {
+                return MessageOutcome::Refused(reply);
+            }
+        }
+        let id = msg.queue_id().to_string();
+        match msg.commit() {
+            Ok(()) => MessageOutcome::Stored(id),
+            Err(e) => storage(e),
+        }
+    }
+
+    /// BDAT: append exactly `size` bytes; answer per chunk, LAST only once stored.
+    fn chunk(&mut self, size: u64, last: bool) -> Result<(), End> {
+        if !self.life.enter_message() {
+            return Err(self.shutdown_now());
+        }
+        let result = self.chunk_inner(size, last);
+        self.life.leave_message();
+        result
+    }
+
+    fn chunk_inner(&mut self, size: u64, last: bool) -> Result<(), End> {
+        if self.chunked.is_none() && self.chunk_write_error.is_none() {
+            match self.open_message() {
+                Ok(m) => self.chunked = Some(m),
+                Err(e) => self.chunk_write_error = Some(e),
+            }
+        }
+        let mut msg = self.chunked.take();
+        let copy_wanted = self.wants_data;
+        let mut copy = std::mem::take(&mut self.chunk_copy);
+        let mut err = self.chunk_write_error.take();
+        let res = self.transfer(size, &mut |bytes| {
+            if err.is_some() {
+                return;
+            }
+            if copy_wanted {
+                copy.extend_from_slice(bytes);
+            }
+            if let Some(m) = msg.as_mut() {
+                if let Err(e) = m.write_all(bytes) {
+                    err = Some(StoreError::from_io("message file", &e));
+                }
+            }
+        });
+        res?;
+        let reply = match (err, last) {
+            (Some(e), _) => {
+                // The transaction failed; later chunks are drained and refused 503.
+                self.chunk_copy.clear();
+                self.session.chunk_end(size, Err(storage(e)))
+            }
+            (None, false) => {
+                self.chunked = msg;
+                self.chunk_copy = copy;
+                self.session.chunk_end(size, Ok(()))
+            }
+            (None, true) => {
+                let outcome = self.finish(msg, &copy);
+                self.session.message_end(outcome, size)
+            }
+        };
+        self.reply(&reply);
+        Ok(())
+    }
+
+    /// A refused BDAT: its bytes are consumed, never executed as commands.
+    fn discard(&mut self, size: u64, reply: Reply) -> Result<(), End> {
+        self.transfer(size, &mut |_| {})?;
+        self.chunked = None;
+        self.reply(&reply);
+        if reply.code == 421 {
+            return Err(End::Closed);
+        }
+        Ok(())
+    }
+
+    /// Moves exactly `size` bytes from the stream to `sink`.
+    fn transfer(&mut self, size: u64, sink: &mut dyn FnMut(&[u8])) -> Result<(), End> {
+        let began = Instant::now();
+        let mut left = size;
+        loop {
+            let take = (left.min((self.end - self.start) as u64)) as usize;
+            sink(&self.buf[self.start..self.start + take]);
+            self.start += take;
+            left -= take as u64;
+            if left == 0 {
+                return Ok(());
+            }
+            if self.fill_data(began, size - left)? == 0 {
+                return Err(End::Eof);
+            }
+        }
+    }
+
+    /// STARTTLS: reply, refuse pipelined bytes (CVE-2011-0411), handshake, reset.
+    fn start_tls(&mut self, reply: &Reply) -> Result<(), End> {
+        self.reply(reply);
+        if self.start != self.end {
+            log::warn!(
+                "session {}: {} byte(s) pipelined after STARTTLS (command injection attempt); closing",
+                self.session.info().id,
+                self.end - self.start
+            );
+            // Nothing more is sent: the client expects a TLS handshake now.
+            self.out.clear();
+            return Err(End::Closed);
+        }
+        if let Err(e) = self.flush() {
+            return Err(End::Io(e.kind()));
+        }
+        if let Err(e) = self.io.set_read_timeout(Some(self.limits.command_timeout)) {
+            return Err(End::Io(e.kind()));
+        }
+        match self.io.start_tls() {
+            Ok(info) => {
+                log::info!(
+                    "session {}: TLS established, {} {}",
+                    self.session.info().id,
+                    info.version,
+                    info.cipher
+                );
+                self.session.tls_started(info);
+                self.chunked = None;
+                Ok(())
+            }
+            Err(e) => {
+                log::info!("session {}: TLS handshake failed: {e}", self.session.info().id);
+                Err(End::Io(e.kind()))
+            }
+        }
+    }
+}
+
+fn storage(e: StoreError) -> MessageOutcome {
+    match e {
+        StoreError::Full(m) => MessageOutcome::StorageFull(m),
+        StoreError::Io(m) => MessageOutcome::StorageError(m),
+    }
+}

@@ -1,0 +1,171 @@
+//! The `mailer` command line (SPEC 2): a thin shell over the library.
+
+use mailer::{Config, Server};
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+usage:
+  mailer [--config PATH]                 run the server in the foreground (default ./config.toml)
+  mailer check-config [--config PATH]    validate the config, print the effective settings
+  mailer send [JOB.json | -]             client: deliver one message, print a JSON report
+  mailer hash-password                   read a password on stdin, print an argon2id hash
+  mailer --help | --version
+";
+
+/// Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error.
+const RUNTIME: u8 = 1;
+const USAGE_OR_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("--help") | Some("-h") | Some("help") => {
+            print!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        Some("--version") | Some("-V") => {
+            println!("mailer {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Some("check-config") => match config_path(&args[1..]) {
+            Ok(p) => check_config(&p),
+            Err(e) => usage_error(&e),
+        },
+        Some("send") => send(&args[1..]),
+        Some("hash-password") if args.len() == 1 => hash_password(),
+        Some("hash-password") => usage_error("hash-password takes no arguments"),
+        _ => match config_path(&args) {
+            Ok(p) => serve(&p),
+            Err(e) => usage_error(&e),
+        },
+    }
+}
+
+fn usage_error(msg: &str) -> ExitCode {
+    eprintln!("mailer: {msg}\n{USAGE}");
+    ExitCode::from(USAGE_OR_CONFIG)
+}
+
+/// `[--config PATH]`, nothing else.
+fn config_path(args: &[String]) -> Result<PathBuf, String> {
+    match args {
+        [] => Ok(PathBuf::from("config.toml")),
+        [flag, path] if flag == "--config" || flag == "-c" => Ok(PathBuf::from(path)),
+        [flag] if flag == "--config" || flag == "-c" => Err("--config needs a path".into()),
+        [other, ..] => Err(format!("unexpected argument {other:?}")),
+    }
+}
+
+fn load(path: &PathBuf) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("mailer: {e}");
+        ExitCode::from(USAGE_OR_CONFIG)
+    })
+}
+
+fn check_config(path: &PathBuf) -> ExitCode {
+    let cfg = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if let Some(t) = &cfg.tls {
+        if let Err(e) = mailer::tls::load_certified_key(&t.cert, &t.key) {
+            eprintln!("mailer: {}: {e}", path.display());
+            return ExitCode::from(USAGE_OR_CONFIG);
+        }
+    }
+    if let Some(a) = &cfg.auth {
+        if let Err(e) = mailer::auth::Users::from_config(a) {
+            eprintln!("mailer: {}: {e}", path.display());
+            return ExitCode::from(USAGE_OR_CONFIG);
+        }
+    }
+    println!("# {}: OK\n{}", path.display(), cfg.to_toml());
+    ExitCode::SUCCESS
+}
+
+fn serve(path: &PathBuf) -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cfg = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let server = match Server::builder(cfg).build() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("mailer: {}: {e}", path.display());
+            return ExitCode::from(if e.is_config() { USAGE_OR_CONFIG } else { RUNTIME });
+        }
+    };
+    let handle = server.handle();
+    // ctrlc with the `termination` feature catches SIGINT, SIGTERM and SIGHUP.
+    if let Err(e) = ctrlc::set_handler(move || handle.shutdown()) {
+        eprintln!("mailer: cannot install the signal handler: {e}");
+        return ExitCode::from(RUNTIME);
+    }
+    match server.run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mailer: {e}");
+            ExitCode::from(RUNTIME)
+        }
+    }
+}
+
+fn send(_args: &[String]) -> ExitCode {
+    eprintln!("mailer: send: the client is not built yet");
+    ExitCode::from(USAGE_OR_CONFIG)
+}
+
+fn hash_password() -> ExitCode {
+    let stdin = std::io::stdin();
+    let tty = stdin.is_terminal();
+    if tty {
+        eprint!("Password: ");
+        let _ = std::io::stderr().flush();
+        set_echo(false);
+    }
+    let mut input = String::new();
+    let read = if tty {
+        stdin.read_line(&mut input).map(|_| ())
+    } else {
+        stdin.lock().read_to_string(&mut input).map(|_| ())
+    };
+    if tty {
+        set_echo(true);
+        eprintln!();
+    }
+    if let Err(e) = read {
+        eprintln!("mailer: hash-password: cannot read stdin: {e}");
+        return ExitCode::from(RUNTIME);
+    }
+    // One trailing newline is the end of input, not part of the password.
+    let password = input
+        .strip_suffix('\n')
+        .map(|s| s.strip_suffix('\r').unwrap_or(s))
+        .unwrap_or(&input);
+    if password.is_empty() {
+        eprintln!("mailer: hash-password: empty password");
+        return ExitCode::from(USAGE_OR_CONFIG);
+    }
+    match mailer::auth::hash_password(password.as_bytes()) {
+        Ok(h) => {
+            println!("{h}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("mailer: hash-password: {e}");
+            ExitCode::from(RUNTIME)
+        }
+    }
+}
+
+/// Terminal echo through stty: no unsafe termios calls needed.
+fn set_echo(on: bool) {
+    let _ = std::process::Command::new("stty")
+        .arg(if on { "echo" } else { "-echo" })
+        .stdin(std::process::Stdio::inherit())
+        .status();
+}

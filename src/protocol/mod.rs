@@ -1,0 +1,13 @@
+//! The SMTP wire protocol as pure functions and types: no sockets, no files.
+//!
+//! - [`reply`]: server replies (`Reply { code, enhanced, text }`) and their wire form.
+//! - [`command`]: parsing one command line into a typed [`command::Command`].
+//! - [`address`]: RFC 5321 §4.1.2 paths and mailboxes.
+//! - [`data`]: the DATA reader (dot-unstuffing, end-of-data detection, bare LF policy).
+//! - [`trace`]: the trace headers written in front of every stored message.
+
+pub mod address;
+pub mod command;
+pub mod data;
+pub mod reply;
+pub mod trace;

@@ -1,0 +1,636 @@
+//! The server edge (SPEC 1): listeners, the bounded queue of sockets, the fixed worker
+//! pool, per-IP limits, the spool writer, statistics and graceful shutdown.
+
+use crate::auth::{AuthError, Users};
+use crate::config::Config;
+use crate::connection::{Connection, End, Lifecycle, WireLimits};
+use crate::hooks::{Chain, Hooks, NoHooks, Policy, SessionInfo};
+use crate::protocol::reply::{Enhanced, Reply};
+use crate::session::{AuthSettings, Session, Settings};
+use crate::spool::{Maildir, SpoolStats};
+use crate::tls::{self, Stream, TlsError};
+use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
+use rustls::ServerConfig;
+use std::collections::HashMap;
+use std::fmt;
+use std::io::{self, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Why the server could not start or run.
+#[derive(Debug)]
+pub enum ServerError {
+    /// Bad TLS files (a configuration error).
+    Tls(TlsError),
+    /// Bad `[auth]` users (a configuration error).
+    Auth(AuthError),
+    /// The spool directory cannot be prepared.
+    Spool { dir: String, err: io::Error },
+    /// A listen address cannot be bound.
+    Bind { addr: SocketAddr, err: io::Error },
+    /// A thread could not be started.
+    Thread(io::Error),
+}
+
+impl ServerError {
+    /// True for errors in the configuration (exit 2) rather than at run time (exit 1).
+    pub fn is_config(&self) -> bool {
+        matches!(self, ServerError::Tls(_) | ServerError::Auth(_))
+    }
+}
+
+impl fmt::Display for ServerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServerError::Tls(e) => e.fmt(f),
+            ServerError::Auth(e) => e.fmt(f),
+            ServerError::Spool { dir, err } => write!(f, "spool.dir {dir}: {err}"),
+            ServerError::Bind { addr, err } => write!(f, "cannot listen on {addr}: {err}"),
+            ServerError::Thread(e) => write!(f, "cannot start a thread: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ServerError {}
+
+/// Counters for the stats line and for embedders ([`Handle::stats`]).
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub connections_total: AtomicU64,
+    pub connections_active: AtomicU64,
+    /// Refused at accept: per-IP limit or all workers busy.
+    pub connections_refused: AtomicU64,
+    pub spool: Arc<SpoolStats>,
+}
+
+/// A snapshot of [`Stats`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub connections_total: u64,
+    pub connections_active: u64,
+    pub connections_refused: u64,
+    pub messages_stored: u64,
+    pub spool_batches: u64,
+    /// Mean directory-fsync time per batch, microseconds.
+    pub fsync_micros_avg: u64,
+}
+
+impl Stats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let batches = self.spool.batches.load(Ordering::Relaxed);
+        StatsSnapshot {
+            connections_total: self.connections_total.load(Ordering::Relaxed),
+            connections_active: self.connections_active.load(Ordering::Relaxed),
+            connections_refused: self.connections_refused.load(Ordering::Relaxed),
+            messages_stored: self.spool.committed.load(Ordering::Relaxed),
+            spool_batches: batches,
+            fsync_micros_avg: self
+                .spool
+                .dir_fsync_micros
+                .load(Ordering::Relaxed)
+                .checked_div(batches)
+                .unwrap_or(0),
+        }
+    }
+}
+
+/// What one live connection shares with the shutdown logic.
+struct Slot {
+    tcp: TcpStream,
+    in_message: Mutex<bool>,
+}
+
+/// State shared by acceptors, workers and the handle.
+struct Shared {
+    stopping: AtomicBool,
+    slots: Mutex<HashMap<u64, Arc<Slot>>>,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    next_id: AtomicU64,
+    stats: Stats,
+    stop_tx: Sender<()>,
+}
+
+/// Stops a running server from another thread (or a signal handler).
+#[derive(Clone)]
+pub struct Handle {
+    shared: Arc<Shared>,
+    addrs: Arc<Mutex<Vec<SocketAddr>>>,
+}
+
+impl Handle {
+    /// Begins a graceful stop (SPEC invariant 7); [`Server::run`] returns when done.
+    pub fn shutdown(&self) {
+        let _ = self.shared.stop_tx.try_send(());
+    }
+
+    /// The bound listen addresses (plain first, then implicit TLS), once running.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.addrs.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared.stats.snapshot()
+    }
+}
+
+/// Builds a [`Server`].
+pub struct ServerBuilder {
+    config: Config,
+    hooks: Option<Arc<dyn Hooks>>,
+}
+
+impl ServerBuilder {
+    /// User hooks; the config's `[policy]` runs first, then these.
+    pub fn hooks(mut self, hooks: impl Hooks + 'static) -> Self {
+        self.hooks = Some(Arc::new(hooks));
+        self
+    }
+
+    /// Loads TLS files and users, binds the listeners, opens the spool.
+    pub fn build(self) -> Result<Server, ServerError> {
+        Server::new(self.config, self.hooks.unwrap_or_else(|| Arc::new(NoHooks)))
+    }
+}
+
+/// A configured, bound server, ready to [`run`](Server::run).
+pub struct Server {
+    config: Config,
+    settings: Arc<Settings>,
+    hooks: Arc<dyn Hooks>,
+    tls: Option<(Arc<ServerConfig>, Arc<tls::Reloading>)>,
+    listeners: Vec<(TcpListener, bool)>,
+    shared: Arc<Shared>,
+    stop_rx: Receiver<()>,
+    handle: Handle,
+}
+
+struct Job {
+    tcp: TcpStream,
+    peer: SocketAddr,
+    implicit_tls: bool,
+    _ip: IpGuard,
+}
+
+/// Holds one per-IP slot until the connection ends.
+struct IpGuard {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl Drop for IpGuard {
+    fn drop(&mut self) {
+        let mut m = self.shared.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl Server {
+    pub fn builder(config: Config) -> ServerBuilder {
+        ServerBuilder {
+            config,
+            hooks: None,
+        }
+    }
+
+    fn new(config: Config, user_hooks: Arc<dyn Hooks>) -> Result<Server, ServerError> {
+        let tls = match &config.tls {
+            Some(t) => Some(tls::server_config(&t.cert, &t.key).map_err(ServerError::Tls)?),
+            None => None,
+        };
+        let auth = match &config.auth {
+            Some(a) => Some(AuthSettings {
+                allow_plaintext: a.allow_plaintext,
+                authenticator: Arc::new(Users::from_config(a).map_err(ServerError::Auth)?),
+            }),
+            None => None,
+        };
+        let settings = Arc::new(Settings {
+            hostname: config.hostname.clone(),
+            max_message_size: config.limits.max_message_size,
+            max_recipients: config.limits.max_recipients,
+            max_errors: config.limits.max_errors,
+            tls_available: tls.is_some(),
+            require_tls: config.tls.as_ref().is_some_and(|t| t.require_tls),
+            auth,
+        });
+        let hooks: Arc<dyn Hooks> = Arc::new(Chain(vec![
+            Arc::new(Policy::new(&config.policy.accept_domains)),
+            user_hooks,
+        ]));
+        let mut listeners = Vec::new();
+        let mut addrs = Vec::new();
+        for (list, implicit) in [(config.listen_addrs(), false), (config.tls_listen_addrs(), true)] {
+            for addr in list {
+                let l = TcpListener::bind(addr).map_err(|err| ServerError::Bind { addr, err })?;
+                addrs.push(l.local_addr().unwrap_or(addr));
+                listeners.push((l, implicit));
+            }
+        }
+        let (stop_tx, stop_rx) = bounded(1);
+        let shared = Arc::new(Shared {
+            stopping: AtomicBool::new(false),
+            slots: Mutex::new(HashMap::new()),
+            per_ip: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            stats: Stats::default(),
+            stop_tx,
+        });
+        let handle = Handle {
+            shared: Arc::clone(&shared),
+            addrs: Arc::new(Mutex::new(addrs)),
+        };
+        Ok(Server {
+            config,
+            settings,
+            hooks,
+            tls,
+            listeners,
+            shared,
+            stop_rx,
+            handle,
+        })
+    }
+
+    /// A handle to stop the server and read its addresses and counters.
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+
+    /// Runs until [`Handle::shutdown`]; then stops gracefully and returns.
+    pub fn run(self) -> Result<(), ServerError> {
+        let cfg = &self.config;
+        let (store, writer) = Maildir::open(
+            &cfg.spool.dir,
+            &cfg.hostname,
+            cfg.spool.fsync,
+            Arc::clone(&self.shared.stats.spool),
+        )
+        .map_err(|err| ServerError::Spool {
+            dir: cfg.spool.dir.display().to_string(),
+            err,
+        })?;
+        let store = Arc::new(store);
+        let reload_stop = Arc::new(AtomicBool::new(false));
+        if let Some((_, resolver)) = &self.tls {
+            resolver.watch(Duration::from_secs(1), Arc::clone(&reload_stop));
+        }
+        let workers = cfg.server.workers;
+        let (job_tx, job_rx) = bounded::<Job>(workers);
+        let (done_tx, done_rx) = bounded::<()>(workers);
+        let limits = WireLimits {
+            max_line_length: cfg.limits.max_line_length,
+            max_message_size: cfg.limits.max_message_size,
+            bare_lf: cfg.limits.bare_lf.into(),
+            command_timeout: Duration::from_secs(cfg.limits.command_timeout_secs),
+            data_timeout: Duration::from_secs(cfg.limits.data_timeout_secs),
+            min_data_rate: cfg.limits.min_data_rate,
+        };
+        let wants_data = self.hooks.wants_data();
+        for i in 0..workers {
+            let w = Worker {
+                rx: job_rx.clone(),
+                shared: Arc::clone(&self.shared),
+                settings: Arc::clone(&self.settings),
+                hooks: Arc::clone(&self.hooks),
+                store: Arc::clone(&store),
+                tls: self.tls.as_ref().map(|(c, _)| Arc::clone(c)),
+                limits: limits.clone(),
+                wants_data,
+                done: done_tx.clone(),
+            };
+            std::thread::Builder::new()
+                .name(format!("worker-{i}"))
+                .stack_size(256 * 1024)
+                .spawn(move || w.run())
+                .map_err(ServerError::Thread)?;
+        }
+        drop(done_tx);
+        drop(job_rx);
+        let mut acceptors: Vec<JoinHandle<()>> = Vec::new();
+        let mut wake = Vec::new();
+        for (listener, implicit) in self.listeners {
+            let addr = listener.local_addr().map_err(ServerError::Thread)?;
+            wake.push(addr);
+            let a = Acceptor {
+                listener,
+                implicit_tls: implicit,
+                tx: job_tx.clone(),
+                shared: Arc::clone(&self.shared),
+                per_ip_max: cfg.server.max_connections_per_ip,
+                hostname: cfg.hostname.clone(),
+            };
+            log::info!(
+                "listening on {addr}{}",
+                if implicit { " (implicit TLS)" } else { "" }
+            );
+            acceptors.push(
+                std::thread::Builder::new()
+                    .name(format!("accept-{addr}"))
+                    .spawn(move || a.run())
+                    .map_err(ServerError::Thread)?,
+            );
+        }
+        drop(job_tx);
+        let stats_every = cfg.server.stats_interval_secs;
+        // Wait for the stop request, logging stats meanwhile.
+        loop {
+            let tick = if stats_every == 0 {
+                Duration::from_secs(3600)
+            } else {
+                Duration::from_secs(stats_every)
+            };
+            match self.stop_rx.recv_timeout(tick) {
+                Ok(()) | Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    if stats_every > 0 {
+                        log::info!("stats: {:?}", self.shared.stats.snapshot());
+                    }
+                }
+            }
+        }
+        let grace = Duration::from_secs(cfg.server.shutdown_grace_secs);
+        let began = Instant::now();
+        log::info!("stopping: no new connections, {}s grace", grace.as_secs());
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        reload_stop.store(true, Ordering::Relaxed);
+        for addr in wake {
+            // Wake the blocking accept() so the acceptor sees the flag.
+            let _ = TcpStream::connect_timeout(&loopback_of(addr), Duration::from_millis(200));
+        }
+        for a in acceptors {
+            let _ = a.join();
+        }
+        self.shared.close_idle();
+        // Workers finish queued and running sessions, then exit.
+        let force_at = grace.saturating_sub(Duration::from_millis(500));
+        let mut left = workers;
+        while left > 0 {
+            let wait = force_at.saturating_sub(began.elapsed());
+            match done_rx.recv_timeout(wait) {
+                Ok(()) => left -= 1,
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    log::warn!("grace period over: closing {left} busy session(s)");
+                    self.shared.close_all();
+                    while left > 0 && done_rx.recv_timeout(Duration::from_secs(2)).is_ok() {
+                        left -= 1;
+                    }
+                    break;
+                }
+            }
+        }
+        drop(store);
+        let _ = writer.join();
+        log::info!("stopped; {:?}", self.shared.stats.snapshot());
+        Ok(())
+    }
+}
+
+fn loopback_of(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port()),
+        IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port()),
+        _ => addr,
+    }
+}
+
+impl Shared {
+    /// Shuts the read side of every session that is not inside a message, so its
+    /// blocked read returns and it answers 421 4.3.2.
+    fn close_idle(&self) {
+        let slots: Vec<_> = self
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for s in slots {
+            let busy = s.in_message.lock().unwrap_or_else(|p| p.into_inner());
+            if !*busy {
+                let _ = s.tcp.shutdown(Shutdown::Read);
+            }
+        }
+    }
+
+    fn close_all(&self) {
+        for s in self.slots.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            let _ = s.tcp.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+struct Acceptor {
+    listener: TcpListener,
+    implicit_tls: bool,
+    tx: Sender<Job>,
+    shared: Arc<Shared>,
+    per_ip_max: usize,
+    hostname: String,
+}
+
+impl Acceptor {
+    fn run(self) {
+        for conn in self.listener.incoming() {
+            if self.shared.stopping.load(Ordering::SeqCst) {
+                break;
+            }
+            let tcp = match conn {
+                Ok(t) => t,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    log::warn!("accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            };
+            let Ok(peer) = tcp.peer_addr() else { continue };
+            let ip = peer.ip();
+            {
+                let mut m = self.shared.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+                let n = m.entry(ip).or_insert(0);
+                if *n >= self.per_ip_max {
+                    drop(m);
+                    self.refuse(tcp, peer, "Error: too many connections from your host");
+                    continue;
+                }
+                *n += 1;
+            }
+            let job = Job {
+                tcp,
+                peer,
+                implicit_tls: self.implicit_tls,
+                _ip: IpGuard {
+                    shared: Arc::clone(&self.shared),
+                    ip,
+                },
+            };
+            match self.tx.try_send(job) {
+                Ok(()) => {}
+                Err(TrySendError::Full(job)) | Err(TrySendError::Disconnected(job)) => {
+                    self.refuse(job.tcp, peer, "Error: server busy, try again later");
+                }
+            }
+        }
+    }
+
+    /// 421 4.7.0 at once rather than a silent wait (SPEC 4).
+    fn refuse(&self, mut tcp: TcpStream, peer: SocketAddr, why: &str) {
+        self.shared
+            .stats
+            .connections_refused
+            .fetch_add(1, Ordering::Relaxed);
+        log::warn!("refused {peer}: {why}");
+        if self.implicit_tls {
+            return; // a plaintext reply would be garbage to a TLS client
+        }
+        let _ = tcp.set_write_timeout(Some(Duration::from_secs(1)));
+        let r = Reply::new(421, Enhanced(4, 7, 0), format!("{} {why}", self.hostname));
+        let _ = tcp.write_all(&r.to_bytes());
+        let _ = tcp.shutdown(Shutdown::Both);
+    }
+}
+
+struct Worker {
+    rx: Receiver<Job>,
+    shared: Arc<Shared>,
+    settings: Arc<Settings>,
+    hooks: Arc<dyn Hooks>,
+    store: Arc<Maildir>,
+    tls: Option<Arc<ServerConfig>>,
+    limits: WireLimits,
+    wants_data: bool,
+    done: Sender<()>,
+}
+
+/// The worker's view of the server lifecycle for one connection.
+struct Life<'a> {
+    shared: &'a Shared,
+    slot: &'a Slot,
+}
+
+impl Lifecycle for Life<'_> {
+    fn stopping(&self) -> bool {
+        self.shared.stopping.load(Ordering::SeqCst)
+    }
+    fn enter_message(&self) -> bool {
+        let mut busy = self.slot.in_message.lock().unwrap_or_else(|p| p.into_inner());
+        if self.stopping() {
+            return false;
+        }
+        *busy = true;
+        true
+    }
+    fn leave_message(&self) {
+        *self.slot.in_message.lock().unwrap_or_else(|p| p.into_inner()) = false;
+    }
+}
+
+impl Worker {
+    fn run(self) {
+        while let Ok(job) = self.rx.recv() {
+            let peer = job.peer;
+            // A panic in one session must not end the worker or the server (invariant 5).
+            if catch_unwind(AssertUnwindSafe(|| self.serve(job))).is_err() {
+                log::error!("session with {peer} panicked; worker continues");
+            }
+        }
+        let _ = self.done.send(());
+    }
+
+    fn serve(&self, job: Job) {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let stats = &self.shared.stats;
+        stats.connections_total.fetch_add(1, Ordering::Relaxed);
+        stats.connections_active.fetch_add(1, Ordering::Relaxed);
+        let _active = ActiveGuard(stats);
+        let tcp = job.tcp;
+        let _ = tcp.set_nodelay(true);
+        let _ = tcp.set_write_timeout(Some(self.limits.command_timeout));
+        let Ok(clone) = tcp.try_clone() else { return };
+        let slot = Arc::new(Slot {
+            tcp: clone,
+            in_message: Mutex::new(false),
+        });
+        self.shared
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, Arc::clone(&slot));
+        let _unregister = Unregister(&self.shared, id);
+        log::info!("session {id}: connect from {}", job.peer);
+        let mut info = SessionInfo {
+            id,
+            peer: job.peer,
+            tls: None,
+            auth_user: None,
+            helo: None,
+        };
+        let stream = if job.implicit_tls {
+            let Some(cfg) = &self.tls else { return };
+            match Stream::accept_tls(tcp, Arc::clone(cfg), self.limits.command_timeout) {
+                Ok((s, tls)) => {
+                    log::info!("session {id}: TLS established, {} {}", tls.version, tls.cipher);
+                    info.tls = Some(tls);
+                    s
+                }
+                Err(e) => {
+                    log::info!("session {id}: TLS handshake failed: {e}");
+                    return;
+                }
+            }
+        } else {
+            Stream::Plain {
+                tcp,
+                tls: self.tls.clone(),
+            }
+        };
+        let session = Session::new(Arc::clone(&self.settings), Arc::clone(&self.hooks), info);
+        let life = Life {
+            shared: &self.shared,
+            slot: &slot,
+        };
+        let mut conn = Connection::new(
+            stream,
+            session,
+            self.store.as_ref(),
+            &life,
+            self.limits.clone(),
+            self.wants_data,
+        );
+        let end = conn.run();
+        match end {
+            End::Quit | End::Eof | End::ShuttingDown => {
+                log::info!("session {id}: disconnect ({end:?})")
+            }
+            other => log::info!("session {id}: closed ({other:?})"),
+        }
+    }
+}
+
+struct ActiveGuard<'a>(&'a Stats);
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.connections_active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+struct Unregister<'a>(&'a Shared, u64);
+impl Drop for Unregister<'_> {
+    fn drop(&mut self) {
+        self.0
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.1);
+    }
+}

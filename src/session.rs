@@ -1,0 +1,575 @@
+//! The SMTP session as a pure state machine (RFC 5321 §4.1, §4.3.2): it takes command
+//! lines and returns the next [`Step`]; it never touches a socket or a file. The
+//! connection driver (`connection.rs`) does the I/O around it.
+
+use crate::auth::{self, AuthStep, Authenticator, Exchange};
+use crate::hooks::{Envelope, Hooks, SessionError, SessionInfo, TlsInfo};
+use crate::protocol::address::ReversePath;
+use crate::protocol::command::{self, Command};
+use crate::protocol::reply::{Enhanced, Reply};
+use crate::protocol::trace::{self, Trace};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+/// The per-server settings a session needs.
+pub struct Settings {
+    pub hostname: String,
+    pub max_message_size: u64,
+    pub max_recipients: usize,
+    pub max_errors: u32,
+    /// STARTTLS can be offered (a `[tls]` section exists).
+    pub tls_available: bool,
+    /// MAIL and AUTH need TLS first (530 5.7.0).
+    pub require_tls: bool,
+    pub auth: Option<AuthSettings>,
+}
+
+/// `[auth]` for sessions.
+pub struct AuthSettings {
+    pub allow_plaintext: bool,
+    pub authenticator: Arc<dyn Authenticator>,
+}
+
+/// The mail transaction (RFC 5321 §3.3). Recipients live in the envelope; DATA needs
+/// at least one, which the session checks.
+#[derive(Debug)]
+enum Txn {
+    Idle,
+    Mail(Envelope),
+    /// BDAT chunks are arriving; `size` counts the bytes so far (RFC 3030).
+    Chunking { env: Envelope, size: u64 },
+}
+
+/// What the driver must do next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Send the reply, read the next command.
+    Reply(Reply),
+    /// Send the replies and close the connection.
+    Close(Vec<Reply>),
+    /// DATA accepted: open the message, send [`Session::data_prompt`], read the
+    /// dot-terminated content, then call [`Session::message_end`].
+    Data,
+    /// BDAT accepted: read exactly `size` bytes into the open message (opening it on
+    /// the first chunk), then call [`Session::chunk_end`].
+    Chunk { size: u64, last: bool },
+    /// Read and throw away `size` bytes (a refused BDAT chunk must still be consumed so
+    /// its bytes are never taken as commands), then send `reply`.
+    Discard { size: u64, reply: Reply },
+    /// Send the reply, then run the TLS handshake and call [`Session::tls_started`].
+    StartTls(Reply),
+}
+
+/// How storing a message ended, for [`Session::message_end`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum MessageOutcome {
+    /// Durably stored under this queue id.
+    Stored(String),
+    TooBig,
+    BareLf,
+    /// A hook refused the content.
+    Refused(Reply),
+    /// Out of space (452 4.3.1).
+    StorageFull(String),
+    /// Any other storage failure (451 4.3.0).
+    StorageError(String),
+}
+
+/// One SMTP session.
+pub struct Session {
+    settings: Arc<Settings>,
+    hooks: Arc<dyn Hooks>,
+    info: SessionInfo,
+    esmtp: bool,
+    txn: Txn,
+    errors: u32,
+    auth: Option<Exchange>,
+}
+
+fn r(code: u16, e: (u8, u16, u16), text: impl Into<String>) -> Reply {
+    Reply::new(code, Enhanced(e.0, e.1, e.2), text)
+}
+
+fn bad_sequence(text: &str) -> Reply {
+    r(503, (5, 5, 1), format!("Error: {text}"))
+}
+
+impl Session {
+    pub fn new(settings: Arc<Settings>, hooks: Arc<dyn Hooks>, info: SessionInfo) -> Session {
+        Session {
+            settings,
+            hooks,
+            info,
+            esmtp: false,
+            txn: Txn::Idle,
+            errors: 0,
+            auth: None,
+        }
+    }
+
+    /// What hooks see: id, peer, TLS, user, HELO name.
+    pub fn info(&self) -> &SessionInfo {
+        &self.info
+    }
+
+    /// The envelope of the transaction in progress.
+    pub fn envelope(&self) -> Option<&Envelope> {
+        match &self.txn {
+            Txn::Idle => None,
+            Txn::Mail(env) | Txn::Chunking { env, .. } => Some(env),
+        }
+    }
+
+    /// True while BDAT chunks of a transaction are arriving.
+    pub fn is_chunking(&self) -> bool {
+        matches!(self.txn, Txn::Chunking { .. })
+    }
+
+    /// The greeting, after the `connect` hook (a refusal closes).
+    pub fn greeting(&mut self) -> Step {
+        let hooks = Arc::clone(&self.hooks);
+        match self.hook(|s| hooks.connect(s)) {
+            Ok(()) => Step::Reply(Reply::plain(
+                220,
+                format!("{} ESMTP", self.settings.hostname),
+            )),
+            Err(step) => step_close(step),
+        }
+    }
+
+    /// Handles one command line (without CRLF), or one AUTH response line.
+    pub fn command(&mut self, line: &[u8]) -> Step {
+        let step = match self.auth.take() {
+            Some(ex) => self.auth_response(&ex, line),
+            None => match command::parse(line) {
+                Ok(cmd) => self.dispatch(cmd),
+                Err(reply) => Step::Reply(reply),
+            },
+        };
+        self.count_errors(step)
+    }
+
+    /// A command line longer than `max_line_length` (it was discarded).
+    pub fn line_too_long(&mut self) -> Step {
+        self.auth = None;
+        self.count_errors(Step::Reply(r(500, (5, 5, 6), "Error: line too long")))
+    }
+
+    /// RFC 5321 §4.2.5: every failed command counts; when the count reaches
+    /// `max_errors`, the reply is followed by 421 and the connection closes.
+    fn count_errors(&mut self, step: Step) -> Step {
+        let failed = match &step {
+            Step::Reply(rep) | Step::Discard { reply: rep, .. } => {
+                rep.code >= 500 || rep.code == 421
+            }
+            _ => false,
+        };
+        if !failed {
+            return step;
+        }
+        if let Step::Reply(rep) | Step::Discard { reply: rep, .. } = &step {
+            log::info!("session {}: refused: {rep}", self.info.id);
+            self.hooks
+                .error(&self.info, &SessionError::Protocol(rep.clone()));
+        }
+        self.errors += 1;
+        if self.errors < self.settings.max_errors {
+            return step;
+        }
+        let bye = r(
+            421,
+            (4, 7, 0),
+            format!("{} Error: too many errors", self.settings.hostname),
+        );
+        match step {
+            Step::Reply(rep) => Step::Close(vec![rep, bye]),
+            // A refused chunk's bytes are still drained before the reply; closing
+            // right after is fine since nothing more will be read.
+            other => other,
+        }
+    }
+
+    fn dispatch(&mut self, cmd: Command) -> Step {
+        let s = &self.settings;
+        match cmd {
+            Command::Helo(name) => self.helo(name, false),
+            Command::Ehlo(name) => self.helo(name, true),
+            Command::Mail(from, params) => self.mail(from, params),
+            Command::Rcpt(to) => self.rcpt(to),
+            Command::Data => match &self.txn {
+                Txn::Mail(env) if !env.rcpts.is_empty() => Step::Data,
+                Txn::Mail(_) => Step::Reply(bad_sequence("need RCPT command")),
+                Txn::Chunking { .. } => {
+                    Step::Reply(bad_sequence("DATA cannot follow BDAT in one transaction"))
+                }
+                Txn::Idle => Step::Reply(bad_sequence("need MAIL command")),
+            },
+            Command::Bdat { size, last } => self.bdat(size, last),
+            Command::Rset => {
+                self.txn = Txn::Idle;
+                Step::Reply(r(250, (2, 0, 0), "Ok"))
+            }
+            Command::Noop => Step::Reply(r(250, (2, 0, 0), "Ok")),
+            Command::Quit => Step::Close(vec![r(221, (2, 0, 0), "Bye")]),
+            Command::Vrfy => Step::Reply(r(
+                252,
+                (2, 5, 0),
+                "Cannot VRFY user, but will accept message and attempt delivery",
+            )),
+            Command::Expn => Step::Reply(r(502, (5, 5, 1), "Error: command not implemented")),
+            Command::Help => Step::Reply(r(
+                214,
+                (2, 0, 0),
+                "Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS AUTH\n\
+                 See RFC 5321",
+            )),
+            Command::StartTls => {
+                if self.info.tls.is_some() {
+                    Step::Reply(bad_sequence("TLS already active"))
+                } else if !s.tls_available {
+                    Step::Reply(r(454, (4, 7, 0), "TLS not available"))
+                } else {
+                    Step::StartTls(r(220, (2, 0, 0), "Ready to start TLS"))
+                }
+            }
+            Command::Auth { mechanism, initial } => self.auth_start(&mechanism, initial.as_deref()),
+        }
+    }
+
+    fn helo(&mut self, name: String, esmtp: bool) -> Step {
+        let hooks = Arc::clone(&self.hooks);
+        if let Err(step) = self.hook(|s| hooks.helo(s, &name)) {
+            return step;
+        }
+        // RFC 5321 §4.1.4: HELO/EHLO resets any transaction in progress.
+        self.txn = Txn::Idle;
+        self.esmtp = esmtp;
+        self.info.helo = Some(name);
+        if !esmtp {
+            return Step::Reply(Reply::plain(250, self.settings.hostname.clone()));
+        }
+        let s = &self.settings;
+        let mut lines = vec![
+            s.hostname.clone(),
+            "PIPELINING".into(),
+            format!("SIZE {}", s.max_message_size),
+            "8BITMIME".into(),
+            "SMTPUTF8".into(),
+            "ENHANCEDSTATUSCODES".into(),
+            "CHUNKING".into(),
+        ];
+        if s.tls_available && self.info.tls.is_none() {
+            lines.push("STARTTLS".into());
+        }
+        if self.auth_offered() {
+            lines.push("AUTH PLAIN LOGIN".into());
+        }
+        lines.push("HELP".into());
+        Step::Reply(Reply::plain(250, lines.join("\n")))
+    }
+
+    fn auth_offered(&self) -> bool {
+        match &self.settings.auth {
+            Some(a) => self.info.tls.is_some() || a.allow_plaintext,
+            None => false,
+        }
+    }
+
+    fn tls_required(&self) -> Option<Step> {
+        (self.settings.require_tls && self.info.tls.is_none())
+            .then(|| Step::Reply(r(530, (5, 7, 0), "Must issue a STARTTLS command first")))
+    }
+
+    fn mail(&mut self, from: ReversePath, params: command::MailParams) -> Step {
+        if let Some(step) = self.tls_required() {
+            return step;
+        }
+        if self.info.helo.is_none() {
+            return Step::Reply(bad_sequence("send HELO/EHLO first"));
+        }
+        if !matches!(self.txn, Txn::Idle) {
+            return Step::Reply(bad_sequence("nested MAIL command"));
+        }
+        if params.size.is_some_and(|n| n > self.settings.max_message_size) {
+            return Step::Reply(r(552, (5, 3, 4), "Message size exceeds fixed limit"));
+        }
+        if from.is_utf8() && !params.smtputf8 {
+            // RFC 6531 §3.7.4.1
+            return Step::Reply(r(553, (5, 6, 7), "Must declare SMTPUTF8 to send UTF8 addresses"));
+        }
+        let hooks = Arc::clone(&self.hooks);
+        if let Err(step) = self.hook(|s| hooks.mail(s, &from, &params)) {
+            return step;
+        }
+        self.txn = Txn::Mail(Envelope {
+            from,
+            params,
+            rcpts: Vec::new(),
+        });
+        Step::Reply(r(250, (2, 1, 0), "Ok"))
+    }
+
+    fn rcpt(&mut self, to: crate::protocol::address::Address) -> Step {
+        let env = match &self.txn {
+            Txn::Mail(env) => env,
+            Txn::Idle => return Step::Reply(bad_sequence("need MAIL command")),
+            Txn::Chunking { .. } => return Step::Reply(bad_sequence("RCPT during BDAT")),
+        };
+        if env.rcpts.len() >= self.settings.max_recipients {
+            return Step::Reply(r(452, (4, 5, 3), "Error: too many recipients"));
+        }
+        if to.is_utf8() && !env.params.smtputf8 {
+            return Step::Reply(r(553, (5, 6, 7), "Must declare SMTPUTF8 to send UTF8 addresses"));
+        }
+        let hooks = Arc::clone(&self.hooks);
+        let env_snapshot = env.clone();
+        if let Err(step) = self.hook(|s| hooks.rcpt(s, &env_snapshot, &to)) {
+            return step;
+        }
+        if let Txn::Mail(env) = &mut self.txn {
+            env.rcpts.push(to);
+        }
+        Step::Reply(r(250, (2, 1, 5), "Ok"))
+    }
+
+    fn bdat(&mut self, size: u64, last: bool) -> Step {
+        let max = self.settings.max_message_size;
+        match std::mem::replace(&mut self.txn, Txn::Idle) {
+            Txn::Mail(env) if env.rcpts.is_empty() => {
+                self.txn = Txn::Mail(env);
+                Step::Discard {
+                    size,
+                    reply: bad_sequence("need RCPT command"),
+                }
+            }
+            Txn::Idle => Step::Discard {
+                size,
+                reply: bad_sequence("need MAIL command"),
+            },
+            Txn::Mail(env) => self.chunk(env, 0, size, last, max),
+            Txn::Chunking { env, size: so_far } => self.chunk(env, so_far, size, last, max),
+        }
+    }
+
+    fn chunk(&mut self, env: Envelope, so_far: u64, size: u64, last: bool, max: u64) -> Step {
+        if so_far.saturating_add(size) > max {
+            // The transaction fails; txn stays Idle so later chunks get 503 (drained).
+            return Step::Discard {
+                size,
+                reply: r(552, (5, 3, 4), "Error: message file too big"),
+            };
+        }
+        self.txn = Txn::Chunking {
+            env,
+            size: so_far + size,
+        };
+        Step::Chunk { size, last }
+    }
+
+    /// After a non-LAST chunk was appended (`Ok`) or could not be written (`Err`, the
+    /// message is dropped). For the LAST chunk call [`message_end`](Self::message_end).
+    pub fn chunk_end(&mut self, size: u64, write: Result<(), MessageOutcome>) -> Reply {
+        match write {
+            Ok(()) => r(250, (2, 0, 0), format!("{size} octets received")),
+            Err(outcome) => self.message_end(outcome, size),
+        }
+    }
+
+    /// The 354 reply to DATA.
+    pub fn data_prompt() -> Reply {
+        Reply::plain(354, "End data with <CR><LF>.<CR><LF>")
+    }
+
+    /// The trace headers for the message in progress (SPEC 5).
+    pub fn trace_headers(&self, queue_id: &str, now: SystemTime) -> Vec<u8> {
+        let Some(env) = self.envelope() else {
+            return Vec::new();
+        };
+        let t = Trace {
+            helo: self.info.helo.as_deref().unwrap_or("unknown"),
+            client_ip: self.info.peer.ip(),
+            hostname: &self.settings.hostname,
+            tls: self.info.tls.is_some(),
+            auth_user: self.info.auth_user.as_deref(),
+            smtputf8: env.params.smtputf8,
+            queue_id,
+        };
+        trace::headers(&env.from, &env.rcpts, &t, now)
+    }
+
+    /// Calls the `data` hook with the whole content (only when it wants data).
+    pub fn check_content(&mut self, content: &[u8]) -> Result<(), Reply> {
+        let (Some(env), hooks) = (self.envelope().cloned(), Arc::clone(&self.hooks)) else {
+            return Ok(());
+        };
+        self.hook(|s| hooks.data(s, &env, content)).map_err(|step| match step {
+            Step::Reply(rep) => rep,
+            Step::Close(mut v) => v.remove(0),
+            _ => r(451, (4, 3, 0), "Error: internal error"),
+        })
+    }
+
+    /// The end of a message (DATA or BDAT LAST): the final reply; the transaction ends.
+    /// `size` is the content size (for the log).
+    pub fn message_end(&mut self, outcome: MessageOutcome, size: u64) -> Reply {
+        let env = match std::mem::replace(&mut self.txn, Txn::Idle) {
+            Txn::Mail(env) | Txn::Chunking { env, .. } => Some(env),
+            Txn::Idle => None,
+        };
+        let (from, rcpts) = env
+            .as_ref()
+            .map_or((String::new(), 0), |e| (e.from.to_string(), e.rcpts.len()));
+        let reply = match outcome {
+            MessageOutcome::Stored(id) => {
+                log::info!(
+                    "session {}: stored {id}: {size} bytes from <{from}> to {rcpts} recipient(s)",
+                    self.info.id
+                );
+                if let Some(env) = &env {
+                    let hooks = Arc::clone(&self.hooks);
+                    let _ = self.hook(|s| {
+                        hooks.done(s, env, &id);
+                        Ok(())
+                    });
+                }
+                return r(250, (2, 0, 0), format!("Ok: queued as {id}"));
+            }
+            MessageOutcome::TooBig => r(552, (5, 3, 4), "Error: message file too big"),
+            MessageOutcome::BareLf => r(550, (5, 5, 2), "Error: bare <LF> received"),
+            MessageOutcome::Refused(rep) => rep,
+            MessageOutcome::StorageFull(e) => {
+                self.hooks.error(&self.info, &SessionError::Storage(e));
+                r(452, (4, 3, 1), "Error: insufficient system storage")
+            }
+            MessageOutcome::StorageError(e) => {
+                self.hooks.error(&self.info, &SessionError::Storage(e));
+                r(451, (4, 3, 0), "Error: queue file write error")
+            }
+        };
+        log::info!(
+            "session {}: message from <{from}> ({size} bytes) refused: {reply}",
+            self.info.id
+        );
+        reply
+    }
+
+    /// After a successful TLS handshake: everything starts over (RFC 3207 §4.2).
+    pub fn tls_started(&mut self, tls: TlsInfo) {
+        self.info.tls = Some(tls);
+        self.info.helo = None;
+        self.info.auth_user = None;
+        self.esmtp = false;
+        self.txn = Txn::Idle;
+        self.auth = None;
+    }
+
+    /// 421 for a command or data deadline, or a too slow transfer.
+    pub fn timeout(&mut self) -> Reply {
+        self.hooks.error(&self.info, &SessionError::Timeout);
+        r(
+            421,
+            (4, 4, 2),
+            format!("{} Error: timeout exceeded", self.settings.hostname),
+        )
+    }
+
+    /// 421 when the server is stopping.
+    pub fn shutting_down(&self) -> Reply {
+        r(
+            421,
+            (4, 3, 2),
+            format!("{} Service shutting down, closing transmission channel", self.settings.hostname),
+        )
+    }
+
+    fn auth_start(&mut self, mechanism: &str, initial: Option<&str>) -> Step {
+        let Some(auth) = &self.settings.auth else {
+            return Step::Reply(bad_sequence("authentication not enabled"));
+        };
+        if let Some(step) = self.tls_required() {
+            return step;
+        }
+        if self.info.tls.is_none() && !auth.allow_plaintext {
+            return Step::Reply(r(
+                538,
+                (5, 7, 11),
+                "Encryption required for requested authentication mechanism",
+            ));
+        }
+        if self.info.auth_user.is_some() {
+            return Step::Reply(bad_sequence("already authenticated"));
+        }
+        if !matches!(self.txn, Txn::Idle) {
+            return Step::Reply(bad_sequence("MAIL transaction in progress"));
+        }
+        let step = auth::start(mechanism, initial);
+        self.auth_step(step)
+    }
+
+    fn auth_response(&mut self, ex: &Exchange, line: &[u8]) -> Step {
+        match std::str::from_utf8(line) {
+            Ok(l) => {
+                let step = auth::respond(ex, l);
+                self.auth_step(step)
+            }
+            Err(_) => self.auth_step(AuthStep::Malformed),
+        }
+    }
+
+    fn auth_step(&mut self, step: AuthStep) -> Step {
+        match step {
+            AuthStep::Challenge(c, next) => {
+                self.auth = Some(next);
+                Step::Reply(Reply::plain(334, c))
+            }
+            AuthStep::Cancelled => Step::Reply(r(501, (5, 7, 0), "Authentication aborted")),
+            AuthStep::Malformed => Step::Reply(r(501, (5, 5, 2), "Cannot decode response")),
+            AuthStep::UnknownMechanism => Step::Reply(r(
+                504,
+                (5, 5, 4),
+                "Unsupported authentication mechanism",
+            )),
+            AuthStep::Verify { user, password } => {
+                let ok = match &self.settings.auth {
+                    Some(a) => !user.is_empty() && a.authenticator.verify(&user, &password),
+                    None => false,
+                };
+                if ok {
+                    self.info.auth_user = Some(user);
+                    Step::Reply(r(235, (2, 7, 0), "Authentication successful"))
+                } else {
+                    Step::Reply(r(535, (5, 7, 8), "Authentication credentials invalid"))
+                }
+            }
+        }
+    }
+
+    /// Runs a hook, catching panics, and turns a refusal into the step to take.
+    fn hook(&mut self, f: impl FnOnce(&SessionInfo) -> Result<(), Reply>) -> Result<(), Step> {
+        let info = &self.info;
+        match catch_unwind(AssertUnwindSafe(|| f(info))) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(reply)) if reply.is_refusal() => Err(Step::Reply(reply)),
+            Ok(Err(reply)) => {
+                log::error!(
+                    "session {}: hook refused with non-error code {}; sending 451",
+                    self.info.id,
+                    reply.code
+                );
+                Err(Step::Reply(r(451, (4, 3, 0), "Error: internal error")))
+            }
+            Err(_) => {
+                log::error!("session {}: a hook panicked; closing the session", self.info.id);
+                Err(Step::Close(vec![r(451, (4, 3, 0), "Error: internal error")]))
+            }
+        }
+    }
+}
+
+fn step_close(step: Step) -> Step {
+    match step {
+        Step::Reply(rep) => Step::Close(vec![rep]),
+        other => other,
+    }
+}

@@ -1,0 +1,338 @@
+//! The Maildir spool (SPEC 1, 5; invariant 1): sessions stream each message into its own
+//! file in `tmp/` and fsync it; one writer thread renames finished files into `new/` in
+//! batches, fsyncs `new/` once per batch (group commit) and only then acks each session,
+//! which only then answers 250.
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// A storage failure.
+#[derive(Debug)]
+pub enum StoreError {
+    /// No space left (ENOSPC, EDQUOT): temporary, 452 4.3.1.
+    Full(String),
+    /// Any other I/O failure: 451 4.3.0.
+    Io(String),
+}
+
+impl StoreError {
+    /// Classifies an I/O error on `what` (a path or step).
+    pub fn from_io(what: &str, e: &io::Error) -> StoreError {
+        // ENOSPC = 28, EDQUOT = 122 on Linux.
+        match e.raw_os_error() {
+            Some(28) | Some(122) => StoreError::Full(format!("{what}: {e}")),
+            _ if e.kind() == io::ErrorKind::StorageFull => StoreError::Full(format!("{what}: {e}")),
+            _ => StoreError::Io(format!("{what}: {e}")),
+        }
+    }
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Full(m) => write!(f, "spool full: {m}"),
+            StoreError::Io(m) => write!(f, "spool I/O error: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// Where sessions put messages. `begin` opens one; [`MessageWriter::commit`] makes it
+/// durable. Tests substitute their own store.
+pub trait Store: Send + Sync {
+    fn begin(&self) -> Result<Box<dyn MessageWriter>, StoreError>;
+}
+
+/// One message being written. Dropping it without `commit` discards it.
+pub trait MessageWriter: Write + Send {
+    /// The queue id, as in the file name and the 250 reply.
+    fn queue_id(&self) -> &str;
+    /// Blocks until the message is durable in `new/` (or fails and is discarded).
+    fn commit(self: Box<Self>) -> Result<(), StoreError>;
+}
+
+/// A finished tmp file waiting for the writer thread.
+struct Commit {
+    tmp: PathBuf,
+    name: String,
+    ack: Sender<Result<(), StoreError>>,
+}
+
+/// A Maildir (`tmp/ new/ cur/`).
+pub struct Maildir {
+    dir: PathBuf,
+    host: String,
+    fsync: bool,
+    seq: AtomicU64,
+    pid: u32,
+    tx: Sender<Commit>,
+}
+
+/// Counters the writer thread keeps (for the stats line).
+#[derive(Debug, Default)]
+pub struct SpoolStats {
+    pub batches: AtomicU64,
+    pub committed: AtomicU64,
+    /// Sum of directory fsync durations, in microseconds.
+    pub dir_fsync_micros: AtomicU64,
+}
+
+impl Maildir {
+    /// Opens (creating) the Maildir, clears debris from `tmp/` (invariant 1) and starts
+    /// the writer thread. Join the handle after dropping every clone of the store.
+    pub fn open(
+        dir: &Path,
+        hostname: &str,
+        fsync: bool,
+        stats: std::sync::Arc<SpoolStats>,
+    ) -> io::Result<(Maildir, JoinHandle<()>)> {
+        for sub in ["tmp", "new", "cur"] {
+            let p = dir.join(sub);
+            fs::create_dir_all(&p)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", p.display())))?;
+        }
+        let tmp = dir.join("tmp");
+        let mut cleared = 0;
+        for entry in fs::read_dir(&tmp)? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                fs::remove_file(entry.path())?;
+                cleared += 1;
+            }
+        }
+        if cleared > 0 {
+            log::warn!("spool: removed {cleared} unfinished file(s) from {}", tmp.display());
+        }
+        // Short queue: sessions block on their ack anyway; the bound just caps memory.
+        let (tx, rx) = bounded::<Commit>(1024);
+        let new_dir = dir.join("new");
+        let handle = std::thread::Builder::new()
+            .name("spool-writer".into())
+            .spawn(move || writer(rx, new_dir, fsync, stats))?;
+        Ok((
+            Maildir {
+                dir: dir.to_path_buf(),
+                // Maildir: '/' and ':' in the host part are written as octal escapes.
+                host: hostname.replace('/', "\\057").replace(':', "\\072"),
+                fsync,
+                seq: AtomicU64::new(0),
+                pid: std::process::id(),
+                tx,
+            },
+            handle,
+        ))
+    }
+}
+
+impl Store for Maildir {
+    fn begin(&self) -> Result<Box<dyn MessageWriter>, StoreError> {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let queue_id = format!("M{}P{}Q{}", now.subsec_micros(), self.pid, seq);
+        let name = format!("{}.{}.{}", now.as_secs(), queue_id, self.host);
+        let tmp = self.dir.join("tmp").join(&name);
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| StoreError::from_io(&tmp.display().to_string(), &e))?;
+        Ok(Box::new(MaildirMessage {
+            out: Some(BufWriter::with_capacity(64 * 1024, file)),
+            tmp,
+            name,
+            queue_id,
+            fsync: self.fsync,
+            tx: self.tx.clone(),
+        }))
+    }
+}
+
+struct MaildirMessage {
+    /// `None` once handed to the writer thread.
+    out: Option<BufWriter<File>>,
+    tmp: PathBuf,
+    name: String,
+    queue_id: String,
+    fsync: bool,
+    tx: Sender<Commit>,
+}
+
+impl Write for MaildirMessage {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match &mut self.out {
+            Some(w) => w.write(buf),
+            None => Err(io::Error::other("message already committed")),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match &mut self.out {
+            Some(w) => w.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl MessageWriter for MaildirMessage {
+    fn queue_id(&self) -> &str {
+        &self.queue_id
+    }
+
+    fn commit(mut self: Box<Self>) -> Result<(), StoreError> {
+        let what = self.tmp.display().to_string();
+        let Some(out) = self.out.take() else {
+            return Err(StoreError::Io(format!("{what}: committed twice")));
+        };
+        let file = out
+            .into_inner()
+            .map_err(|e| StoreError::from_io(&what, e.error()))?;
+        if self.fsync {
+            // Each session syncs its own file, so many fsyncs run in parallel and the
+            // filesystem folds them into few journal commits.
+            file.sync_data().map_err(|e| StoreError::from_io(&what, &e))?;
+        }
+        drop(file);
+        let (ack_tx, ack_rx) = bounded(1);
+        let commit = Commit {
+            tmp: self.tmp.clone(),
+            name: self.name.clone(),
+            ack: ack_tx,
+        };
+        self.tx
+            .send(commit)
+            .map_err(|_| StoreError::Io("spool writer has stopped".into()))?;
+        let result = ack_rx
+            .recv()
+            .unwrap_or_else(|_| Err(StoreError::Io("spool writer has stopped".into())));
+        // From here the writer owns the file: in new/ on success, removed on failure.
+        self.tmp = PathBuf::new();
+        result
+    }
+}
+
+impl Drop for MaildirMessage {
+    fn drop(&mut self) {
+        if !self.tmp.as_os_str().is_empty() {
+            self.out = None;
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// The writer thread: batch, rename, one directory fsync, ack.
+fn writer(rx: Receiver<Commit>, new_dir: PathBuf, fsync: bool, stats: std::sync::Arc<SpoolStats>) {
+    let mut batch: Vec<Commit> = Vec::with_capacity(256);
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        while batch.len() < 256 {
+            match rx.try_recv() {
+                Ok(c) => batch.push(c),
+                Err(_) => break,
+            }
+        }
+        let mut renamed = Vec::with_capacity(batch.len());
+        for c in batch.drain(..) {
+            let dest = new_dir.join(&c.name);
+            match fs::rename(&c.tmp, &dest) {
+                Ok(()) => renamed.push((c, dest)),
+                Err(e) => {
+                    let _ = fs::remove_file(&c.tmp);
+                    let _ = c.ack.send(Err(StoreError::from_io(&dest.display().to_string(), &e)));
+                }
+            }
+        }
+        if renamed.is_empty() {
+            continue;
+        }
+        let started = Instant::now();
+        let synced = if fsync { sync_dir(&new_dir) } else { Ok(()) };
+        stats
+            .dir_fsync_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+        match synced {
+            Ok(()) => {
+                stats
+                    .committed
+                    .fetch_add(renamed.len() as u64, Ordering::Relaxed);
+                for (c, _) in renamed {
+                    let _ = c.ack.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                // Not durable: take the files back out so a refused message is never
+                // delivered later (the client will retry it).
+                log::error!("spool: fsync of {} failed: {e}", new_dir.display());
+                for (c, dest) in renamed {
+                    let _ = fs::remove_file(&dest);
+                    let _ = c
+                        .ack
+                        .send(Err(StoreError::from_io(&new_dir.display().to_string(), &e)));
+                }
+            }
+        }
+    }
+}
+
+/// fsync a directory so the renames in it are durable.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn commit_moves_whole_file_into_new_and_tmp_is_cleared_at_open() {
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir_all(d.path().join("tmp")).unwrap();
+        fs::write(d.path().join("tmp").join("debris"), b"partial").unwrap();
+        let (md, h) = Maildir::open(d.path(), "mx/a:b", true, Arc::default()).unwrap();
+        assert_eq!(fs::read_dir(d.path().join("tmp")).unwrap().count(), 0);
+        let mut m = md.begin().unwrap();
+        let id = m.queue_id().to_string();
+        m.write_all(b"hello\r\n").unwrap();
+        m.commit().unwrap();
+        let names: Vec<_> = fs::read_dir(d.path().join("new"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names.len(), 1);
+        assert!(names[0].contains(&format!(".{id}.")), "{names:?}");
+        assert!(names[0].ends_with("mx\\057a\\072b"), "{names:?}");
+        let body = fs::read(d.path().join("new").join(&names[0])).unwrap();
+        assert_eq!(body, b"hello\r\n");
+        assert_eq!(fs::read_dir(d.path().join("tmp")).unwrap().count(), 0);
+        drop(md);
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn dropped_message_leaves_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let (md, h) = Maildir::open(d.path(), "h", false, Arc::default()).unwrap();
+        let mut m = md.begin().unwrap();
+        m.write_all(b"x").unwrap();
+        drop(m);
+        assert_eq!(fs::read_dir(d.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(fs::read_dir(d.path().join("new")).unwrap().count(), 0);
+        drop(md);
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn enospc_is_full() {
+        let e = io::Error::from_raw_os_error(28);
+        assert!(matches!(StoreError::from_io("x", &e), StoreError::Full(_)));
+        let e = io::Error::from_raw_os_error(5);
+        assert!(matches!(StoreError::from_io("x", &e), StoreError::Io(_)));
+    }
+}

@@ -1,0 +1,283 @@
+//! TLS with rustls (ring provider): certificate loading, reload when the files change,
+//! and the [`Stream`] that sessions run over, plain or encrypted (RFC 3207, RFC 8314).
+
+use crate::connection::Transport;
+use crate::hooks::TlsInfo;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{ServerConfig, ServerConnection, StreamOwned};
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+/// A certificate or key that cannot be used.
+#[derive(Debug)]
+pub enum TlsError {
+    Read { path: PathBuf, err: io::Error },
+    NoCertificate(PathBuf),
+    NoKey(PathBuf),
+    BadPem { path: PathBuf, err: String },
+    /// The key does not belong to the certificate, or is of an unsupported type.
+    Mismatch { cert: PathBuf, key: PathBuf, err: String },
+    Config(String),
+}
+
+impl fmt::Display for TlsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TlsError::Read { path, err } => write!(f, "tls: cannot read {}: {err}", path.display()),
+            TlsError::NoCertificate(p) => write!(f, "tls.cert: no certificate in {}", p.display()),
+            TlsError::NoKey(p) => write!(f, "tls.key: no private key in {}", p.display()),
+            TlsError::BadPem { path, err } => write!(f, "tls: bad PEM in {}: {err}", path.display()),
+            TlsError::Mismatch { cert, key, err } => write!(
+                f,
+                "tls: key {} does not fit certificate {}: {err}",
+                key.display(),
+                cert.display()
+            ),
+            TlsError::Config(e) => write!(f, "tls: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for TlsError {}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Loads a PEM chain and key (PKCS#8, PKCS#1 or SEC1; RSA, ECDSA, Ed25519) and checks
+/// that they belong together.
+pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
+    let read = |p: &Path| {
+        std::fs::read(p).map_err(|err| TlsError::Read {
+            path: p.to_path_buf(),
+            err,
+        })
+    };
+    let cert_pem = read(cert)?;
+    let key_pem = read(key)?;
+    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::BadPem {
+            path: cert.to_path_buf(),
+            err: e.to_string(),
+        })?;
+    if chain.is_empty() {
+        return Err(TlsError::NoCertificate(cert.to_path_buf()));
+    }
+    let key_der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| match e {
+        rustls::pki_types::pem::Error::NoItemsFound => TlsError::NoKey(key.to_path_buf()),
+        other => TlsError::BadPem {
+            path: key.to_path_buf(),
+            err: other.to_string(),
+        },
+    })?;
+    let ck = CertifiedKey::from_der(chain, key_der, &provider()).map_err(|e| TlsError::Mismatch {
+        cert: cert.to_path_buf(),
+        key: key.to_path_buf(),
+        err: e.to_string(),
+    })?;
+    // from_der lets an unknown consistency pass; insist on a real match.
+    ck.keys_match().map_err(|e| TlsError::Mismatch {
+        cert: cert.to_path_buf(),
+        key: key.to_path_buf(),
+        err: e.to_string(),
+    })?;
+    Ok(ck)
+}
+
+/// Serves the current certificate; a watcher swaps it when the files change.
+#[derive(Debug)]
+pub struct Reloading {
+    current: RwLock<Arc<CertifiedKey>>,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl ResolvesServerCert for Reloading {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(Arc::clone(
+            &self.current.read().unwrap_or_else(|p| p.into_inner()),
+        ))
+    }
+}
+
+fn mtimes(cert: &Path, key: &Path) -> (Option<SystemTime>, Option<SystemTime>, u64) {
+    let m = |p: &Path| std::fs::metadata(p).ok();
+    let (a, b) = (m(cert), m(key));
+    let len = a.as_ref().map_or(0, |x| x.len()) ^ b.as_ref().map_or(0, |x| x.len()).rotate_left(32);
+    (
+        a.and_then(|x| x.modified().ok()),
+        b.and_then(|x| x.modified().ok()),
+        len,
+    )
+}
+
+impl Reloading {
+    /// Polls the files every `every`; a broken new pair is logged and the old stays.
+    /// The watcher ends when `stop` is set.
+    pub fn watch(self: &Arc<Self>, every: Duration, stop: Arc<AtomicBool>) {
+        let me = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("tls-reload".into())
+            .spawn(move || {
+                let mut seen = mtimes(&me.cert, &me.key);
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(every);
+                    let now = mtimes(&me.cert, &me.key);
+                    if now == seen {
+                        continue;
+                    }
+                    seen = now;
+                    match load_certified_key(&me.cert, &me.key) {
+                        Ok(ck) => {
+                            *me.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ck);
+                            log::info!("tls: reloaded certificate {}", me.cert.display());
+                        }
+                        Err(e) => log::error!("tls: reload failed, keeping the old certificate: {e}"),
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            log::error!("tls: cannot start the reload watcher: {e}");
+        }
+    }
+}
+
+/// Builds the server TLS config (TLS 1.2 and 1.3 only) with a reloading resolver.
+pub fn server_config(cert: &Path, key: &Path) -> Result<(Arc<ServerConfig>, Arc<Reloading>), TlsError> {
+    let ck = load_certified_key(cert, key)?;
+    let resolver = Arc::new(Reloading {
+        current: RwLock::new(Arc::new(ck)),
+        cert: cert.to_path_buf(),
+        key: key.to_path_buf(),
+    });
+    let cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver.clone());
+    Ok((Arc::new(cfg), resolver))
+}
+
+/// A session's stream: plain TCP (maybe upgraded by STARTTLS) or TLS.
+pub enum Stream {
+    Plain {
+        tcp: TcpStream,
+        tls: Option<Arc<ServerConfig>>,
+    },
+    Tls(Box<TlsStream>),
+    /// Only during an upgrade, or after a failed one.
+    Broken,
+}
+
+impl Stream {
+    /// An implicit-TLS connection (RFC 8314): handshake before anything else.
+    pub fn accept_tls(tcp: TcpStream, cfg: Arc<ServerConfig>, timeout: Duration) -> io::Result<(Stream, TlsInfo)> {
+        tcp.set_read_timeout(Some(timeout))?;
+        tcp.set_write_timeout(Some(timeout))?;
+        let mut s = Stream::Plain { tcp, tls: Some(cfg) };
+        let info = s.start_tls()?;
+        Ok((s, info))
+    }
+
+    fn tcp(&self) -> Option<&TcpStream> {
+        match self {
+            Stream::Plain { tcp, .. } => Some(tcp),
+            Stream::Tls(s) => Some(&s.0.sock),
+            Stream::Broken => None,
+        }
+    }
+}
+
+fn broken() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "connection closed after failed TLS")
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain { tcp, .. } => tcp.read(buf),
+            Stream::Tls(s) => s.0.read(buf),
+            Stream::Broken => Err(broken()),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain { tcp, .. } => tcp.write(buf),
+            Stream::Tls(s) => s.0.write(buf),
+            Stream::Broken => Err(broken()),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain { tcp, .. } => tcp.flush(),
+            Stream::Tls(s) => s.0.flush(),
+            Stream::Broken => Err(broken()),
+        }
+    }
+}
+
+impl Transport for Stream {
+    fn set_read_timeout(&mut self, t: Option<Duration>) -> io::Result<()> {
+        match self.tcp() {
+            Some(tcp) => tcp.set_read_timeout(t),
+            None => Err(broken()),
+        }
+    }
+
+    fn start_tls(&mut self) -> io::Result<TlsInfo> {
+        let (tcp, cfg) = match std::mem::replace(self, Stream::Broken) {
+            Stream::Plain { tcp, tls: Some(cfg) } => (tcp, cfg),
+            other => {
+                *self = other;
+                return Err(io::Error::new(io::ErrorKind::Unsupported, "TLS not available"));
+            }
+        };
+        let conn = ServerConnection::new(cfg).map_err(io::Error::other)?;
+        let mut s = StreamOwned::new(conn, tcp);
+        // The read timeout on the socket bounds the handshake (the command timeout).
+        while s.conn.is_handshaking() {
+            s.conn.complete_io(&mut s.sock)?;
+        }
+        let info = TlsInfo {
+            version: s
+                .conn
+                .protocol_version()
+                .map_or_else(|| "unknown".into(), |v| format!("{v:?}")),
+            cipher: s
+                .conn
+                .negotiated_cipher_suite()
+                .map_or_else(|| "unknown".into(), |c| format!("{:?}", c.suite())),
+        };
+        *self = Stream::Tls(Box::new(TlsStream(s)));
+        Ok(info)
+    }
+}
+
+/// A TLS stream that says close_notify when dropped, so clients see a clean end.
+pub struct TlsStream(StreamOwned<ServerConnection, TcpStream>);
+
+impl Drop for TlsStream {
+    fn drop(&mut self) {
+        let s = &mut self.0;
+        {
+            while s.conn.wants_write() {
+                if s.conn.write_tls(&mut s.sock).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
