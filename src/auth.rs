@@ -19,7 +19,10 @@ pub trait Authenticator: Send + Sync {
 #[derive(Debug)]
 pub enum AuthError {
     /// The user's `password_hash` is not an argon2 PHC string.
-    BadHash { user: String, reason: String },
+    BadHash {
+        user: String,
+        reason: String,
+    },
     DuplicateUser(String),
 }
 
@@ -49,7 +52,11 @@ pub struct Users {
 impl Users {
     pub fn from_config(cfg: &AuthConfig) -> Result<Users, AuthError> {
         let mut hashes = HashMap::new();
-        for User { name, password_hash } in &cfg.users {
+        for User {
+            name,
+            password_hash,
+        } in &cfg.users
+        {
             PasswordHash::new(password_hash).map_err(|e| AuthError::BadHash {
                 user: name.clone(),
                 reason: e.to_string(),
@@ -228,23 +235,42 @@ mod tests {
         let r = B64.encode(b"\0alice\0secret");
         assert_eq!(
             start("PLAIN", Some(&r)),
-            AuthStep::Verify { user: "alice".into(), password: b"secret".to_vec() }
+            AuthStep::Verify {
+                user: "alice".into(),
+                password: b"secret".to_vec()
+            }
         );
-        assert_eq!(start("PLAIN", None), AuthStep::Challenge("", Exchange::Plain));
+        assert_eq!(
+            start("PLAIN", None),
+            AuthStep::Challenge("", Exchange::Plain)
+        );
         assert_eq!(respond(&Exchange::Plain, "*"), AuthStep::Cancelled);
-        assert_eq!(respond(&Exchange::Plain, "!!notbase64"), AuthStep::Malformed);
-        assert_eq!(respond(&Exchange::Plain, &B64.encode(b"nonul")), AuthStep::Malformed);
+        assert_eq!(
+            respond(&Exchange::Plain, "!!notbase64"),
+            AuthStep::Malformed
+        );
+        assert_eq!(
+            respond(&Exchange::Plain, &B64.encode(b"nonul")),
+            AuthStep::Malformed
+        );
     }
 
     #[test]
     fn login_exchange() {
-        let AuthStep::Challenge(c, st) = start("LOGIN", None) else { panic!() };
+        let AuthStep::Challenge(c, st) = start("LOGIN", None) else {
+            panic!()
+        };
         assert_eq!(B64.decode(c).unwrap(), b"Username:");
-        let AuthStep::Challenge(c, st) = respond(&st, &B64.encode("bob")) else { panic!() };
+        let AuthStep::Challenge(c, st) = respond(&st, &B64.encode("bob")) else {
+            panic!()
+        };
         assert_eq!(B64.decode(c).unwrap(), b"Password:");
         assert_eq!(
             respond(&st, &B64.encode("pw")),
-            AuthStep::Verify { user: "bob".into(), password: b"pw".to_vec() }
+            AuthStep::Verify {
+                user: "bob".into(),
+                password: b"pw".to_vec()
+            }
         );
         assert_eq!(start("CRAM-MD5", None), AuthStep::UnknownMechanism);
     }
@@ -255,7 +281,10 @@ mod tests {
         assert!(hash.starts_with("$argon2id$"));
         let cfg = AuthConfig {
             allow_plaintext: false,
-            users: vec![User { name: "alice".into(), password_hash: hash }],
+            users: vec![User {
+                name: "alice".into(),
+                password_hash: hash,
+            }],
         };
         let users = Users::from_config(&cfg).unwrap();
         assert!(users.verify("alice", b"s3cret"));
@@ -263,7 +292,10 @@ mod tests {
         assert!(!users.verify("mallory", b"s3cret"));
         let bad = AuthConfig {
             allow_plaintext: false,
-            users: vec![User { name: "eve".into(), password_hash: "plain".into() }],
+            users: vec![User {
+                name: "eve".into(),
+                password_hash: "plain".into(),
+            }],
         };
         let e = Users::from_config(&bad).err().unwrap().to_string();
         assert!(e.contains("eve"), "{e}");

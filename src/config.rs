@@ -10,9 +10,20 @@ use std::path::{Path, PathBuf};
 /// A configuration problem: which file, which key, which line, what is wrong.
 #[derive(Debug)]
 pub enum ConfigError {
-    Read { path: PathBuf, err: std::io::Error },
-    Parse { path: PathBuf, message: String },
-    Invalid { path: PathBuf, key: String, line: Option<usize>, message: String },
+    Read {
+        path: PathBuf,
+        err: std::io::Error,
+    },
+    Parse {
+        path: PathBuf,
+        message: String,
+    },
+    Invalid {
+        path: PathBuf,
+        key: String,
+        line: Option<usize>,
+        message: String,
+    },
 }
 
 impl fmt::Display for ConfigError {
@@ -22,7 +33,12 @@ impl fmt::Display for ConfigError {
                 write!(f, "{}: cannot read config file: {err}", path.display())
             }
             ConfigError::Parse { path, message } => write!(f, "{}: {message}", path.display()),
-            ConfigError::Invalid { path, key, line, message } => {
+            ConfigError::Invalid {
+                path,
+                key,
+                line,
+                message,
+            } => {
                 write!(f, "{}", path.display())?;
                 if let Some(l) = line {
                     write!(f, ":{l}")?;
@@ -204,12 +220,13 @@ impl Config {
             path: path.to_path_buf(),
             message: describe_toml_error(text, &e),
         })?;
-        cfg.validate().map_err(|(key, message)| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            line: line_of_key(text, &key),
-            key,
-            message,
-        })?;
+        cfg.validate()
+            .map_err(|(key, message)| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                line: line_of_key(text, &key),
+                key,
+                message,
+            })?;
         Ok(cfg)
     }
 
@@ -219,30 +236,48 @@ impl Config {
         if self.hostname.is_empty()
             || crate::protocol::address::check_domain(&self.hostname).is_err()
         {
-            return err("hostname", format!("{:?} is not a valid host name", self.hostname));
+            return err(
+                "hostname",
+                format!("{:?} is not a valid host name", self.hostname),
+            );
         }
         let s = &self.server;
         if s.listen.is_empty() && s.tls_listen.is_empty() {
             return err("server.listen", "no listen address at all".into());
         }
-        for (key, list) in [("server.listen", &s.listen), ("server.tls_listen", &s.tls_listen)] {
+        for (key, list) in [
+            ("server.listen", &s.listen),
+            ("server.tls_listen", &s.tls_listen),
+        ] {
             for a in list {
                 if a.parse::<SocketAddr>().is_err() {
-                    return err(key, format!("{a:?} is not an address:port such as \"127.0.0.1:2525\""));
+                    return err(
+                        key,
+                        format!("{a:?} is not an address:port such as \"127.0.0.1:2525\""),
+                    );
                 }
             }
         }
         if !s.tls_listen.is_empty() && self.tls.is_none() {
-            return err("server.tls_listen", "implicit TLS listeners need a [tls] section".into());
+            return err(
+                "server.tls_listen",
+                "implicit TLS listeners need a [tls] section".into(),
+            );
         }
         let positive: [(&str, u64); 9] = [
             ("server.workers", s.workers as u64),
-            ("server.max_connections_per_ip", s.max_connections_per_ip as u64),
+            (
+                "server.max_connections_per_ip",
+                s.max_connections_per_ip as u64,
+            ),
             ("limits.max_message_size", self.limits.max_message_size),
             ("limits.max_recipients", self.limits.max_recipients as u64),
             ("limits.max_line_length", self.limits.max_line_length as u64),
             ("limits.max_errors", u64::from(self.limits.max_errors)),
-            ("limits.command_timeout_secs", self.limits.command_timeout_secs),
+            (
+                "limits.command_timeout_secs",
+                self.limits.command_timeout_secs,
+            ),
             ("limits.data_timeout_secs", self.limits.data_timeout_secs),
             ("server.shutdown_grace_secs", s.shutdown_grace_secs.max(1)),
         ];
@@ -253,7 +288,10 @@ impl Config {
         }
         if self.limits.max_line_length < 512 {
             // RFC 5321 §4.5.3.1.4: a command line may be 512 octets.
-            return err("limits.max_line_length", "must be at least 512 (RFC 5321 4.5.3.1.4)".into());
+            return err(
+                "limits.max_line_length",
+                "must be at least 512 (RFC 5321 4.5.3.1.4)".into(),
+            );
         }
         if s.workers > 100_000 {
             return err("server.workers", "more than 100000 threads".into());
@@ -278,12 +316,20 @@ impl Config {
 
     /// Socket addresses of the plain listeners (validated).
     pub fn listen_addrs(&self) -> Vec<SocketAddr> {
-        self.server.listen.iter().filter_map(|a| a.parse().ok()).collect()
+        self.server
+            .listen
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect()
     }
 
     /// Socket addresses of the implicit-TLS listeners (validated).
     pub fn tls_listen_addrs(&self) -> Vec<SocketAddr> {
-        self.server.tls_listen.iter().filter_map(|a| a.parse().ok()).collect()
+        self.server
+            .tls_listen
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect()
     }
 
     /// The effective settings as TOML (for `check-config`).
@@ -360,7 +406,9 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named_with_its_line() {
-        let e = parse("hostname = \"a.test\"\n[limits]\nmax_sise = 5\n").unwrap_err().to_string();
+        let e = parse("hostname = \"a.test\"\n[limits]\nmax_sise = 5\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("max_sise"), "{e}");
         assert!(e.contains("line 3"), "{e}");
         assert!(e.starts_with("t.toml"), "{e}");
@@ -368,7 +416,9 @@ mod tests {
 
     #[test]
     fn wrong_type_is_named() {
-        let e = parse("[server]\nworkers = \"many\"\n").unwrap_err().to_string();
+        let e = parse("[server]\nworkers = \"many\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("line 2") && e.contains("workers"), "{e}");
     }
 
@@ -376,9 +426,13 @@ mod tests {
     fn invalid_values_name_key_and_line() {
         let e = parse("[server]\nworkers = 0\n").unwrap_err().to_string();
         assert_eq!(e, "t.toml:2: key `server.workers`: must be greater than 0");
-        let e = parse("[server]\nlisten = [\"nowhere\"]\n").unwrap_err().to_string();
+        let e = parse("[server]\nlisten = [\"nowhere\"]\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("server.listen") && e.contains(":2:"), "{e}");
-        let e = parse("[limits]\nbare_lf = \"maybe\"\n").unwrap_err().to_string();
+        let e = parse("[limits]\nbare_lf = \"maybe\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("bare_lf") || e.contains("maybe"), "{e}");
     }
 
@@ -395,8 +449,9 @@ mod tests {
 
     #[test]
     fn effective_settings_hide_password_hashes() {
-        let c = parse("[auth]\nusers = [{ name = \"alice\", password_hash = \"$argon2id$secret\" }]\n")
-            .unwrap();
+        let c =
+            parse("[auth]\nusers = [{ name = \"alice\", password_hash = \"$argon2id$secret\" }]\n")
+                .unwrap();
         let shown = c.to_toml();
         assert!(!shown.contains("secret") && shown.contains("alice"));
     }

@@ -18,7 +18,10 @@ pub trait Transport: Read + Write {
     fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()>;
     /// Runs the server side of a TLS handshake on this stream (RFC 3207).
     fn start_tls(&mut self) -> io::Result<TlsInfo> {
-        Err(io::Error::new(io::ErrorKind::Unsupported, "TLS not available"))
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "TLS not available",
+        ))
     }
 }
 
@@ -246,7 +249,12 @@ impl<'a, T: Transport> Connection<'a, T> {
                     return Ok(n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
                     return Err(io::ErrorKind::TimedOut.into())
                 }
                 Err(e) => return Err(e),
@@ -270,7 +278,11 @@ impl<'a, T: Transport> Connection<'a, T> {
                 if discarding || lf - a > max {
                     return Ok(Read1::TooLong);
                 }
-                let b = if lf > a && self.buf[lf - 1] == b'\r' { lf - 1 } else { lf };
+                let b = if lf > a && self.buf[lf - 1] == b'\r' {
+                    lf - 1
+                } else {
+                    lf
+                };
                 return Ok(Read1::Line(a, b));
             }
             scanned = self.end - self.start;
@@ -312,7 +324,9 @@ impl<'a, T: Transport> Connection<'a, T> {
     /// Opens a message and writes its trace headers.
     fn open_message(&mut self) -> Result<Box<dyn MessageWriter>, StoreError> {
         let mut msg = self.store.begin()?;
-        let headers = self.session.trace_headers(msg.queue_id(), SystemTime::now());
+        let headers = self
+            .session
+            .trace_headers(msg.queue_id(), SystemTime::now());
         msg.write_all(&headers)
             .map_err(|e| StoreError::from_io("message file", &e))?;
         Ok(msg)
@@ -521,7 +535,10 @@ impl<'a, T: Transport> Connection<'a, T> {
                 Ok(())
             }
             Err(e) => {
-                log::info!("session {}: TLS handshake failed: {e}", self.session.info().id);
+                log::info!(
+                    "session {}: TLS handshake failed: {e}",
+                    self.session.info().id
+                );
                 Err(End::Io(e.kind()))
             }
         }

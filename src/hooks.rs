@@ -65,16 +65,31 @@ pub trait Hooks: Send + Sync {
         Ok(())
     }
     /// MAIL FROM, after syntax and size checks.
-    fn mail(&self, _session: &SessionInfo, _from: &ReversePath, _params: &MailParams) -> Result<(), Reply> {
+    fn mail(
+        &self,
+        _session: &SessionInfo,
+        _from: &ReversePath,
+        _params: &MailParams,
+    ) -> Result<(), Reply> {
         Ok(())
     }
     /// RCPT TO, after syntax and recipient-count checks.
-    fn rcpt(&self, _session: &SessionInfo, _envelope: &Envelope, _to: &Address) -> Result<(), Reply> {
+    fn rcpt(
+        &self,
+        _session: &SessionInfo,
+        _envelope: &Envelope,
+        _to: &Address,
+    ) -> Result<(), Reply> {
         Ok(())
     }
     /// The whole message content (as it will be stored, after the trace headers) before
     /// it is made durable. Refusing discards it.
-    fn data(&self, _session: &SessionInfo, _envelope: &Envelope, _content: &[u8]) -> Result<(), Reply> {
+    fn data(
+        &self,
+        _session: &SessionInfo,
+        _envelope: &Envelope,
+        _content: &[u8],
+    ) -> Result<(), Reply> {
         Ok(())
     }
     /// Something went wrong in the session.

@@ -96,7 +96,11 @@ fn serve(path: &PathBuf) -> ExitCode {
         Ok(s) => s,
         Err(e) => {
             eprintln!("mailer: {}: {e}", path.display());
-            return ExitCode::from(if e.is_config() { USAGE_OR_CONFIG } else { RUNTIME });
+            return ExitCode::from(if e.is_config() {
+                USAGE_OR_CONFIG
+            } else {
+                RUNTIME
+            });
         }
     };
     let handle = server.handle();

@@ -228,7 +228,10 @@ impl Server {
         ]));
         let mut listeners = Vec::new();
         let mut addrs = Vec::new();
-        for (list, implicit) in [(config.listen_addrs(), false), (config.tls_listen_addrs(), true)] {
+        for (list, implicit) in [
+            (config.listen_addrs(), false),
+            (config.tls_listen_addrs(), true),
+        ] {
             for addr in list {
                 let l = TcpListener::bind(addr).map_err(|err| ServerError::Bind { addr, err })?;
                 addrs.push(l.local_addr().unwrap_or(addr));
@@ -397,8 +400,12 @@ impl Server {
 
 fn loopback_of(addr: SocketAddr) -> SocketAddr {
     match addr.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port()),
-        IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port()),
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port())
+        }
         _ => addr,
     }
 }
@@ -423,7 +430,12 @@ impl Shared {
     }
 
     fn close_all(&self) {
-        for s in self.slots.lock().unwrap_or_else(|p| p.into_inner()).values() {
+        for s in self
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
             let _ = s.tcp.shutdown(Shutdown::Both);
         }
     }
@@ -523,7 +535,11 @@ impl Lifecycle for Life<'_> {
         self.shared.stopping.load(Ordering::SeqCst)
     }
     fn enter_message(&self) -> bool {
-        let mut busy = self.slot.in_message.lock().unwrap_or_else(|p| p.into_inner());
+        let mut busy = self
+            .slot
+            .in_message
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if self.stopping() {
             return false;
         }
@@ -531,7 +547,11 @@ impl Lifecycle for Life<'_> {
         true
     }
     fn leave_message(&self) {
-        *self.slot.in_message.lock().unwrap_or_else(|p| p.into_inner()) = false;
+        *self
+            .slot
+            .in_message
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = false;
     }
 }
 
@@ -579,7 +599,11 @@ impl Worker {
             let Some(cfg) = &self.tls else { return };
             match Stream::accept_tls(tcp, Arc::clone(cfg), self.limits.command_timeout) {
                 Ok((s, tls)) => {
-                    log::info!("session {id}: TLS established, {} {}", tls.version, tls.cipher);
+                    log::info!(
+                        "session {id}: TLS established, {} {}",
+                        tls.version,
+                        tls.cipher
+                    );
                     info.tls = Some(tls);
                     s
                 }

@@ -38,7 +38,10 @@ enum Txn {
     Idle,
     Mail(Envelope),
     /// BDAT chunks are arriving; `size` counts the bytes so far (RFC 3030).
-    Chunking { env: Envelope, size: u64 },
+    Chunking {
+        env: Envelope,
+        size: u64,
+    },
 }
 
 /// What the driver must do next.
@@ -291,12 +294,19 @@ impl Session {
         if !matches!(self.txn, Txn::Idle) {
             return Step::Reply(bad_sequence("nested MAIL command"));
         }
-        if params.size.is_some_and(|n| n > self.settings.max_message_size) {
+        if params
+            .size
+            .is_some_and(|n| n > self.settings.max_message_size)
+        {
             return Step::Reply(r(552, (5, 3, 4), "Message size exceeds fixed limit"));
         }
         if from.is_utf8() && !params.smtputf8 {
             // RFC 6531 §3.7.4.1
-            return Step::Reply(r(553, (5, 6, 7), "Must declare SMTPUTF8 to send UTF8 addresses"));
+            return Step::Reply(r(
+                553,
+                (5, 6, 7),
+                "Must declare SMTPUTF8 to send UTF8 addresses",
+            ));
         }
         let hooks = Arc::clone(&self.hooks);
         if let Err(step) = self.hook(|s| hooks.mail(s, &from, &params)) {
@@ -320,7 +330,11 @@ impl Session {
             return Step::Reply(r(452, (4, 5, 3), "Error: too many recipients"));
         }
         if to.is_utf8() && !env.params.smtputf8 {
-            return Step::Reply(r(553, (5, 6, 7), "Must declare SMTPUTF8 to send UTF8 addresses"));
+            return Step::Reply(r(
+                553,
+                (5, 6, 7),
+                "Must declare SMTPUTF8 to send UTF8 addresses",
+            ));
         }
         let hooks = Arc::clone(&self.hooks);
         let env_snapshot = env.clone();
@@ -403,11 +417,12 @@ impl Session {
         let (Some(env), hooks) = (self.envelope().cloned(), Arc::clone(&self.hooks)) else {
             return Ok(());
         };
-        self.hook(|s| hooks.data(s, &env, content)).map_err(|step| match step {
-            Step::Reply(rep) => rep,
-            Step::Close(mut v) => v.remove(0),
-            _ => r(451, (4, 3, 0), "Error: internal error"),
-        })
+        self.hook(|s| hooks.data(s, &env, content))
+            .map_err(|step| match step {
+                Step::Reply(rep) => rep,
+                Step::Close(mut v) => v.remove(0),
+                _ => r(451, (4, 3, 0), "Error: internal error"),
+            })
     }
 
     /// The end of a message (DATA or BDAT LAST): the final reply; the transaction ends.
@@ -479,7 +494,10 @@ impl Session {
         r(
             421,
             (4, 3, 2),
-            format!("{} Service shutting down, closing transmission channel", self.settings.hostname),
+            format!(
+                "{} Service shutting down, closing transmission channel",
+                self.settings.hostname
+            ),
         )
     }
 
@@ -525,11 +543,9 @@ impl Session {
             }
             AuthStep::Cancelled => Step::Reply(r(501, (5, 7, 0), "Authentication aborted")),
             AuthStep::Malformed => Step::Reply(r(501, (5, 5, 2), "Cannot decode response")),
-            AuthStep::UnknownMechanism => Step::Reply(r(
-                504,
-                (5, 5, 4),
-                "Unsupported authentication mechanism",
-            )),
+            AuthStep::UnknownMechanism => {
+                Step::Reply(r(504, (5, 5, 4), "Unsupported authentication mechanism"))
+            }
             AuthStep::Verify { user, password } => {
                 let ok = match &self.settings.auth {
                     Some(a) => !user.is_empty() && a.authenticator.verify(&user, &password),
@@ -560,8 +576,15 @@ impl Session {
                 Err(Step::Reply(r(451, (4, 3, 0), "Error: internal error")))
             }
             Err(_) => {
-                log::error!("session {}: a hook panicked; closing the session", self.info.id);
-                Err(Step::Close(vec![r(451, (4, 3, 0), "Error: internal error")]))
+                log::error!(
+                    "session {}: a hook panicked; closing the session",
+                    self.info.id
+                );
+                Err(Step::Close(vec![r(
+                    451,
+                    (4, 3, 0),
+                    "Error: internal error",
+                )]))
             }
         }
     }

@@ -108,7 +108,10 @@ impl Maildir {
             }
         }
         if cleared > 0 {
-            log::warn!("spool: removed {cleared} unfinished file(s) from {}", tmp.display());
+            log::warn!(
+                "spool: removed {cleared} unfinished file(s) from {}",
+                tmp.display()
+            );
         }
         // Short queue: sessions block on their ack anyway; the bound just caps memory.
         let (tx, rx) = bounded::<Commit>(1024);
@@ -133,7 +136,9 @@ impl Maildir {
 
 impl Store for Maildir {
     fn begin(&self) -> Result<Box<dyn MessageWriter>, StoreError> {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let queue_id = format!("M{}P{}Q{}", now.subsec_micros(), self.pid, seq);
         let name = format!("{}.{}.{}", now.as_secs(), queue_id, self.host);
@@ -195,7 +200,8 @@ impl MessageWriter for MaildirMessage {
         if self.fsync {
             // Each session syncs its own file, so many fsyncs run in parallel and the
             // filesystem folds them into few journal commits.
-            file.sync_data().map_err(|e| StoreError::from_io(&what, &e))?;
+            file.sync_data()
+                .map_err(|e| StoreError::from_io(&what, &e))?;
         }
         drop(file);
         let (ack_tx, ack_rx) = bounded(1);
@@ -243,7 +249,9 @@ fn writer(rx: Receiver<Commit>, new_dir: PathBuf, fsync: bool, stats: std::sync:
                 Ok(()) => renamed.push((c, dest)),
                 Err(e) => {
                     let _ = fs::remove_file(&c.tmp);
-                    let _ = c.ack.send(Err(StoreError::from_io(&dest.display().to_string(), &e)));
+                    let _ = c
+                        .ack
+                        .send(Err(StoreError::from_io(&dest.display().to_string(), &e)));
                 }
             }
         }

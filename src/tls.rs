@@ -20,12 +20,22 @@ use std::time::{Duration, SystemTime};
 /// A certificate or key that cannot be used.
 #[derive(Debug)]
 pub enum TlsError {
-    Read { path: PathBuf, err: io::Error },
+    Read {
+        path: PathBuf,
+        err: io::Error,
+    },
     NoCertificate(PathBuf),
     NoKey(PathBuf),
-    BadPem { path: PathBuf, err: String },
+    BadPem {
+        path: PathBuf,
+        err: String,
+    },
     /// The key does not belong to the certificate, or is of an unsupported type.
-    Mismatch { cert: PathBuf, key: PathBuf, err: String },
+    Mismatch {
+        cert: PathBuf,
+        key: PathBuf,
+        err: String,
+    },
     Config(String),
 }
 
@@ -35,7 +45,9 @@ impl fmt::Display for TlsError {
             TlsError::Read { path, err } => write!(f, "tls: cannot read {}: {err}", path.display()),
             TlsError::NoCertificate(p) => write!(f, "tls.cert: no certificate in {}", p.display()),
             TlsError::NoKey(p) => write!(f, "tls.key: no private key in {}", p.display()),
-            TlsError::BadPem { path, err } => write!(f, "tls: bad PEM in {}: {err}", path.display()),
+            TlsError::BadPem { path, err } => {
+                write!(f, "tls: bad PEM in {}: {err}", path.display())
+            }
             TlsError::Mismatch { cert, key, err } => write!(
                 f,
                 "tls: key {} does not fit certificate {}: {err}",
@@ -80,11 +92,12 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsEr
             err: other.to_string(),
         },
     })?;
-    let ck = CertifiedKey::from_der(chain, key_der, &provider()).map_err(|e| TlsError::Mismatch {
-        cert: cert.to_path_buf(),
-        key: key.to_path_buf(),
-        err: e.to_string(),
-    })?;
+    let ck =
+        CertifiedKey::from_der(chain, key_der, &provider()).map_err(|e| TlsError::Mismatch {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            err: e.to_string(),
+        })?;
     // from_der lets an unknown consistency pass; insist on a real match.
     ck.keys_match().map_err(|e| TlsError::Mismatch {
         cert: cert.to_path_buf(),
@@ -142,7 +155,9 @@ impl Reloading {
                             *me.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ck);
                             log::info!("tls: reloaded certificate {}", me.cert.display());
                         }
-                        Err(e) => log::error!("tls: reload failed, keeping the old certificate: {e}"),
+                        Err(e) => {
+                            log::error!("tls: reload failed, keeping the old certificate: {e}")
+                        }
                     }
                 }
             });
@@ -153,7 +168,10 @@ impl Reloading {
 }
 
 /// Builds the server TLS config (TLS 1.2 and 1.3 only) with a reloading resolver.
-pub fn server_config(cert: &Path, key: &Path) -> Result<(Arc<ServerConfig>, Arc<Reloading>), TlsError> {
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Arc<ServerConfig>, Arc<Reloading>), TlsError> {
     let ck = load_certified_key(cert, key)?;
     let resolver = Arc::new(Reloading {
         current: RwLock::new(Arc::new(ck)),
@@ -181,10 +199,17 @@ pub enum Stream {
 
 impl Stream {
     /// An implicit-TLS connection (RFC 8314): handshake before anything else.
-    pub fn accept_tls(tcp: TcpStream, cfg: Arc<ServerConfig>, timeout: Duration) -> io::Result<(Stream, TlsInfo)> {
+    pub fn accept_tls(
+        tcp: TcpStream,
+        cfg: Arc<ServerConfig>,
+        timeout: Duration,
+    ) -> io::Result<(Stream, TlsInfo)> {
         tcp.set_read_timeout(Some(timeout))?;
         tcp.set_write_timeout(Some(timeout))?;
-        let mut s = Stream::Plain { tcp, tls: Some(cfg) };
+        let mut s = Stream::Plain {
+            tcp,
+            tls: Some(cfg),
+        };
         let info = s.start_tls()?;
         Ok((s, info))
     }
@@ -199,7 +224,10 @@ impl Stream {
 }
 
 fn broken() -> io::Error {
-    io::Error::new(io::ErrorKind::NotConnected, "connection closed after failed TLS")
+    io::Error::new(
+        io::ErrorKind::NotConnected,
+        "connection closed after failed TLS",
+    )
 }
 
 impl Read for Stream {
@@ -239,10 +267,16 @@ impl Transport for Stream {
 
     fn start_tls(&mut self) -> io::Result<TlsInfo> {
         let (tcp, cfg) = match std::mem::replace(self, Stream::Broken) {
-            Stream::Plain { tcp, tls: Some(cfg) } => (tcp, cfg),
+            Stream::Plain {
+                tcp,
+                tls: Some(cfg),
+            } => (tcp, cfg),
             other => {
                 *self = other;
-                return Err(io::Error::new(io::ErrorKind::Unsupported, "TLS not available"));
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "TLS not available",
+                ));
             }
         };
         let conn = ServerConnection::new(cfg).map_err(io::Error::other)?;

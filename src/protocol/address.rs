@@ -208,7 +208,9 @@ fn local_part_end(s: &str) -> Result<usize, AddressError> {
         return Err(AddressError::Syntax("unterminated quoted local part"));
     }
     // Dot-string: Atom *("." Atom).
-    let end = s.rfind('@').ok_or(AddressError::Syntax("missing @domain"))?;
+    let end = s
+        .rfind('@')
+        .ok_or(AddressError::Syntax("missing @domain"))?;
     let local = &s[..end];
     if local.is_empty() {
         return Err(AddressError::Syntax("empty local part"));
@@ -332,7 +334,10 @@ mod tests {
     fn address_literals() {
         assert!(mailbox("a@[192.0.2.1]").is_ok());
         assert!(mailbox("a@[IPv6:2001:db8::1]").is_ok());
-        assert_eq!(mailbox("a@[192.0.2.1]").unwrap().domain(), Some("[192.0.2.1]"));
+        assert_eq!(
+            mailbox("a@[192.0.2.1]").unwrap().domain(),
+            Some("[192.0.2.1]")
+        );
     }
 
     #[test]
@@ -344,11 +349,17 @@ mod tests {
     #[test]
     fn length_limits() {
         let long_local = format!("{}@x.test", "a".repeat(65));
-        assert!(matches!(mailbox(&long_local), Err(AddressError::TooLong(_))));
+        assert!(matches!(
+            mailbox(&long_local),
+            Err(AddressError::TooLong(_))
+        ));
         let ok_local = format!("{}@x.test", "a".repeat(64));
         assert!(mailbox(&ok_local).is_ok());
         let long_domain = format!("a@{}.test", "b.".repeat(130));
-        assert!(matches!(mailbox(&long_domain), Err(AddressError::TooLong(_))));
+        assert!(matches!(
+            mailbox(&long_domain),
+            Err(AddressError::TooLong(_))
+        ));
         let label = format!("a@{}.test", "b".repeat(64));
         assert!(mailbox(&label).is_err());
     }
@@ -362,11 +373,23 @@ mod tests {
     #[test]
     fn split_path_forms() {
         assert_eq!(split_path("<a@x.test>").unwrap(), ("a@x.test", ""));
-        assert_eq!(split_path(" <a@x.test> SIZE=1").unwrap(), ("a@x.test", " SIZE=1"));
+        assert_eq!(
+            split_path(" <a@x.test> SIZE=1").unwrap(),
+            ("a@x.test", " SIZE=1")
+        );
         assert_eq!(split_path("<>").unwrap(), ("", ""));
-        assert_eq!(split_path("<@r1.test,@r2.test:a@x.test>").unwrap(), ("a@x.test", ""));
-        assert_eq!(split_path("a@x.test BODY=7BIT").unwrap(), ("a@x.test", " BODY=7BIT"));
-        assert_eq!(split_path("<\"a>b\"@x.test>").unwrap(), ("\"a>b\"@x.test", ""));
+        assert_eq!(
+            split_path("<@r1.test,@r2.test:a@x.test>").unwrap(),
+            ("a@x.test", "")
+        );
+        assert_eq!(
+            split_path("a@x.test BODY=7BIT").unwrap(),
+            ("a@x.test", " BODY=7BIT")
+        );
+        assert_eq!(
+            split_path("<\"a>b\"@x.test>").unwrap(),
+            ("\"a>b\"@x.test", "")
+        );
         assert!(split_path("<a@x.test").is_err());
         assert!(split_path("<a@x.test>junk").is_err());
         assert!(split_path("<@bad_route:a@x.test>").is_err());

@@ -215,11 +215,7 @@ fn parse_rcpt(arg: &str) -> Result<Command, Reply> {
 }
 
 fn unsupported(key: &str) -> Reply {
-    Reply::new(
-        555,
-        Enhanced(5, 5, 4),
-        format!("Unsupported option: {key}"),
-    )
+    Reply::new(555, Enhanced(5, 5, 4), format!("Unsupported option: {key}"))
 }
 
 /// Splits ` KEY=VALUE KEY …` into pairs; keywords per RFC 5321 §4.1.2 esmtp-keyword.
@@ -271,7 +267,10 @@ mod tests {
     fn verbs_are_case_insensitive() {
         assert_eq!(parse(b"quit").unwrap(), Command::Quit);
         assert_eq!(parse(b"NoOp").unwrap(), Command::Noop);
-        assert_eq!(parse(b"ehlo client.test").unwrap(), Command::Ehlo("client.test".into()));
+        assert_eq!(
+            parse(b"ehlo client.test").unwrap(),
+            Command::Ehlo("client.test".into())
+        );
         assert_eq!(parse(b"HeLo c").unwrap(), Command::Helo("c".into()));
     }
 
@@ -324,8 +323,20 @@ mod tests {
 
     #[test]
     fn bdat_forms() {
-        assert_eq!(parse(b"BDAT 10").unwrap(), Command::Bdat { size: 10, last: false });
-        assert_eq!(parse(b"bdat 0 last").unwrap(), Command::Bdat { size: 0, last: true });
+        assert_eq!(
+            parse(b"BDAT 10").unwrap(),
+            Command::Bdat {
+                size: 10,
+                last: false
+            }
+        );
+        assert_eq!(
+            parse(b"bdat 0 last").unwrap(),
+            Command::Bdat {
+                size: 0,
+                last: true
+            }
+        );
         assert_eq!(code("BDAT"), 501);
         assert_eq!(code("BDAT x"), 501);
         assert_eq!(code("BDAT 10 FIRST"), 501);

@@ -220,7 +220,13 @@ mod tests {
 
     #[test]
     fn smuggling_shapes_never_end_data() {
-        for shape in [&b"a\n.\nb"[..], b"a\n.\r\nb", b"a\r\n.\nb", b"a\r.\rb", b"a\r.\r\nb"] {
+        for shape in [
+            &b"a\n.\nb"[..],
+            b"a\n.\r\nb",
+            b"a\r\n.\nb",
+            b"a\r.\rb",
+            b"a\r.\r\nb",
+        ] {
             let (_, n, r) = read_all(shape, BareLf::Normalize);
             assert!(!r.is_done(), "{shape:?} ended data");
             assert_eq!(n, shape.len());

@@ -65,13 +65,22 @@ pub fn headers(from: &ReversePath, rcpts: &[Address], t: &Trace<'_>, now: System
 /// HELO names and user names are client input: keep them from breaking the header.
 fn sanitize(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_control() || c == '(' || c == ')' { '_' } else { c })
+        .map(|c| {
+            if c.is_control() || c == '(' || c == ')' {
+                '_'
+            } else {
+                c
+            }
+        })
         .collect()
 }
 
 /// An RFC 5322 §3.3 date in UTC, e.g. `Mon, 23 Nov 2026 02:50:18 +0000`.
 pub fn rfc5322_date(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     let (y, m, d) = civil_from_days(days);
@@ -130,7 +139,10 @@ mod tests {
             smtputf8: false,
             queue_id: "Q1",
         };
-        let rcpts = [Address::parse("b@y.test").unwrap(), Address::parse("c@y.test").unwrap()];
+        let rcpts = [
+            Address::parse("b@y.test").unwrap(),
+            Address::parse("c@y.test").unwrap(),
+        ];
         let h = headers(&ReversePath::Null, &rcpts, &t, UNIX_EPOCH);
         assert_eq!(
             String::from_utf8(h).unwrap(),
