@@ -383,9 +383,7 @@ impl<'a, T: Transport> Connection<'a, T> {
             if reader.is_done() {
                 break;
             }
-            if let Err(end) = self.fill_data(began, reader.size()) {
-                return Err(end);
-            }
+            self.fill_data(began, reader.size())?;
             if self.end == self.start {
                 // EOF inside DATA: the message is abandoned (dropped = removed).
                 return Err(End::Eof);

@@ -2,7 +2,7 @@
 
 use mailer::{Config, Server};
 use std::io::{IsTerminal, Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 const USAGE: &str = "\
@@ -58,14 +58,14 @@ fn config_path(args: &[String]) -> Result<PathBuf, String> {
     }
 }
 
-fn load(path: &PathBuf) -> Result<Config, ExitCode> {
+fn load(path: &Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|e| {
         eprintln!("mailer: {e}");
         ExitCode::from(USAGE_OR_CONFIG)
     })
 }
 
-fn check_config(path: &PathBuf) -> ExitCode {
+fn check_config(path: &Path) -> ExitCode {
     let cfg = match load(path) {
         Ok(c) => c,
         Err(code) => return code,
@@ -86,7 +86,7 @@ fn check_config(path: &PathBuf) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn serve(path: &PathBuf) -> ExitCode {
+fn serve(path: &Path) -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cfg = match load(path) {
         Ok(c) => c,
