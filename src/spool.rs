@@ -1,7 +1,8 @@
 //! The Maildir spool (SPEC 1, 5; invariant 1): sessions stream each message into its own
-//! file in `tmp/` and fsync it; one writer thread renames finished files into `new/` in
-//! batches, fsyncs `new/` once per batch (group commit) and only then acks each session,
-//! which only then answers 250.
+//! file in `tmp/`, fsync it and rename it into `new/`; one writer thread fsyncs `new/` once
+//! for every batch of renamed files (group commit) and only then acks each session, which
+//! only then answers 250. So each 250 follows, in this order: the file's fsync, its rename,
+//! and the end of a `new/` fsync that began after the rename.
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use std::fmt;
@@ -9,6 +10,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -58,11 +60,57 @@ pub trait MessageWriter: Write + Send {
     fn commit(self: Box<Self>) -> Result<(), StoreError>;
 }
 
-/// A finished tmp file waiting for the writer thread.
+/// A message file, fsynced and renamed into `new/`, waiting for the directory fsync that
+/// makes the rename durable.
 struct Commit {
-    tmp: PathBuf,
-    name: String,
-    ack: Sender<Result<(), StoreError>>,
+    dest: PathBuf,
+    ack: AckTx,
+}
+
+/// A one-shot reply from the writer to one waiting session. A mutex and a condvar
+/// rather than a channel: the wait is a whole journal commit, and a channel's receiver
+/// spins and yields first, which on a 2-core host takes CPU from the sessions that are
+/// still working.
+#[derive(Default)]
+struct Ack {
+    result: Mutex<Option<Result<(), StoreError>>>,
+    done: Condvar,
+}
+
+/// The writer's end of an [`Ack`]. Dropped unanswered (the writer stopped), it answers
+/// with an error, so a session never waits forever.
+struct AckTx(Arc<Ack>);
+
+impl AckTx {
+    fn send(self, result: Result<(), StoreError>) {
+        self.answer(result);
+    }
+
+    fn answer(&self, result: Result<(), StoreError>) {
+        let mut slot = self.0.result.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(result);
+            self.0.done.notify_one();
+        }
+    }
+}
+
+impl Drop for AckTx {
+    fn drop(&mut self) {
+        self.answer(Err(StoreError::Io("spool writer has stopped".into())));
+    }
+}
+
+impl Ack {
+    fn wait(&self) -> Result<(), StoreError> {
+        let mut slot = self.result.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(result) = slot.take() {
+                return result;
+            }
+            slot = self.done.wait(slot).unwrap_or_else(|p| p.into_inner());
+        }
+    }
 }
 
 /// A Maildir (`tmp/ new/ cur/`).
@@ -91,7 +139,7 @@ impl Maildir {
         dir: &Path,
         hostname: &str,
         fsync: bool,
-        stats: std::sync::Arc<SpoolStats>,
+        stats: Arc<SpoolStats>,
     ) -> io::Result<(Maildir, JoinHandle<()>)> {
         for sub in ["tmp", "new", "cur"] {
             let p = dir.join(sub);
@@ -143,6 +191,7 @@ impl Store for Maildir {
         let queue_id = format!("M{}P{}Q{}", now.subsec_micros(), self.pid, seq);
         let name = format!("{}.{}.{}", now.as_secs(), queue_id, self.host);
         let tmp = self.dir.join("tmp").join(&name);
+        let dest = self.dir.join("new").join(&name);
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -151,7 +200,7 @@ impl Store for Maildir {
         Ok(Box::new(MaildirMessage {
             out: Some(BufWriter::with_capacity(64 * 1024, file)),
             tmp,
-            name,
+            dest,
             queue_id,
             fsync: self.fsync,
             tx: self.tx.clone(),
@@ -162,8 +211,10 @@ impl Store for Maildir {
 struct MaildirMessage {
     /// `None` once handed to the writer thread.
     out: Option<BufWriter<File>>,
+    /// Cleared once the file has left `tmp/` (Drop removes what is still there).
     tmp: PathBuf,
-    name: String,
+    /// Its name in `new/`.
+    dest: PathBuf,
     queue_id: String,
     fsync: bool,
     tx: Sender<Commit>,
@@ -202,22 +253,34 @@ impl MessageWriter for MaildirMessage {
             // filesystem folds them into few journal commits.
             file.sync_data()
                 .map_err(|e| StoreError::from_io(&what, &e))?;
+            #[cfg(test)]
+            probe::record(probe::Event::FileSynced, &self.dest);
         }
         drop(file);
-        let (ack_tx, ack_rx) = bounded(1);
-        let commit = Commit {
-            tmp: self.tmp.clone(),
-            name: self.name.clone(),
-            ack: ack_tx,
-        };
-        self.tx
-            .send(commit)
-            .map_err(|_| StoreError::Io("spool writer has stopped".into()))?;
-        let result = ack_rx
-            .recv()
-            .unwrap_or_else(|_| Err(StoreError::Io("spool writer has stopped".into())));
-        // From here the writer owns the file: in new/ on success, removed on failure.
+        // The rename happens here, in the session, so that the writer's critical path is
+        // the directory fsync alone: it starts the next one as soon as one returns.
+        fs::rename(&self.tmp, &self.dest)
+            .map_err(|e| StoreError::from_io(&self.dest.display().to_string(), &e))?;
         self.tmp = PathBuf::new();
+        #[cfg(test)]
+        probe::record(probe::Event::Renamed, &self.dest);
+        let ack = Arc::new(Ack::default());
+        let commit = Commit {
+            dest: self.dest.clone(),
+            ack: AckTx(Arc::clone(&ack)),
+        };
+        let result = match self.tx.send(commit) {
+            Ok(()) => ack.wait(),
+            Err(_) => Err(StoreError::Io("spool writer has stopped".into())),
+        };
+        #[cfg(test)]
+        probe::record(probe::Event::Acked, &self.dest);
+        if result.is_err() {
+            // Not durable, and the client will be told so and retry: take the file back
+            // out of new/ so that it is never delivered as well (the writer already did
+            // when its fsync failed; then this finds nothing).
+            let _ = fs::remove_file(&self.dest);
+        }
         result
     }
 }
@@ -231,35 +294,23 @@ impl Drop for MaildirMessage {
     }
 }
 
-/// The writer thread: batch, rename, one directory fsync, ack.
-fn writer(rx: Receiver<Commit>, new_dir: PathBuf, fsync: bool, stats: std::sync::Arc<SpoolStats>) {
+/// The writer thread: take every renamed file that is waiting, fsync `new/` once, ack
+/// them all. Files renamed while an fsync runs wait for the next one, which starts as
+/// soon as this one returns: the batch grows with the load, never with a timer.
+fn writer(rx: Receiver<Commit>, new_dir: PathBuf, fsync: bool, stats: Arc<SpoolStats>) {
     let mut batch: Vec<Commit> = Vec::with_capacity(256);
+    // One descriptor for the whole run: an fsync through any descriptor of a directory
+    // makes its entries durable. Reopened after an error.
+    let mut dir: Option<File> = None;
     while let Ok(first) = rx.recv() {
         batch.push(first);
-        while batch.len() < 256 {
-            match rx.try_recv() {
-                Ok(c) => batch.push(c),
-                Err(_) => break,
-            }
-        }
-        let mut renamed = Vec::with_capacity(batch.len());
-        for c in batch.drain(..) {
-            let dest = new_dir.join(&c.name);
-            match fs::rename(&c.tmp, &dest) {
-                Ok(()) => renamed.push((c, dest)),
-                Err(e) => {
-                    let _ = fs::remove_file(&c.tmp);
-                    let _ = c
-                        .ack
-                        .send(Err(StoreError::from_io(&dest.display().to_string(), &e)));
-                }
-            }
-        }
-        if renamed.is_empty() {
-            continue;
-        }
+        batch.extend(rx.try_iter().take(1023));
         let started = Instant::now();
-        let synced = if fsync { sync_dir(&new_dir) } else { Ok(()) };
+        let synced = if fsync {
+            sync_dir(&mut dir, &new_dir)
+        } else {
+            Ok(())
+        };
         stats
             .dir_fsync_micros
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -268,19 +319,18 @@ fn writer(rx: Receiver<Commit>, new_dir: PathBuf, fsync: bool, stats: std::sync:
             Ok(()) => {
                 stats
                     .committed
-                    .fetch_add(renamed.len() as u64, Ordering::Relaxed);
-                for (c, _) in renamed {
-                    let _ = c.ack.send(Ok(()));
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                for c in batch.drain(..) {
+                    c.ack.send(Ok(()));
                 }
             }
             Err(e) => {
                 // Not durable: take the files back out so a refused message is never
                 // delivered later (the client will retry it).
                 log::error!("spool: fsync of {} failed: {e}", new_dir.display());
-                for (c, dest) in renamed {
-                    let _ = fs::remove_file(&dest);
-                    let _ = c
-                        .ack
+                for c in batch.drain(..) {
+                    let _ = fs::remove_file(&c.dest);
+                    c.ack
                         .send(Err(StoreError::from_io(&new_dir.display().to_string(), &e)));
                 }
             }
@@ -289,8 +339,54 @@ fn writer(rx: Receiver<Commit>, new_dir: PathBuf, fsync: bool, stats: std::sync:
 }
 
 /// fsync a directory so the renames in it are durable.
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+fn sync_dir(cached: &mut Option<File>, dir: &Path) -> io::Result<()> {
+    #[cfg(test)]
+    probe::record(probe::Event::DirSyncStart, dir);
+    let result = match cached {
+        Some(f) => f.sync_all(),
+        None => {
+            let f = File::open(dir)?;
+            let r = f.sync_all();
+            *cached = Some(f);
+            r
+        }
+    };
+    if result.is_err() {
+        *cached = None;
+    }
+    #[cfg(test)]
+    probe::record(probe::Event::DirSyncEnd, dir);
+    result
+}
+
+/// Test-only record of the durability steps, in the order they happened, so that a test
+/// can prove that no ack precedes the fsyncs (SPEC invariant 1).
+#[cfg(test)]
+mod probe {
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Event {
+        /// The message file's fsync returned (path: its name in new/).
+        FileSynced,
+        /// It was renamed into new/.
+        Renamed,
+        /// The writer began / ended an fsync of new/ (path: the directory).
+        DirSyncStart,
+        DirSyncEnd,
+        /// The session got its ack (what it answers 250 on).
+        Acked,
+    }
+
+    pub static EVENTS: Mutex<Vec<(Event, PathBuf)>> = Mutex::new(Vec::new());
+
+    pub fn record(event: Event, path: &Path) {
+        EVENTS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((event, path.to_path_buf()));
+    }
 }
 
 #[cfg(test)]
@@ -321,6 +417,89 @@ mod tests {
         assert_eq!(fs::read_dir(d.path().join("tmp")).unwrap().count(), 0);
         drop(md);
         h.join().unwrap();
+    }
+
+    /// SPEC invariant 1, on the real Maildir with many sessions committing at once: for
+    /// every message, its file fsync, then its rename into new/, then the start and the
+    /// end of one fsync of new/, and only then the ack the session answers 250 on.
+    #[test]
+    fn no_ack_before_file_fsync_rename_and_dir_fsync() {
+        use probe::Event::*;
+        let d = tempfile::tempdir().unwrap();
+        let (md, h) = Maildir::open(d.path(), "h", true, Arc::default()).unwrap();
+        let md = Arc::new(md);
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let md = Arc::clone(&md);
+                std::thread::spawn(move || {
+                    for i in 0..10 {
+                        let mut m = md.begin().unwrap();
+                        writeln!(m, "message {t}/{i}\r").unwrap();
+                        m.commit().unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        drop(md);
+        h.join().unwrap();
+        let new_dir = d.path().join("new");
+        // Only this test's events (tests run in parallel in one process).
+        let events: Vec<_> = probe::EVENTS
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, p)| p.starts_with(d.path()))
+            .cloned()
+            .collect();
+        let names: Vec<PathBuf> = fs::read_dir(&new_dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(names.len(), 80);
+        let at = |ev: probe::Event, p: &Path| {
+            let hits: Vec<usize> = (0..events.len())
+                .filter(|&i| events[i].0 == ev && events[i].1 == p)
+                .collect();
+            assert_eq!(
+                hits.len(),
+                1,
+                "{ev:?} of {} seen {} times",
+                p.display(),
+                hits.len()
+            );
+            hits[0]
+        };
+        let mut batches = 0;
+        for name in &names {
+            let synced = at(FileSynced, name);
+            let renamed = at(Renamed, name);
+            let acked = at(Acked, name);
+            assert!(
+                synced < renamed,
+                "renamed before its fsync: {}",
+                name.display()
+            );
+            // The dir fsync that covers it: begun after the rename, ended before the ack.
+            let covered = (renamed..acked).any(|s| {
+                events[s] == (DirSyncStart, new_dir.clone())
+                    && (s..acked).any(|e| events[e] == (DirSyncEnd, new_dir.clone()))
+            });
+            assert!(
+                covered,
+                "acked without a new/ fsync after its rename: {}",
+                name.display()
+            );
+        }
+        for (ev, p) in &events {
+            if *ev == DirSyncEnd && *p == new_dir {
+                batches += 1;
+            }
+        }
+        // Group commit: fewer directory fsyncs than messages is allowed, never more.
+        assert!((1..=80).contains(&batches), "{batches} directory fsyncs");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Server replies: a three-digit code, an optional RFC 3463 enhanced status code and text.
 
 use std::fmt;
+use std::io::Write as _;
 
 /// An RFC 3463 enhanced status code such as `2.1.0` (RFC 2034 puts it after the reply code).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,10 +58,11 @@ impl Reply {
         loop {
             let line = lines.next().unwrap_or("");
             let last = lines.peek().is_none();
-            out.extend_from_slice(self.code.to_string().as_bytes());
-            out.push(if last { b' ' } else { b'-' });
+            // Formatting straight into `out`: no temporary String per reply line.
+            let sep = if last { ' ' } else { '-' };
+            let _ = write!(out, "{}{sep}", self.code); // writing to a Vec cannot fail
             if let Some(e) = self.enhanced {
-                out.extend_from_slice(e.to_string().as_bytes());
+                let _ = write!(out, "{e}");
                 if !line.is_empty() {
                     out.push(b' ');
                 }

@@ -1,0 +1,327 @@
+#!/usr/bin/env bash
+# bench/compare.sh — mailer against Postfix and Postfix's smtp-sink, side by side, on
+# loopback (issue 9). Run as root on a Debian machine from a clone of the repository:
+#
+#     sudo bench/compare.sh                 # REPS=3 SECS=6 IDLE=1000 by default
+#
+# It installs Postfix from Debian's packages if missing (never starting the system
+# instance), starts three servers on free loopback ports:
+#   - smtp-sink       protocol only, stores nothing: the practical ceiling;
+#   - Postfix         a private instance (own config_directory and queue_directory under
+#                     a temp dir). Accepted mail goes to its hold queue (an access-table
+#                     HOLD action), so what is measured is smtpd + cleanup writing the
+#                     queue file and fsyncing it before the 250, as shipped, and no
+#                     delivery work afterwards (mailer does none either);
+#   - mailer          release build, spool.fsync = true, spool in the temp dir;
+# then runs every cell against all three in alternation (the order rotates per
+# repetition), REPS times, and prints a markdown table of medians and ratios.
+# Everything it starts is stopped by PID (or by `postfix -c <its own dir> stop`) and the
+# temp dir is removed on exit. Absolute figures depend on the disk; the ratios are the
+# point.
+set -euo pipefail
+ulimit -n 65536 2>/dev/null || true # a thousand held connections, on both sides
+cd "$(dirname "$0")/.."
+
+REPS=${REPS:-3}
+SECS=${SECS:-6}        # each load run stops starting messages after SECS seconds
+IDLE=${IDLE:-1000}     # connections held open for the memory cell
+BIG=${BIG:-26214400}   # the one large message of the memory cell (25 MiB)
+
+if [ "$(id -u)" != 0 ]; then
+    echo "compare.sh: run as root (it installs Postfix and runs a private instance)" >&2
+    exit 2
+fi
+log() { echo "compare.sh: $*" >&2; }
+
+# --- Postfix from Debian's packages -------------------------------------------------
+if ! command -v smtp-sink >/dev/null || ! command -v postfix >/dev/null; then
+    log "installing postfix"
+    # "No configuration": no /etc/postfix/main.cf, so the system instance cannot start.
+    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+    export DEBIAN_FRONTEND=noninteractive
+    timeout 600 apt-get update -qq
+    timeout 900 apt-get install -y -qq --no-install-recommends postfix >/dev/null
+    # Should the package have started the system instance anyway, stop it.
+    if command -v systemctl >/dev/null && systemctl is-active --quiet postfix 2>/dev/null; then
+        systemctl stop postfix || true
+    fi
+    if [ -s /var/spool/postfix/pid/master.pid ] &&
+        kill -0 "$(tr -d ' ' </var/spool/postfix/pid/master.pid)" 2>/dev/null; then
+        postfix stop || true
+    fi
+fi
+
+# --- build -------------------------------------------------------------------------
+log "building (release)"
+cargo build --release --quiet --bin mailer --example loadgen
+MAILER=$PWD/target/release/mailer
+LOADGEN=$PWD/target/release/examples/loadgen
+
+# --- workspace and cleanup -----------------------------------------------------------
+WORK=$(mktemp -d /tmp/mailer-bench.XXXXXX)
+chmod 755 "$WORK" # Postfix daemons run as user postfix and must reach their queue
+PF=$WORK/postfix
+SINK_PID=""
+MAILER_PID=""
+PF_STARTED=0
+HOLD_PID=""
+cleanup() {
+    set +e
+    [ -n "$HOLD_PID" ] && kill "$HOLD_PID" 2>/dev/null
+    [ -n "$SINK_PID" ] && kill "$SINK_PID" 2>/dev/null
+    [ -n "$MAILER_PID" ] && kill "$MAILER_PID" 2>/dev/null
+    [ "$PF_STARTED" = 1 ] && timeout 30 postfix -c "$PF/etc" stop >/dev/null 2>&1
+    for p in $SINK_PID $MAILER_PID; do
+        for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() {
+    local p
+    for p in $(shuf -i 20000-29999 -n 100); do
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+            echo "$p"
+            return
+        fi
+    done
+    log "no free port"
+    exit 1
+}
+
+wait_port() { # port: until it accepts, at most 15 s
+    local i
+    for i in $(seq 150); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+        sleep 0.1
+    done
+    log "nothing listens on port $1"
+    exit 1
+}
+
+# --- smtp-sink -------------------------------------------------------------------------
+SINK_PORT=$(free_port)
+# -u: smtp-sink refuses to run as root; backlog 1000.
+smtp-sink -u postfix "127.0.0.1:$SINK_PORT" 1000 >"$WORK/sink.log" 2>&1 &
+SINK_PID=$!
+
+# --- private Postfix instance -----------------------------------------------------------
+PF_PORT=$(free_port)
+mkdir -p "$PF/etc" "$PF/queue" "$PF/data"
+chown postfix "$PF/data"
+cp /etc/postfix/master.cf "$PF/etc/master.cf"
+cat >"$PF/etc/main.cf" <<EOF
+compatibility_level = 3.6
+queue_directory = $PF/queue
+data_directory = $PF/data
+myhostname = postfix-bench.test
+mydestination = example.test
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+# Accepted mail stays in the hold queue: written and fsynced by cleanup before the
+# 250, as shipped, and never delivered (no delivery work competes for the CPU).
+smtpd_data_restrictions = check_client_access static:HOLD
+# Held mail is never picked up by qmgr, so it returns no flow-control tokens; without
+# this smtpd would pause up to 1 s per message once the tokens run out.
+in_flow_delay = 0
+local_recipient_maps =
+alias_maps =
+alias_database =
+biff = no
+maillog_file = $PF/maillog
+maillog_file_prefixes = $PF
+EOF
+postconf -c "$PF/etc" -F '*/*/chroot = n'
+postconf -c "$PF/etc" -MX smtp/inet
+postconf -c "$PF/etc" -M "127.0.0.1:$PF_PORT/inet=127.0.0.1:$PF_PORT inet n - n - - smtpd"
+timeout 60 postfix -c "$PF/etc" set-permissions >/dev/null 2>&1 || true
+PF_STARTED=1
+timeout 60 postfix -c "$PF/etc" start >/dev/null 2>&1 || {
+    log "private Postfix did not start: $(tail -5 "$PF/maillog" 2>/dev/null)"
+    exit 1
+}
+
+# --- mailer -------------------------------------------------------------------------------
+MAILER_PORT=$(free_port)
+start_mailer() {
+    rm -rf "$WORK/spool"
+    cat >"$WORK/mailer.toml" <<EOF
+hostname = "mailer-bench.test"
+[server]
+listen = ["127.0.0.1:$MAILER_PORT"]
+workers = $((IDLE + 64))
+max_connections_per_ip = $((IDLE + 64))
+stats_interval_secs = 0
+[limits]
+max_message_size = $((BIG + 1048576))
+[spool]
+dir = "$WORK/spool"
+fsync = true
+EOF
+    RUST_LOG=info "$MAILER" --config "$WORK/mailer.toml" >>"$WORK/mailer.log" 2>&1 &
+    MAILER_PID=$!
+    wait_port "$MAILER_PORT"
+}
+stop_mailer() {
+    kill "$MAILER_PID" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$MAILER_PID" 2>/dev/null || break; sleep 0.1; done
+    MAILER_PID=""
+}
+start_mailer
+wait_port "$SINK_PORT"
+wait_port "$PF_PORT"
+
+port_of() {
+    case $1 in
+    sink) echo "$SINK_PORT" ;;
+    postfix) echo "$PF_PORT" ;;
+    mailer) echo "$MAILER_PORT" ;;
+    esac
+}
+
+# Removes what a run of large messages stored (disk space). Small messages stay: on
+# ext4, creating files right after deleting thousands makes the inode allocator scan
+# the recently freed inodes (recently_deleted() in the kernel profile), for minutes,
+# which would slow whichever server runs next.
+clear_store() {
+    case $1 in
+    postfix) find "$PF/queue/hold" -type f -delete ;;
+    mailer) find "$WORK/spool/new" -type f -delete ;;
+    esac
+    timeout 60 sync -f "$WORK" || true
+}
+
+field() { sed -n "s/.*\"$2\":\([0-9.]*\).*/\1/p" <<<"$1"; }
+
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {if (NR==0) print "n/a"; else if (NR%2) print a[(NR+1)/2]; else printf "%.3f\n", (a[NR/2]+a[NR/2+1])/2}'; }
+
+# run TARGET ARGS... -> prints the loadgen JSON line; aborts on failed messages
+run() {
+    local target=$1 out
+    shift
+    out=$(timeout $((SECS + 120)) "$LOADGEN" --port "$(port_of "$target")" --messages 100000000 \
+        --timeout "$SECS" --pipelining "$@" 2>"$WORK/loadgen.err") || {
+        log "loadgen against $target failed: $out $(head -c 500 "$WORK/loadgen.err")"
+        exit 1
+    }
+    case " $* " in *" --size 1048576 "*) clear_store "$target" ;; esac
+    echo "$out"
+}
+
+TARGETS=(sink postfix mailer)
+order() { # rep -> the targets, rotated
+    local r=$1 i
+    for i in 0 1 2; do echo "${TARGETS[$(((i + r) % 3))]}"; done
+}
+
+log "warm-up"
+for t in "${TARGETS[@]}"; do
+    SECS=1 run "$t" --sessions 4 --size 4096 --per-conn 10 >/dev/null
+done
+
+declare -A R # R[cell,target] = "v1 v2 v3"
+LG_CPU=""
+cell() { # name metric loadgen-args...
+    local name=$1 metric=$2 rep t out v
+    shift 2
+    for rep in $(seq 0 $((REPS - 1))); do
+        for t in $(order "$rep"); do
+            if [ "$name" = tput ] && [ "$t" = sink ]; then
+                # How much CPU the generator itself needs (is it the bottleneck?).
+                local before after
+                before=$(awk '{print $14+$15}' /proc/$SINK_PID/stat)
+                TIMEFORMAT='%U %S %R'
+                { time out=$(run "$t" "$@"); } 2>"$WORK/time"
+                after=$(awk '{print $14+$15}' /proc/$SINK_PID/stat)
+                LG_CPU+="$(awk -v s=$((after - before)) -v hz="$(getconf CLK_TCK)" \
+                    '{printf "loadgen %.0f%% of one core, smtp-sink %.0f%%;", 100*($1+$2)/$3, 100*s/hz/$3}' "$WORK/time") "
+            else
+                out=$(run "$t" "$@")
+            fi
+            v=$(field "$out" "$metric")
+            R[$name,$t]+="$v "
+            log "$name rep $((rep + 1)) $t: $out"
+        done
+    done
+}
+
+log "cell 1: 4 KiB x 1 rcpt x 10 per connection, 32 sessions"
+cell tput msgs_per_sec --sessions 32 --size 4096 --rcpts 1 --per-conn 10
+log "cell 2: 1 session latency"
+cell lat p99_ms --sessions 1 --size 4096 --rcpts 1 --per-conn 10
+log "cell 3: 1 MiB at 8 sessions"
+cell big mib_per_sec --sessions 8 --size 1048576 --rcpts 1 --per-conn 10
+
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$MAILER_PID/status"; }
+hwm_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$MAILER_PID/status"; }
+
+log "cell 4: memory ($IDLE idle connections; one $BIG-byte message)"
+IDLE_RSS=""
+GROWTH=""
+for rep in $(seq "$REPS"); do
+    stop_mailer
+    start_mailer
+    fifo=$WORK/hold.fifo
+    rm -f "$fifo"
+    mkfifo "$fifo"
+    "$LOADGEN" --port "$MAILER_PORT" --idle "$IDLE" --hold-secs 120 --timeout 60 \
+        <"$fifo" >"$WORK/idle.out" 2>"$WORK/idle.err" &
+    HOLD_PID=$!
+    exec 7>"$fifo" # keeps the holder's stdin open; closing it releases the connections
+    for _ in $(seq 600); do
+        grep -q idle_open "$WORK/idle.out" 2>/dev/null && break
+        kill -0 "$HOLD_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    grep -q idle_open "$WORK/idle.out" || {
+        log "holding $IDLE connections failed: $(cat "$WORK/idle.err")"
+        exit 1
+    }
+    sleep 1
+    IDLE_RSS+="$(($(rss_kib) / 1024)) "
+    exec 7>&-
+    wait "$HOLD_PID" || true
+    HOLD_PID=""
+    # One small message first so that the path is warm, then reset the peak (VmHWM).
+    "$LOADGEN" --port "$MAILER_PORT" --messages 1 --size 4096 >/dev/null
+    echo 5 >"/proc/$MAILER_PID/clear_refs"
+    base=$(rss_kib)
+    "$LOADGEN" --port "$MAILER_PORT" --messages 1 --size "$BIG" --timeout 120 >"$WORK/big.out"
+    peak=$(hwm_kib)
+    GROWTH+="$(awk -v a="$base" -v b="$peak" 'BEGIN {printf "%.1f", (b-a)/1024}') "
+    log "memory rep $rep: RSS with $IDLE connections (MiB): $IDLE_RSS; growth over one large message (MiB): $GROWTH"
+done
+
+# --- table ------------------------------------------------------------------------------
+m() { median <<<"${R[$1,$2]}"; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b+0 == 0) print "n/a"; else printf "%.2f", a/b}'; }
+verdict() { awk -v x="$1" -v op="$2" -v t="$3" 'BEGIN {ok = (op == ">=") ? (x >= t) : (x <= t); print (ok ? "met" : "NOT met")}'; }
+
+S1=$(m tput sink) P1=$(m tput postfix) M1=$(m tput mailer)
+S2=$(m lat sink) P2=$(m lat postfix) M2=$(m lat mailer)
+S3=$(m big sink) P3=$(m big postfix) M3=$(m big mailer)
+R1P=$(ratio "$M1" "$P1") R1S=$(ratio "$M1" "$S1")
+R2P=$(ratio "$M2" "$P2") R2S=$(ratio "$M2" "$S2")
+R3P=$(ratio "$M3" "$P3") R3S=$(ratio "$M3" "$S3")
+MI=$(median <<<"$IDLE_RSS") MG=$(median <<<"$GROWTH")
+
+cat <<EOF
+
+Medians of $REPS alternating runs, ${SECS}s each; $(nproc) cores; $(uname -r); $(date -u +%Y-%m-%d).
+Postfix $(postconf -d -h mail_version 2>/dev/null), held in its queue after fsync; mailer with spool.fsync = true.
+
+| cell | metric | smtp-sink | Postfix | mailer | mailer/Postfix | mailer/smtp-sink | target | |
+|---|---|---:|---:|---:|---:|---:|---|---|
+| 4 KiB, 1 rcpt, 10/conn, 32 sessions | msgs/s | $S1 | $P1 | $M1 | $R1P | $R1S | ≥ 2.0 × Postfix, ≥ 0.5 × sink | $(verdict "$R1P" ">=" 2.0), $(verdict "$R1S" ">=" 0.5) |
+| 4 KiB, 1 session | p99 ms, MAIL→250 | $S2 | $P2 | $M2 | $R2P | $R2S | ≤ 1.0 × Postfix | $(verdict "$R2P" "<=" 1.0) |
+| 1 MiB, 8 sessions | MiB/s | $S3 | $P3 | $M3 | $R3P | $R3S | ≥ 0.8 × sink | $(verdict "$R3S" ">=" 0.8) |
+| $IDLE idle connections | mailer RSS MiB | | | $MI | | | ≤ 64 MiB | $(verdict "$MI" "<=" 64) |
+| one 25 MiB message | mailer RSS growth MiB | | | $MG | | | a few MiB (≤ 8) | $(verdict "$MG" "<=" 8) |
+
+All runs: ${R[tput,sink]}| ${R[tput,postfix]}| ${R[tput,mailer]}(msgs/s sink | postfix | mailer);
+${R[lat,sink]}| ${R[lat,postfix]}| ${R[lat,mailer]}(p99 ms); ${R[big,sink]}| ${R[big,postfix]}| ${R[big,mailer]}(MiB/s);
+RSS $IDLE_RSS(MiB); growth $GROWTH(MiB). Generator against smtp-sink: $LG_CPU
+EOF
