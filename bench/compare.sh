@@ -26,6 +26,7 @@ REPS=${REPS:-3}
 SECS=${SECS:-6}        # each load run stops starting messages after SECS seconds
 IDLE=${IDLE:-1000}     # connections held open for the memory cell
 BIG=${BIG:-26214400}   # the one large message of the memory cell (25 MiB)
+CELLS=${CELLS:-"tput lat big mem"} # which cells to run
 
 if [ "$(id -u)" != 0 ]; then
     echo "compare.sh: run as root (it installs Postfix and runs a private instance)" >&2
@@ -196,12 +197,16 @@ clear_store() {
 
 field() { sed -n "s/.*\"$2\":\([0-9.]*\).*/\1/p" <<<"$1"; }
 
-median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {if (NR==0) print "n/a"; else if (NR%2) print a[(NR+1)/2]; else printf "%.3f\n", (a[NR/2]+a[NR/2+1])/2}'; }
+median() { tr ' ' '\n' | awk 'NF' | sort -g | awk '{a[NR]=$1} END {if (NR==0) print "n/a"; else if (NR%2) print a[(NR+1)/2]; else printf "%.3f\n", (a[NR/2]+a[NR/2+1])/2}'; }
 
 # run TARGET ARGS... -> prints the loadgen JSON line; aborts on failed messages
 run() {
     local target=$1 out
     shift
+    # Start every run from a quiet disk: what the previous server left dirty (its
+    # queue files' metadata) is written back now, not during this run's fsyncs.
+    timeout 60 sync -f "$WORK" || true
+    sleep 0.5
     out=$(timeout $((SECS + 120)) "$LOADGEN" --port "$(port_of "$target")" --messages 100000000 \
         --timeout "$SECS" --pipelining "$@" 2>"$WORK/loadgen.err") || {
         log "loadgen against $target failed: $out $(head -c 500 "$WORK/loadgen.err")"
@@ -223,7 +228,9 @@ for t in "${TARGETS[@]}"; do
 done
 
 declare -A R # R[cell,target] = "v1 v2 v3"
+for c in tput lat big; do for t in "${TARGETS[@]}"; do R[$c,$t]=""; done; done
 LG_CPU=""
+PROBE=""
 cell() { # name metric loadgen-args...
     local name=$1 metric=$2 rep t out v
     shift 2
@@ -245,23 +252,40 @@ cell() { # name metric loadgen-args...
             R[$name,$t]+="$v "
             log "$name rep $((rep + 1)) $t: $out"
         done
+        if [ "$name" = tput ]; then
+            # The disk's own ceiling for SPEC invariant 1 (no SMTP): what any server
+            # that fsyncs the file, renames it and fsyncs the directory could reach.
+            timeout 60 sync -f "$WORK" || true
+            out=$(timeout $((SECS + 60)) "$LOADGEN" --disk-probe "$WORK/probe" --sessions 32 \
+                --size 4096 --timeout "$SECS")
+            PROBE+="$(field "$out" disk_probe_per_sec) "
+            log "$name rep $((rep + 1)) disk probe: $out"
+        fi
     done
 }
 
-log "cell 1: 4 KiB x 1 rcpt x 10 per connection, 32 sessions"
-cell tput msgs_per_sec --sessions 32 --size 4096 --rcpts 1 --per-conn 10
-log "cell 2: 1 session latency"
-cell lat p99_ms --sessions 1 --size 4096 --rcpts 1 --per-conn 10
-log "cell 3: 1 MiB at 8 sessions"
-cell big mib_per_sec --sessions 8 --size 1048576 --rcpts 1 --per-conn 10
+has() { case " $CELLS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+if has tput; then
+    log "cell 1: 4 KiB x 1 rcpt x 10 per connection, 32 sessions"
+    cell tput msgs_per_sec --sessions 32 --size 4096 --rcpts 1 --per-conn 10
+fi
+if has lat; then
+    log "cell 2: 1 session latency"
+    cell lat p99_ms --sessions 1 --size 4096 --rcpts 1 --per-conn 10
+fi
+if has big; then
+    log "cell 3: 1 MiB at 8 sessions"
+    cell big mib_per_sec --sessions 8 --size 1048576 --rcpts 1 --per-conn 10
+fi
 
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$MAILER_PID/status"; }
 hwm_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$MAILER_PID/status"; }
 
-log "cell 4: memory ($IDLE idle connections; one $BIG-byte message)"
+has mem && log "cell 4: memory ($IDLE idle connections; one $BIG-byte message)"
 IDLE_RSS=""
 GROWTH=""
 for rep in $(seq "$REPS"); do
+    has mem || break
     stop_mailer
     start_mailer
     fifo=$WORK/hold.fifo
@@ -307,6 +331,7 @@ R1P=$(ratio "$M1" "$P1") R1S=$(ratio "$M1" "$S1")
 R2P=$(ratio "$M2" "$P2") R2S=$(ratio "$M2" "$S2")
 R3P=$(ratio "$M3" "$P3") R3S=$(ratio "$M3" "$S3")
 MI=$(median <<<"$IDLE_RSS") MG=$(median <<<"$GROWTH")
+D1=$(median <<<"$PROBE") R1D=$(ratio "$M1" "$D1")
 
 cat <<EOF
 
@@ -321,7 +346,11 @@ Postfix $(postconf -d -h mail_version 2>/dev/null), held in its queue after fsyn
 | $IDLE idle connections | mailer RSS MiB | | | $MI | | | ≤ 64 MiB | $(verdict "$MI" "<=" 64) |
 | one 25 MiB message | mailer RSS growth MiB | | | $MG | | | a few MiB (≤ 8) | $(verdict "$MG" "<=" 8) |
 
+The disk's ceiling for invariant 1 without any SMTP (\`loadgen --disk-probe\`: 32 threads
+each creating a 4 KiB file, fdatasync, rename into new/, fsync new/): $D1 files/s;
+mailer's 32-session rate is $R1D of it.
+
 All runs: ${R[tput,sink]}| ${R[tput,postfix]}| ${R[tput,mailer]}(msgs/s sink | postfix | mailer);
 ${R[lat,sink]}| ${R[lat,postfix]}| ${R[lat,mailer]}(p99 ms); ${R[big,sink]}| ${R[big,postfix]}| ${R[big,mailer]}(MiB/s);
-RSS $IDLE_RSS(MiB); growth $GROWTH(MiB). Generator against smtp-sink: $LG_CPU
+disk probe $PROBE(files/s); RSS $IDLE_RSS(MiB); growth $GROWTH(MiB). Generator against smtp-sink: $LG_CPU
 EOF
