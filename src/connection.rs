@@ -510,8 +510,10 @@ impl<'a, T: Transport> Connection<'a, T> {
                 self.session.info().id,
                 self.end - self.start
             );
-            // Nothing more is sent: the client expects a TLS handshake now.
-            self.out.clear();
+            // The replies so far (the 220 included) still go out, in order (RFC 2920);
+            // nothing follows them: the pipelined bytes are dropped unread and the
+            // connection closes instead of running the handshake.
+            let _ = self.flush();
             return Err(End::Closed);
         }
         if let Err(e) = self.flush() {

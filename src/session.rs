@@ -426,11 +426,12 @@ impl Session {
     }
 
     /// The end of a message (DATA or BDAT LAST): the final reply; the transaction ends.
-    /// `size` is the content size (for the log).
+    /// `size` is the content size of a DATA message (for the log; BDAT counts itself).
     pub fn message_end(&mut self, outcome: MessageOutcome, size: u64) -> Reply {
-        let env = match std::mem::replace(&mut self.txn, Txn::Idle) {
-            Txn::Mail(env) | Txn::Chunking { env, .. } => Some(env),
-            Txn::Idle => None,
+        let (env, size) = match std::mem::replace(&mut self.txn, Txn::Idle) {
+            Txn::Mail(env) => (Some(env), size),
+            Txn::Chunking { env, size: total } => (Some(env), total),
+            Txn::Idle => (None, size),
         };
         let (from, rcpts) = env
             .as_ref()

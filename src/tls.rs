@@ -15,7 +15,7 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 /// A certificate or key that cannot be used.
 #[derive(Debug)]
@@ -279,11 +279,20 @@ impl Transport for Stream {
                 ));
             }
         };
+        // The read timeout set on the socket (the command timeout) bounds the whole
+        // handshake, not each read: a client that trickles bytes cannot hold a worker
+        // longer than that (SPEC invariant 4).
+        let budget = tcp.read_timeout()?.unwrap_or(HANDSHAKE_DEFAULT);
         let conn = ServerConnection::new(cfg).map_err(io::Error::other)?;
         let mut s = StreamOwned::new(conn, tcp);
-        // The read timeout on the socket bounds the handshake (the command timeout).
-        while s.conn.is_handshaking() {
-            s.conn.complete_io(&mut s.sock)?;
+        {
+            let mut sock = Deadline {
+                tcp: &mut s.sock,
+                deadline: Instant::now() + budget,
+            };
+            while s.conn.is_handshaking() {
+                s.conn.complete_io(&mut sock)?;
+            }
         }
         let info = TlsInfo {
             version: s
@@ -297,6 +306,39 @@ impl Transport for Stream {
         };
         *self = Stream::Tls(Box::new(TlsStream(s)));
         Ok(info)
+    }
+}
+
+/// The handshake bound when the socket has no read timeout set.
+const HANDSHAKE_DEFAULT: Duration = Duration::from_secs(300);
+
+/// The socket during a handshake: each read may only wait for the time left until
+/// `deadline`, so the handshake as a whole ends by then.
+struct Deadline<'a> {
+    tcp: &'a mut TcpStream,
+    deadline: Instant,
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "TLS handshake timed out",
+            ));
+        }
+        self.tcp.set_read_timeout(Some(left))?;
+        self.tcp.read(buf)
+    }
+}
+
+impl Write for Deadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.tcp.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.tcp.flush()
     }
 }
 
