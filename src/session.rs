@@ -187,8 +187,10 @@ impl Session {
         );
         match step {
             Step::Reply(rep) => Step::Close(vec![rep, bye]),
-            // A refused chunk's bytes are still drained before the reply; closing
-            // right after is fine since nothing more will be read.
+            // A refused chunk's bytes are still drained; then the 421 takes the place of
+            // its reply and the driver closes (it closes after any 421 to a chunk).
+            // Returning the refusal itself let a client send refused chunks forever.
+            Step::Discard { size, .. } => Step::Discard { size, reply: bye },
             other => other,
         }
     }
