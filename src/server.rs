@@ -287,7 +287,10 @@ impl Server {
             resolver.watch(Duration::from_secs(1), Arc::clone(&reload_stop));
         }
         let workers = cfg.server.workers;
-        let (job_tx, job_rx) = bounded::<Job>(workers);
+        // A rendezvous channel: a socket is handed over only to an idle worker, so when
+        // all workers are busy the client gets 421 4.7.0 at once instead of waiting
+        // silently in a queue (SPEC 4: never hang a client silently).
+        let (job_tx, job_rx) = bounded::<Job>(0);
         let (done_tx, done_rx) = bounded::<()>(workers);
         let limits = WireLimits {
             max_line_length: cfg.limits.max_line_length,

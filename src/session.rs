@@ -58,8 +58,13 @@ pub enum Step {
     /// the first chunk), then call [`Session::chunk_end`].
     Chunk { size: u64, last: bool },
     /// Read and throw away `size` bytes (a refused BDAT chunk must still be consumed so
-    /// its bytes are never taken as commands), then send `reply`.
-    Discard { size: u64, reply: Reply },
+    /// its bytes are never taken as commands), then send `reply`; then close the
+    /// connection with `421` if `close` holds it (too many errors).
+    Discard {
+        size: u64,
+        reply: Reply,
+        close: Option<Reply>,
+    },
     /// Send the reply, then run the TLS handshake and call [`Session::tls_started`].
     StartTls(Reply),
 }
@@ -88,6 +93,9 @@ pub struct Session {
     txn: Txn,
     errors: u32,
     auth: Option<Exchange>,
+    /// Set when a hook panicked: the driver sends these replies after the current one
+    /// and closes (see [`Session::take_close`]).
+    closing: Option<Vec<Reply>>,
 }
 
 fn r(code: u16, e: (u8, u16, u16), text: impl Into<String>) -> Reply {
@@ -108,7 +116,14 @@ impl Session {
             txn: Txn::Idle,
             errors: 0,
             auth: None,
+            closing: None,
         }
+    }
+
+    /// `Some(replies)` once a hook has panicked: send them (after the reply already
+    /// due) and close the connection. The driver asks after every step.
+    pub fn take_close(&mut self) -> Option<Vec<Reply>> {
+        self.closing.take()
     }
 
     /// What hooks see: id, peer, TLS, user, HELO name.
@@ -173,8 +188,7 @@ impl Session {
         }
         if let Step::Reply(rep) | Step::Discard { reply: rep, .. } = &step {
             log::info!("session {}: refused: {rep}", self.info.id);
-            self.hooks
-                .error(&self.info, &SessionError::Protocol(rep.clone()));
+            self.notify_error(SessionError::Protocol(rep.clone()));
         }
         self.errors += 1;
         if self.errors < self.settings.max_errors {
@@ -187,8 +201,13 @@ impl Session {
         );
         match step {
             Step::Reply(rep) => Step::Close(vec![rep, bye]),
-            // A refused chunk's bytes are still drained before the reply; closing
-            // right after is fine since nothing more will be read.
+            // A refused chunk's bytes are still drained before the replies, so the
+            // client reads them instead of a reset.
+            Step::Discard { size, reply, .. } => Step::Discard {
+                size,
+                reply,
+                close: Some(bye),
+            },
             other => other,
         }
     }
@@ -221,12 +240,7 @@ impl Session {
                 "Cannot VRFY user, but will accept message and attempt delivery",
             )),
             Command::Expn => Step::Reply(r(502, (5, 5, 1), "Error: command not implemented")),
-            Command::Help => Step::Reply(r(
-                214,
-                (2, 0, 0),
-                "Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS AUTH\n\
-                 See RFC 5321",
-            )),
+            Command::Help => Step::Reply(self.help()),
             Command::StartTls => {
                 if self.info.tls.is_some() {
                     Step::Reply(bad_sequence("TLS already active"))
@@ -270,6 +284,22 @@ impl Session {
         }
         lines.push("HELP".into());
         Step::Reply(Reply::plain(250, lines.join("\n")))
+    }
+
+    /// 214: the commands this server implements with the current configuration.
+    fn help(&self) -> Reply {
+        let mut cmds = String::from("HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP");
+        if self.settings.tls_available {
+            cmds.push_str(" STARTTLS");
+        }
+        if self.settings.auth.is_some() {
+            cmds.push_str(" AUTH");
+        }
+        r(
+            214,
+            (2, 0, 0),
+            format!("Commands: {cmds}\nSee RFC 5321 and RFC 3030"),
+        )
     }
 
     fn auth_offered(&self) -> bool {
@@ -355,11 +385,13 @@ impl Session {
                 Step::Discard {
                     size,
                     reply: bad_sequence("need RCPT command"),
+                    close: None,
                 }
             }
             Txn::Idle => Step::Discard {
                 size,
                 reply: bad_sequence("need MAIL command"),
+                close: None,
             },
             Txn::Mail(env) => self.chunk(env, 0, size, last, max),
             Txn::Chunking { env, size: so_far } => self.chunk(env, so_far, size, last, max),
@@ -372,6 +404,7 @@ impl Session {
             return Step::Discard {
                 size,
                 reply: r(552, (5, 3, 4), "Error: message file too big"),
+                close: None,
             };
         }
         self.txn = Txn::Chunking {
