@@ -97,8 +97,8 @@ impl fmt::Display for SendError {
                     "connection closed by the server while waiting for {step}"
                 )
             }
-            SendError::Io { step, err } => write!(f, "I/O error at {step}: {err}"),
-            SendError::Protocol { step, err } => write!(f, "bad reply to {step}: {err}"),
+            SendError::Io { step, err } => write!(f, "I/O error ({step}): {err}"),
+            SendError::Protocol { step, err } => write!(f, "{err} in {step}"),
             SendError::Greeting(r) => write!(f, "greeting was not 220: {r}"),
             SendError::Refused { step, reply } => write!(f, "{step} refused: {reply}"),
             SendError::Closing { step, reply } => {
