@@ -28,6 +28,7 @@
 //! ```
 
 pub mod auth;
+pub mod client;
 pub mod config;
 pub mod connection;
 pub mod hooks;
