@@ -331,7 +331,10 @@ mod tests {
             // Memory below the argon2 minimum.
             "$argon2id$v=19$m=1,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA",
         ] {
-            let e = Users::from_config(&users(bad)).err().expect(bad).to_string();
+            let e = Users::from_config(&users(bad))
+                .err()
+                .expect(bad)
+                .to_string();
             assert!(e.contains("\"eve\""), "{e}");
         }
         let good = hash_password(b"pw").unwrap();

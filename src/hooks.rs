@@ -63,6 +63,7 @@ pub struct Header {
 }
 
 impl Header {
+    /// A header field `name: value` (checked when the message is stored).
     pub fn new(name: impl Into<String>, value: impl Into<String>) -> Header {
         Header {
             name: name.into(),
@@ -75,7 +76,10 @@ impl Header {
     /// hook's input forge headers or end the header section early.
     pub fn to_bytes(&self) -> Result<Vec<u8>, String> {
         let name_ok = !self.name.is_empty()
-            && self.name.bytes().all(|b| (33..=126).contains(&b) && b != b':');
+            && self
+                .name
+                .bytes()
+                .all(|b| (33..=126).contains(&b) && b != b':');
         if !name_ok {
             return Err(format!("bad header name {:?}", self.name));
         }

@@ -9,7 +9,7 @@ use crate::protocol::reply::{Enhanced, Reply};
 use crate::session::{AuthSettings, Session, Settings};
 use crate::spool::{Maildir, SpoolStats};
 use crate::tls::{self, Stream, TlsError};
-use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
+use crossbeam_channel::{bounded, Receiver, SendTimeoutError, Sender};
 use rustls::ServerConfig;
 use std::collections::HashMap;
 use std::fmt;
@@ -132,6 +132,7 @@ impl Handle {
         self.addrs.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// The current counters (connections, stored messages, spool batches).
     pub fn stats(&self) -> StatsSnapshot {
         self.shared.stats.snapshot()
     }
@@ -194,6 +195,8 @@ impl Drop for IpGuard {
 }
 
 impl Server {
+    /// Starts building a server from `config`; add [`hooks`](ServerBuilder::hooks),
+    /// then [`build`](ServerBuilder::build) and [`run`](Server::run).
     pub fn builder(config: Config) -> ServerBuilder {
         ServerBuilder {
             config,
@@ -301,6 +304,10 @@ impl Server {
             min_data_rate: cfg.limits.min_data_rate,
         };
         let wants_data = self.hooks.wants_data();
+        // Each worker reports once it is about to wait for sockets; the acceptors start
+        // only after all have, or the rendezvous channel would refuse the first clients
+        // as "busy" while the workers are still starting.
+        let (ready_tx, ready_rx) = bounded::<()>(workers);
         for i in 0..workers {
             let w = Worker {
                 rx: job_rx.clone(),
@@ -312,6 +319,7 @@ impl Server {
                 limits: limits.clone(),
                 wants_data,
                 done: done_tx.clone(),
+                ready: ready_tx.clone(),
             };
             std::thread::Builder::new()
                 .name(format!("worker-{i}"))
@@ -320,6 +328,13 @@ impl Server {
                 .map_err(ServerError::Thread)?;
         }
         drop(done_tx);
+        drop(ready_tx);
+        for _ in 0..workers {
+            // Err: a worker thread is gone; start anyway (the rest still serve).
+            if ready_rx.recv().is_err() {
+                break;
+            }
+        }
         drop(job_rx);
         let mut acceptors: Vec<JoinHandle<()>> = Vec::new();
         let mut wake = Vec::new();
@@ -444,6 +459,9 @@ impl Shared {
     }
 }
 
+/// How long a new connection may wait for an idle worker before it gets 421 4.7.0.
+const HANDOFF_WAIT: Duration = Duration::from_millis(200);
+
 struct Acceptor {
     listener: TcpListener,
     implicit_tls: bool,
@@ -489,9 +507,11 @@ impl Acceptor {
                     ip,
                 },
             };
-            match self.tx.try_send(job) {
+            // A short wait covers a worker that is between two sessions (or still
+            // starting); past it, every worker is truly busy.
+            match self.tx.send_timeout(job, HANDOFF_WAIT) {
                 Ok(()) => {}
-                Err(TrySendError::Full(job)) | Err(TrySendError::Disconnected(job)) => {
+                Err(SendTimeoutError::Timeout(job)) | Err(SendTimeoutError::Disconnected(job)) => {
                     self.refuse(job.tcp, peer, "Error: server busy, try again later");
                 }
             }
@@ -525,6 +545,8 @@ struct Worker {
     limits: WireLimits,
     wants_data: bool,
     done: Sender<()>,
+    /// Signalled once, just before the worker first waits for a socket.
+    ready: Sender<()>,
 }
 
 /// The worker's view of the server lifecycle for one connection.
@@ -560,6 +582,7 @@ impl Lifecycle for Life<'_> {
 
 impl Worker {
     fn run(self) {
+        let _ = self.ready.send(());
         while let Ok(job) = self.rx.recv() {
             let peer = job.peer;
             // A panic in one session must not end the worker or the server (invariant 5).

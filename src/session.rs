@@ -61,8 +61,11 @@ pub enum Step {
     /// its bytes are never taken as commands), then send `reply`; then close the
     /// connection with `421` if `close` holds it (too many errors).
     Discard {
+        /// The chunk's declared size.
         size: u64,
+        /// The refusal (503, 552).
         reply: Reply,
+        /// `421` when the error limit is reached.
         close: Option<Reply>,
     },
     /// Send the reply, then run the TLS handshake and call [`Session::tls_started`].
@@ -445,17 +448,38 @@ impl Session {
         trace::headers(&env.from, &env.rcpts, &t, now)
     }
 
-    /// Calls the `data` hook with the whole content (only when it wants data).
-    pub fn check_content(&mut self, content: &[u8]) -> Result<(), Reply> {
+    /// Calls the `data` hook with the whole content (only when a hook wants data).
+    /// `Ok` holds the header fields the hooks add, in wire form, to store between the
+    /// trace headers and the content; `Err` the reply refusing the message (451 4.3.0
+    /// when a hook panicked, then [`take_close`](Self::take_close) says to close, or
+    /// when it returned a malformed header).
+    pub fn check_content(&mut self, content: &[u8]) -> Result<Vec<u8>, Reply> {
         let (Some(env), hooks) = (self.envelope().cloned(), Arc::clone(&self.hooks)) else {
-            return Ok(());
+            return Ok(Vec::new());
         };
-        self.hook(|s| hooks.data(s, &env, content))
-            .map_err(|step| match step {
-                Step::Reply(rep) => rep,
-                Step::Close(mut v) => v.remove(0),
-                _ => r(451, (4, 3, 0), "Error: internal error"),
-            })
+        match self.hook(|s| hooks.data(s, &env, content)) {
+            Ok(headers) => {
+                let mut out = Vec::new();
+                for h in &headers {
+                    match h.to_bytes() {
+                        Ok(bytes) => out.extend_from_slice(&bytes),
+                        Err(why) => {
+                            log::error!("session {}: data hook: {why}; sending 451", self.info.id);
+                            return Err(internal_error());
+                        }
+                    }
+                }
+                Ok(out)
+            }
+            Err(Step::Reply(rep)) => Err(rep),
+            Err(Step::Close(mut replies)) if !replies.is_empty() => {
+                // A panic (451) or a 421 refusal: that reply, then close.
+                let first = replies.remove(0);
+                self.closing = Some(replies);
+                Err(first)
+            }
+            Err(_) => Err(internal_error()),
+        }
     }
 
     /// The end of a message (DATA or BDAT LAST): the final reply; the transaction ends.
@@ -477,10 +501,8 @@ impl Session {
                 );
                 if let Some(env) = &env {
                     let hooks = Arc::clone(&self.hooks);
-                    let _ = self.hook(|s| {
-                        hooks.done(s, env, &id);
-                        Ok(())
-                    });
+                    // The message is stored whatever the hook does: the reply stays 250.
+                    self.notify(|s| hooks.done(s, env, &id));
                 }
                 return r(250, (2, 0, 0), format!("Ok: queued as {id}"));
             }
@@ -488,14 +510,17 @@ impl Session {
             MessageOutcome::BareLf => r(550, (5, 5, 2), "Error: bare <LF> received"),
             MessageOutcome::Refused(rep) => rep,
             MessageOutcome::StorageFull(e) => {
-                self.hooks.error(&self.info, &SessionError::Storage(e));
+                self.notify_error(SessionError::Storage(e));
                 r(452, (4, 3, 1), "Error: insufficient system storage")
             }
             MessageOutcome::StorageError(e) => {
-                self.hooks.error(&self.info, &SessionError::Storage(e));
+                self.notify_error(SessionError::Storage(e));
                 r(451, (4, 3, 0), "Error: queue file write error")
             }
         };
+        if reply.code >= 500 {
+            self.notify_error(SessionError::Protocol(reply.clone()));
+        }
         log::info!(
             "session {}: message from <{from}> ({size} bytes) refused: {reply}",
             self.info.id
@@ -515,7 +540,7 @@ impl Session {
 
     /// 421 for a command or data deadline, or a too slow transfer.
     pub fn timeout(&mut self) -> Reply {
-        self.hooks.error(&self.info, &SessionError::Timeout);
+        self.notify_error(SessionError::Timeout);
         r(
             421,
             (4, 4, 2),
@@ -586,6 +611,10 @@ impl Session {
                     None => false,
                 };
                 if ok {
+                    // The user name (escaped: it is client input) goes to the log; the
+                    // password and the base64 lines never do. A failed attempt logs no
+                    // name, since users do type passwords into the name field.
+                    log::info!("session {}: authenticated as {user:?}", self.info.id);
                     self.info.auth_user = Some(user);
                     Step::Reply(r(235, (2, 7, 0), "Authentication successful"))
                 } else {
@@ -595,33 +624,78 @@ impl Session {
         }
     }
 
-    /// Runs a hook, catching panics, and turns a refusal into the step to take.
-    fn hook(&mut self, f: impl FnOnce(&SessionInfo) -> Result<(), Reply>) -> Result<(), Step> {
+    /// The connection broke (or the client left in the middle of a message).
+    pub fn io_error(&mut self, what: String) {
+        log::info!("session {}: {what}", self.info.id);
+        self.notify_error(SessionError::Io(what));
+    }
+
+    fn notify_error(&mut self, e: SessionError) {
+        let hooks = Arc::clone(&self.hooks);
+        self.notify(|s| hooks.error(s, &e));
+    }
+
+    /// Runs a notification hook (error, done), catching panics: the reply already due
+    /// stands, then the connection closes with 421 (RFC 5321 §3.8).
+    fn notify(&mut self, f: impl FnOnce(&SessionInfo)) {
+        let info = &self.info;
+        if catch_unwind(AssertUnwindSafe(|| f(info))).is_err() {
+            log::error!(
+                "session {}: a hook panicked; closing the session",
+                self.info.id
+            );
+            if self.closing.is_none() {
+                self.closing = Some(vec![r(
+                    421,
+                    (4, 3, 0),
+                    format!(
+                        "{} Error: internal error, closing connection",
+                        self.settings.hostname
+                    ),
+                )]);
+            }
+        }
+    }
+
+    /// Runs a deciding hook, catching panics, and turns a refusal into the step to take.
+    fn hook<T>(&mut self, f: impl FnOnce(&SessionInfo) -> Result<T, Reply>) -> Result<T, Step> {
         let info = &self.info;
         match catch_unwind(AssertUnwindSafe(|| f(info))) {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(reply)) if reply.is_refusal() => Err(Step::Reply(reply)),
+            Ok(Ok(v)) => Ok(v),
+            // RFC 3463 §3.1: the enhanced code's class must match the reply's.
+            Ok(Err(reply))
+                if reply.is_refusal()
+                    && reply
+                        .enhanced
+                        .is_none_or(|e| u16::from(e.0) == reply.code / 100) =>
+            {
+                if reply.code == 421 {
+                    // 421 means the server closes the channel (RFC 5321 §3.8).
+                    Err(Step::Close(vec![reply]))
+                } else {
+                    Err(Step::Reply(reply))
+                }
+            }
             Ok(Err(reply)) => {
                 log::error!(
-                    "session {}: hook refused with non-error code {}; sending 451",
+                    "session {}: hook refused with a non-error or inconsistent reply {reply}; sending 451",
                     self.info.id,
-                    reply.code
                 );
-                Err(Step::Reply(r(451, (4, 3, 0), "Error: internal error")))
+                Err(Step::Reply(internal_error()))
             }
             Err(_) => {
                 log::error!(
                     "session {}: a hook panicked; closing the session",
                     self.info.id
                 );
-                Err(Step::Close(vec![r(
-                    451,
-                    (4, 3, 0),
-                    "Error: internal error",
-                )]))
+                Err(Step::Close(vec![internal_error()]))
             }
         }
     }
+}
+
+fn internal_error() -> Reply {
+    r(451, (4, 3, 0), "Error: internal error")
 }
 
 fn step_close(step: Step) -> Step {

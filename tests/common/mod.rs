@@ -3,6 +3,9 @@
 //! to read the spool. Every wait is bounded.
 #![allow(dead_code)]
 
+/// In-memory sessions (no sockets): see `memory.rs`.
+pub mod memory;
+
 use mailer::hooks::Hooks;
 use mailer::{Config, Handle, Server};
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -172,7 +175,20 @@ fn config_toml(dir: &Path, cert: Option<&TestCert>, opts: &Opts) -> String {
     if opts.implicit_tls {
         t.push_str("tls_listen = [\"127.0.0.1:0\"]\n");
     }
-    t.push_str("workers = 8\nshutdown_grace_secs = 5\nstats_interval_secs = 0\n");
+    // Defaults for tests, unless `server_extra` sets them (TOML forbids duplicate keys).
+    for (key, value) in [
+        ("workers", "8"),
+        ("shutdown_grace_secs", "5"),
+        ("stats_interval_secs", "0"),
+    ] {
+        let set = opts
+            .server_extra
+            .lines()
+            .any(|l| l.split('=').next().is_some_and(|k| k.trim() == key));
+        if !set {
+            t.push_str(&format!("{key} = {value}\n"));
+        }
+    }
     t.push_str(&opts.server_extra);
     t.push('\n');
     if let Some(c) = cert {
@@ -377,10 +393,17 @@ impl Client {
         v
     }
 
-    /// True when the server has closed the connection (EOF on read).
+    /// True when the server has closed the connection (EOF or reset on read). A read
+    /// that times out (after [`WAIT`]) means the connection is still open: false.
     pub fn is_closed(&mut self) -> bool {
         let mut b = [0u8; 1];
-        matches!(self.io.as_mut().unwrap().read(&mut b), Ok(0) | Err(_))
+        match self.io.as_mut().unwrap().read(&mut b) {
+            Ok(n) => n == 0,
+            Err(e) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+        }
     }
 
     /// MAIL, RCPTs, DATA with `body` (already dot-stuffed and ending in CRLF.CRLF);
