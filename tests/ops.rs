@@ -307,3 +307,48 @@ fn binary_logs_one_stats_line_per_interval() {
     }
     assert!(stopped.is_some(), "no final stats line");
 }
+
+#[test]
+fn contrib_unit_and_config_agree() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib");
+    let cfg = mailer::Config::load(&root.join("config.service.toml")).expect("valid config");
+    let unit = std::fs::read_to_string(root.join("mailer.service")).unwrap();
+    let values = |key: &str| -> Vec<String> {
+        unit.lines()
+            .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(
+        values("ExecStart"),
+        ["/usr/local/bin/mailer --config /etc/mailer/config.toml"]
+    );
+    // The spool is inside the only writable place under ProtectSystem=strict.
+    assert_eq!(values("StateDirectory"), ["mailer"]);
+    assert_eq!(values("WorkingDirectory"), ["/var/lib/mailer"]);
+    assert!(cfg.spool.dir.starts_with("/var/lib/mailer/"));
+    assert_eq!(values("ProtectSystem"), ["strict"]);
+    assert_eq!(values("CapabilityBoundingSet"), ["CAP_NET_BIND_SERVICE"]);
+    assert_eq!(values("AmbientCapabilities"), ["CAP_NET_BIND_SERVICE"]);
+    assert_eq!(values("NoNewPrivileges"), ["yes"]);
+    assert_eq!(values("Restart"), ["on-failure"]);
+    assert_eq!(values("KillSignal"), ["SIGTERM"]);
+    // systemd must not SIGKILL a graceful stop that is still within its grace period.
+    let stop = values("TimeoutStopSec")[0]
+        .trim_end_matches('s')
+        .parse::<u64>()
+        .unwrap();
+    assert!(stop > cfg.server.shutdown_grace_secs + 5, "{stop}");
+    // The TLS files are the credentials the unit loads.
+    let tls = cfg.tls.expect("[tls]");
+    let creds = values("LoadCredential");
+    for (path, name) in [(&tls.cert, "cert.pem"), (&tls.key, "key.pem")] {
+        assert_eq!(
+            path,
+            &Path::new("/run/credentials/mailer.service").join(name)
+        );
+        assert!(creds
+            .iter()
+            .any(|c| c.starts_with(&format!("{name}:/etc/mailer/"))));
+    }
+}
