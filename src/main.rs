@@ -70,17 +70,14 @@ fn check_config(path: &Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    if let Some(t) = &cfg.tls {
-        if let Err(e) = mailer::tls::load_certified_key(&t.cert, &t.key) {
-            eprintln!("mailer: {}: {e}", path.display());
-            return ExitCode::from(USAGE_OR_CONFIG);
-        }
+    // Everything that would fail at start, all at once: TLS files, users, the spool
+    // directory, the listen addresses (in use: a warning, the server may be running).
+    let findings = mailer::server::preflight(&cfg);
+    for f in &findings {
+        eprintln!("mailer: {}: {f}", path.display());
     }
-    if let Some(a) = &cfg.auth {
-        if let Err(e) = mailer::auth::Users::from_config(a) {
-            eprintln!("mailer: {}: {e}", path.display());
-            return ExitCode::from(USAGE_OR_CONFIG);
-        }
+    if findings.iter().any(|f| f.fatal) {
+        return ExitCode::from(USAGE_OR_CONFIG);
     }
     println!("# {}: OK\n{}", path.display(), cfg.to_toml());
     ExitCode::SUCCESS
