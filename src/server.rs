@@ -10,7 +10,7 @@ use crate::hooks::{Chain, Hooks, NoHooks, Policy, SessionInfo};
 use crate::protocol::proxy::{self, Parse};
 use crate::protocol::reply::{Enhanced, Reply};
 use crate::session::{AuthSettings, Session, Settings};
-use crate::spool::{Maildir, MessageWriter, SpoolStats, Store, StoreError};
+use crate::spool::{Faults, Maildir, MessageWriter, NoFaults, SpoolStats, Store, StoreError};
 use crate::tls::{self, Stream, TlsError};
 use crossbeam_channel::{bounded, Receiver, SendTimeoutError, Sender};
 use rustls::ServerConfig;
@@ -248,6 +248,7 @@ impl Handle {
 pub struct ServerBuilder {
     config: Config,
     hooks: Option<Arc<dyn Hooks>>,
+    faults: Option<Arc<dyn Faults>>,
 }
 
 impl ServerBuilder {
@@ -257,9 +258,19 @@ impl ServerBuilder {
         self
     }
 
-    /// Loads TLS files and users, binds the listeners, opens the spool.
+    /// Storage fault injection for tests of the spool's failure paths.
+    pub fn spool_faults(mut self, faults: Arc<dyn Faults>) -> Self {
+        self.faults = Some(faults);
+        self
+    }
+
+    /// Loads TLS files and users and binds the listeners (the spool opens in `run`).
     pub fn build(self) -> Result<Server, ServerError> {
-        Server::new(self.config, self.hooks.unwrap_or_else(|| Arc::new(NoHooks)))
+        let mut server = Server::new(self.config, self.hooks.unwrap_or_else(|| Arc::new(NoHooks)))?;
+        if let Some(f) = self.faults {
+            server.faults = f;
+        }
+        Ok(server)
     }
 }
 
@@ -397,6 +408,7 @@ pub struct Server {
     shared: Arc<Shared>,
     stop_rx: Receiver<()>,
     handle: Handle,
+    faults: Arc<dyn Faults>,
 }
 
 struct Job {
@@ -538,6 +550,7 @@ impl Server {
         ServerBuilder {
             config,
             hooks: None,
+            faults: None,
         }
     }
 
@@ -601,6 +614,7 @@ impl Server {
             shared,
             stop_rx,
             handle,
+            faults: Arc::new(NoFaults),
         })
     }
 
@@ -612,11 +626,12 @@ impl Server {
     /// Runs until [`Handle::shutdown`]; then stops gracefully and returns.
     pub fn run(self) -> Result<(), ServerError> {
         let cfg = &self.config;
-        let (store, writer) = Maildir::open(
+        let (store, writer) = Maildir::open_with_faults(
             &cfg.spool.dir,
             &cfg.hostname,
             cfg.spool.fsync,
             Arc::clone(&self.shared.stats.spool),
+            Arc::clone(&self.faults),
         )
         .map_err(|err| ServerError::Spool {
             dir: cfg.spool.dir.display().to_string(),

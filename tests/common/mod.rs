@@ -48,6 +48,7 @@ pub struct TestServer {
     pub dir: tempfile::TempDir,
     pub cert: Option<TestCert>,
     pub handle: Handle,
+    spool_dir: PathBuf,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -64,6 +65,8 @@ pub struct Opts {
     pub tls_extra: String,
     /// Lines inside `[server]` (e.g. `workers = 2`).
     pub server_extra: String,
+    /// The spool directory; default `<temp dir>/spool`.
+    pub spool: Option<PathBuf>,
     pub hooks:
         Option<Box<dyn FnOnce(mailer::server::ServerBuilder) -> mailer::server::ServerBuilder>>,
 }
@@ -86,6 +89,10 @@ impl TestServer {
         let dir = tempfile::tempdir().unwrap();
         let cert = (opts.tls || opts.implicit_tls).then(|| make_cert(dir.path(), "server"));
         let toml = config_toml(dir.path(), cert.as_ref(), &opts);
+        let spool_dir = opts
+            .spool
+            .clone()
+            .unwrap_or_else(|| dir.path().join("spool"));
         let cfg = Config::from_toml(&toml, Path::new("test.toml")).expect("test config");
         let mut builder = Server::builder(cfg);
         if let Some(f) = opts.hooks {
@@ -98,6 +105,7 @@ impl TestServer {
         let s = TestServer {
             addr: addrs[0],
             tls_addr: opts.implicit_tls.then(|| addrs[1]),
+            spool_dir: spool_dir.clone(),
             dir,
             cert,
             handle,
@@ -113,7 +121,7 @@ impl TestServer {
     }
 
     pub fn spool(&self) -> PathBuf {
-        self.dir.path().join("spool")
+        self.spool_dir.clone()
     }
 
     /// Stored messages in `new/`, sorted by name (time, then sequence).
@@ -201,7 +209,11 @@ fn config_toml(dir: &Path, cert: Option<&TestCert>, opts: &Opts) -> String {
     }
     t.push_str(&format!(
         "[spool]\ndir = {:?}\nfsync = true\n",
-        dir.join("spool").display().to_string()
+        opts.spool
+            .clone()
+            .unwrap_or_else(|| dir.join("spool"))
+            .display()
+            .to_string()
     ));
     t.push_str(&opts.toml);
     t
