@@ -72,7 +72,7 @@ fn check_config(path: &Path) -> ExitCode {
     };
     // Everything that would fail at start, all at once: TLS files, users, the spool
     // directory, the listen addresses (in use: a warning, the server may be running).
-    let findings = mailer::server::preflight(&cfg);
+    let findings = mailer::preflight::preflight(&cfg);
     for f in &findings {
         eprintln!("mailer: {}: {f}", path.display());
     }

@@ -3,18 +3,17 @@
 
 use crate::auth::{AuthError, Users};
 use crate::config::Config;
-use crate::connection::Transport;
 use crate::connection::{Connection, End, Lifecycle, WireLimits};
-use crate::hooks::TlsInfo;
 use crate::hooks::{Chain, Hooks, NoHooks, Policy, SessionInfo};
 use crate::protocol::proxy::{self, Parse};
 use crate::protocol::reply::{Enhanced, Reply};
 use crate::session::{AuthSettings, Session, Settings};
-use crate::spool::{Faults, Maildir, MessageWriter, NoFaults, SpoolStats, Store, StoreError};
+use crate::spool::{Faults, Maildir, NoFaults};
+use crate::stats::{ActiveGuard, CountReplies, CountingStore, Stats, StatsSnapshot};
 use crate::tls::{self, Stream, TlsError};
 use crossbeam_channel::{bounded, Receiver, SendTimeoutError, Sender};
 use rustls::ServerConfig;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -63,146 +62,6 @@ impl fmt::Display for ServerError {
 
 impl std::error::Error for ServerError {}
 
-/// The reply codes counted in [`Stats`]: every 4xx and 5xx.
-const REFUSAL_CODES: std::ops::RangeInclusive<u16> = 400..=599;
-
-/// Counters for the stats line and for embedders ([`Handle::stats`]).
-#[derive(Debug)]
-pub struct Stats {
-    /// Connections handed to a worker.
-    pub connections_total: AtomicU64,
-    /// Connections a worker is serving now.
-    pub connections_active: AtomicU64,
-    /// Refused before the greeting: per-IP limit or all workers busy.
-    pub connections_refused: AtomicU64,
-    /// Messages acknowledged with 250 (durable in `new/`).
-    pub messages_accepted: AtomicU64,
-    /// Bytes of the accepted messages as stored (trace headers included).
-    pub bytes_accepted: AtomicU64,
-    /// Messages between the end of their data and their ack: file fsync, waiting
-    /// for the writer thread, rename and directory fsync.
-    pub queue_depth: AtomicU64,
-    /// Commits finished (stored or failed) and their summed duration, for the mean.
-    pub commits: AtomicU64,
-    pub commit_micros: AtomicU64,
-    /// Every 4xx/5xx reply sent, by code (index = code - 400).
-    refused: Vec<AtomicU64>,
-    pub spool: Arc<SpoolStats>,
-}
-
-impl Default for Stats {
-    fn default() -> Stats {
-        Stats {
-            connections_total: AtomicU64::new(0),
-            connections_active: AtomicU64::new(0),
-            connections_refused: AtomicU64::new(0),
-            messages_accepted: AtomicU64::new(0),
-            bytes_accepted: AtomicU64::new(0),
-            queue_depth: AtomicU64::new(0),
-            commits: AtomicU64::new(0),
-            commit_micros: AtomicU64::new(0),
-            refused: REFUSAL_CODES.map(|_| AtomicU64::new(0)).collect(),
-            spool: Arc::default(),
-        }
-    }
-}
-
-/// A snapshot of [`Stats`]. Its `Display` is the `stats:` log line's `key=value` list.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StatsSnapshot {
-    pub connections_total: u64,
-    pub connections_active: u64,
-    pub connections_refused: u64,
-    /// Messages renamed into `new/` and fsynced by the spool writer.
-    pub messages_stored: u64,
-    /// Messages acknowledged with 250 (the same as `messages_stored` once the writer
-    /// has handed back every ack).
-    pub messages_accepted: u64,
-    pub bytes_accepted: u64,
-    /// Every 4xx/5xx reply sent, by reply code: refused commands, recipients and
-    /// messages, and the 421s sent before a greeting.
-    pub refused: BTreeMap<u16, u64>,
-    /// Messages waiting for their commit (file fsync, writer queue, directory fsync).
-    pub queue_depth: u64,
-    pub spool_batches: u64,
-    /// Mean directory-fsync time per batch, microseconds.
-    pub fsync_micros_avg: u64,
-    /// Mean time from the end of a message's data to its ack, microseconds.
-    pub commit_micros_avg: u64,
-}
-
-impl Stats {
-    pub fn snapshot(&self) -> StatsSnapshot {
-        let batches = self.spool.batches.load(Ordering::Relaxed);
-        let refused = REFUSAL_CODES
-            .zip(&self.refused)
-            .map(|(code, n)| (code, n.load(Ordering::Relaxed)))
-            .filter(|&(_, n)| n > 0)
-            .collect();
-        StatsSnapshot {
-            connections_total: self.connections_total.load(Ordering::Relaxed),
-            connections_active: self.connections_active.load(Ordering::Relaxed),
-            connections_refused: self.connections_refused.load(Ordering::Relaxed),
-            messages_stored: self.spool.committed.load(Ordering::Relaxed),
-            messages_accepted: self.messages_accepted.load(Ordering::Relaxed),
-            bytes_accepted: self.bytes_accepted.load(Ordering::Relaxed),
-            refused,
-            queue_depth: self.queue_depth.load(Ordering::Relaxed),
-            spool_batches: batches,
-            fsync_micros_avg: self
-                .spool
-                .dir_fsync_micros
-                .load(Ordering::Relaxed)
-                .checked_div(batches)
-                .unwrap_or(0),
-            commit_micros_avg: self
-                .commit_micros
-                .load(Ordering::Relaxed)
-                .checked_div(self.commits.load(Ordering::Relaxed))
-                .unwrap_or(0),
-        }
-    }
-
-    /// Counts one reply sent with this code (only 4xx and 5xx are kept).
-    pub fn count_reply(&self, code: u16) {
-        if REFUSAL_CODES.contains(&code) {
-            self.refused[usize::from(code - 400)].fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
-impl fmt::Display for StatsSnapshot {
-    /// `connections_active=1 connections_total=7 ... refused=550:2,552:1 ...` on one line.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let refused_total: u64 = self.refused.values().sum();
-        let by_code = if self.refused.is_empty() {
-            "-".to_string()
-        } else {
-            self.refused
-                .iter()
-                .map(|(c, n)| format!("{c}:{n}"))
-                .collect::<Vec<_>>()
-                .join(",")
-        };
-        write!(
-            f,
-            "connections_active={} connections_total={} connections_refused={} \
-             messages_accepted={} bytes_accepted={} refused_total={refused_total} \
-             refused={by_code} queue_depth={} spool_batches={} fsync_us_avg={} \
-             commit_us_avg={}",
-            self.connections_active,
-            self.connections_total,
-            self.connections_refused,
-            self.messages_accepted,
-            self.bytes_accepted,
-            self.queue_depth,
-            self.spool_batches,
-            self.fsync_micros_avg,
-            self.commit_micros_avg,
-        )
-    }
-}
-
 /// What one live connection shares with the shutdown logic.
 struct Slot {
     tcp: TcpStream,
@@ -215,7 +74,7 @@ struct Shared {
     slots: Mutex<HashMap<u64, Arc<Slot>>>,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     next_id: AtomicU64,
-    stats: Stats,
+    stats: Arc<Stats>,
     stop_tx: Sender<()>,
     hostname: String,
 }
@@ -272,130 +131,6 @@ impl ServerBuilder {
         }
         Ok(server)
     }
-}
-
-/// One problem [`preflight`] found.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Finding {
-    /// True when the server would not start (or not work) with this config.
-    pub fatal: bool,
-    /// What the finding is about, e.g. `spool.dir` or `server.listen 0.0.0.0:25`;
-    /// empty when the message names it already.
-    pub what: String,
-    pub message: String,
-}
-
-impl fmt::Display for Finding {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let level = if self.fatal { "error" } else { "warning" };
-        if self.what.is_empty() {
-            write!(f, "{level}: {}", self.message)
-        } else {
-            write!(f, "{level}: {}: {}", self.what, self.message)
-        }
-    }
-}
-
-/// What would fail when a server starts with `config`, checked without changing
-/// anything (`mailer check-config`): the TLS files and users load, the spool directory
-/// is (or can be created as) a writable directory, the listen addresses can be bound.
-/// An address in use or needing privileges is only a warning: the server may already
-/// be running, and a service manager may grant `CAP_NET_BIND_SERVICE`.
-pub fn preflight(config: &Config) -> Vec<Finding> {
-    let mut out = Vec::new();
-    let mut fatal = |what: &str, message: String| {
-        out.push(Finding {
-            fatal: true,
-            what: what.to_string(),
-            message,
-        })
-    };
-    if let Some(t) = &config.tls {
-        if let Err(e) = tls::load_certified_key(&t.cert, &t.key) {
-            fatal("", e.to_string());
-        }
-    }
-    if let Some(a) = &config.auth {
-        if let Err(e) = Users::from_config(a) {
-            fatal("", e.to_string());
-        }
-    }
-    if let Err(message) = check_spool_dir(&config.spool.dir) {
-        fatal("spool.dir", message);
-    }
-    for (key, list) in [
-        ("server.listen", config.listen_addrs()),
-        ("server.tls_listen", config.tls_listen_addrs()),
-    ] {
-        for addr in list {
-            let what = format!("{key} {addr}");
-            match TcpListener::bind(addr) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::AddrInUse => out.push(Finding {
-                    fatal: false,
-                    what,
-                    message: "address in use (is the server already running?)".into(),
-                }),
-                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => out.push(Finding {
-                    fatal: false,
-                    what,
-                    message: format!("{e}: a port below 1024 needs root or CAP_NET_BIND_SERVICE"),
-                }),
-                Err(e) => out.push(Finding {
-                    fatal: true,
-                    what,
-                    message: format!("cannot listen: {e}"),
-                }),
-            }
-        }
-    }
-    out
-}
-
-/// The spool directory and its `tmp/`, `new/`, `cur/` must be directories the server
-/// can write in; a missing one must be creatable. Probes with a temporary file that is
-/// removed again; creates nothing else.
-fn check_spool_dir(dir: &std::path::Path) -> Result<(), String> {
-    let probe = |d: &std::path::Path| -> Result<(), String> {
-        let f = d.join(format!(".mailer-check-{}", std::process::id()));
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&f)
-            .map_err(|e| format!("{}: cannot create files: {e}", d.display()))?;
-        std::fs::remove_file(&f).map_err(|e| format!("{}: {e}", f.display()))
-    };
-    let is_dir = |d: &std::path::Path| -> Result<bool, String> {
-        match std::fs::metadata(d) {
-            Ok(m) if m.is_dir() => Ok(true),
-            Ok(_) => Err(format!("{}: not a directory", d.display())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(format!("{}: {e}", d.display())),
-        }
-    };
-    if is_dir(dir)? {
-        probe(dir)?;
-        for sub in ["tmp", "new", "cur"] {
-            let d = dir.join(sub);
-            if is_dir(&d)? {
-                probe(&d)?;
-            }
-        }
-        return Ok(());
-    }
-    // Missing: the nearest existing ancestor must let the server create it.
-    let cannot = |e: String| format!("cannot create {}: {e}", dir.display());
-    let mut parent = dir.parent();
-    while let Some(p) = parent {
-        // A relative path's last ancestor is "": the working directory.
-        let last = p.as_os_str().is_empty();
-        let p = if last { std::path::Path::new(".") } else { p };
-        if is_dir(p).map_err(cannot)? {
-            return probe(p).map_err(cannot);
-        }
-        parent = if last { None } else { p.parent() };
-    }
-    Err(cannot("no existing parent directory".into()))
 }
 
 /// A configured, bound server, ready to [`run`](Server::run).
@@ -597,7 +332,7 @@ impl Server {
             slots: Mutex::new(HashMap::new()),
             per_ip: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
-            stats: Stats::default(),
+            stats: Arc::new(Stats::default()),
             stop_tx,
             hostname: config.hostname.clone(),
         });
@@ -639,7 +374,7 @@ impl Server {
         })?;
         let store = Arc::new(CountingStore {
             inner: store,
-            shared: Arc::clone(&self.shared),
+            stats: Arc::clone(&self.shared.stats),
         });
         let reload_stop = Arc::new(AtomicBool::new(false));
         if let Some((_, resolver)) = &self.tls {
@@ -1047,13 +782,6 @@ impl Worker {
     }
 }
 
-struct ActiveGuard<'a>(&'a Stats);
-impl Drop for ActiveGuard<'_> {
-    fn drop(&mut self) {
-        self.0.connections_active.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 struct Unregister<'a>(&'a Shared, u64);
 impl Drop for Unregister<'_> {
     fn drop(&mut self) {
@@ -1062,134 +790,5 @@ impl Drop for Unregister<'_> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.1);
-    }
-}
-
-/// The spool as sessions see it, counting accepted messages and bytes, commits in
-/// flight (the queue depth) and how long commits take.
-struct CountingStore {
-    inner: Maildir,
-    shared: Arc<Shared>,
-}
-
-impl Store for CountingStore {
-    fn begin(&self) -> Result<Box<dyn MessageWriter>, StoreError> {
-        Ok(Box::new(CountingMessage {
-            inner: self.inner.begin()?,
-            bytes: 0,
-            shared: Arc::clone(&self.shared),
-        }))
-    }
-}
-
-struct CountingMessage {
-    inner: Box<dyn MessageWriter>,
-    bytes: u64,
-    shared: Arc<Shared>,
-}
-
-impl Write for CountingMessage {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.bytes += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-impl MessageWriter for CountingMessage {
-    fn queue_id(&self) -> &str {
-        self.inner.queue_id()
-    }
-
-    fn commit(self: Box<Self>) -> Result<(), StoreError> {
-        let stats = &self.shared.stats;
-        stats.queue_depth.fetch_add(1, Ordering::Relaxed);
-        let began = Instant::now();
-        let result = self.inner.commit();
-        stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
-        stats
-            .commit_micros
-            .fetch_add(began.elapsed().as_micros() as u64, Ordering::Relaxed);
-        stats.commits.fetch_add(1, Ordering::Relaxed);
-        if result.is_ok() {
-            stats.messages_accepted.fetch_add(1, Ordering::Relaxed);
-            stats
-                .bytes_accepted
-                .fetch_add(self.bytes, Ordering::Relaxed);
-        }
-        result
-    }
-}
-
-/// The session's stream, counting every 4xx/5xx reply the server writes by its code
-/// (the last line of a multi-line reply, `NNN `, counts once). It sees the plaintext
-/// side of TLS, so it counts replies in TLS sessions too.
-struct CountReplies<'a, T> {
-    inner: T,
-    stats: &'a Stats,
-    /// Bytes of the current line seen so far, up to 4 (`NNN` and the separator).
-    seen: usize,
-    code: [u8; 3],
-}
-
-impl<'a, T> CountReplies<'a, T> {
-    fn new(inner: T, stats: &'a Stats) -> Self {
-        CountReplies {
-            inner,
-            stats,
-            seen: 0,
-            code: [0; 3],
-        }
-    }
-
-    fn observe(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            if b == b'\n' {
-                self.seen = 0;
-                continue;
-            }
-            match self.seen {
-                0..=2 => self.code[self.seen] = b,
-                3 => {
-                    // `NNN ` ends a reply; `NNN-` continues it.
-                    if b == b' ' {
-                        if let Ok(code) = std::str::from_utf8(&self.code).unwrap_or("").parse() {
-                            self.stats.count_reply(code);
-                        }
-                    }
-                }
-                _ => continue,
-            }
-            self.seen += 1;
-        }
-    }
-}
-
-impl<T: Read> Read for CountReplies<'_, T> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.inner.read(buf)
-    }
-}
-
-impl<T: Write> Write for CountReplies<'_, T> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.observe(&buf[..n]);
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-impl<T: Transport> Transport for CountReplies<'_, T> {
-    fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
-        self.inner.set_read_timeout(timeout)
-    }
-    fn start_tls(&mut self) -> io::Result<TlsInfo> {
-        self.inner.start_tls()
     }
 }
