@@ -159,10 +159,8 @@ impl<'a, T: Transport> Connection<'a, T> {
                 return self.shutdown_now();
             }
             let step = match self.read_line() {
-                Ok(Read1::Line(a, b)) => {
-                    let line = self.buf[a..b].to_vec();
-                    self.session.command(&line)
-                }
+                // Disjoint fields: the line is borrowed from the buffer, not copied.
+                Ok(Read1::Line(a, b)) => self.session.command(&self.buf[a..b]),
                 Ok(Read1::TooLong) => self.session.line_too_long(),
                 // The server shuts the read side of idle sessions when it stops.
                 Ok(Read1::Eof) | Err(_) if self.life.stopping() => return self.shutdown_now(),
