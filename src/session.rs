@@ -574,6 +574,10 @@ impl Session {
                 "Encryption required for requested authentication mechanism",
             ));
         }
+        if self.info.helo.is_none() || !self.esmtp {
+            // AUTH is an ESMTP extension: it exists only after EHLO (RFC 4954 §3).
+            return Step::Reply(bad_sequence("send EHLO first"));
+        }
         if self.info.auth_user.is_some() {
             return Step::Reply(bad_sequence("already authenticated"));
         }

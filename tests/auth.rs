@@ -486,3 +486,21 @@ fn credentials_never_appear_in_the_log_even_at_trace_level() {
     // The user name itself is recorded (SPEC: the log names the authenticated user).
     assert_eq!(log.matches("authenticated as \"alice\"").count(), 4);
 }
+
+#[test]
+fn auth_needs_ehlo_first() {
+    let s = TestServer::with_toml(&auth_toml(true, ""));
+    let mut c = s.connect();
+    assert_eq!(
+        c.cmd(&format!("AUTH PLAIN {}", plain(USER, PASSWORD))),
+        "503 5.5.1 Error: send EHLO first\r\n"
+    );
+    // HELO does not open ESMTP extensions such as AUTH (RFC 4954 §3).
+    c.ok("HELO client.test", 250);
+    assert_eq!(
+        c.cmd(&format!("AUTH PLAIN {}", plain(USER, PASSWORD))),
+        "503 5.5.1 Error: send EHLO first\r\n"
+    );
+    c.ok("EHLO client.test", 250);
+    assert_eq!(c.cmd(&format!("AUTH PLAIN {}", plain(USER, PASSWORD))), OK);
+}
