@@ -9,8 +9,37 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// A step of storing a message, as seen by [`Faults`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// Creating the file in `tmp/`.
+    Create,
+    /// Writing message bytes (before they reach the buffer).
+    Write,
+    /// fsync of the message file.
+    SyncFile,
+    /// The rename from `tmp/` into `new/`.
+    Rename,
+    /// fsync of `new/` after a batch of renames.
+    SyncDir,
+}
+
+/// Fault injection for tests: consulted before each storage step; an `Err` is
+/// returned as if the real operation had failed (ENOSPC, EIO, …). The default
+/// injects nothing. A test may also block in `before` to observe ordering.
+pub trait Faults: Send + Sync {
+    fn before(&self, _op: Op) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// No faults: the production setting.
+pub struct NoFaults;
+impl Faults for NoFaults {}
 
 /// A storage failure.
 #[derive(Debug)]
@@ -73,6 +102,7 @@ pub struct Maildir {
     seq: AtomicU64,
     pid: u32,
     tx: Sender<Commit>,
+    faults: Arc<dyn Faults>,
 }
 
 /// Counters the writer thread keeps (for the stats line).
@@ -91,7 +121,18 @@ impl Maildir {
         dir: &Path,
         hostname: &str,
         fsync: bool,
-        stats: std::sync::Arc<SpoolStats>,
+        stats: Arc<SpoolStats>,
+    ) -> io::Result<(Maildir, JoinHandle<()>)> {
+        Maildir::open_with_faults(dir, hostname, fsync, stats, Arc::new(NoFaults))
+    }
+
+    /// [`open`](Self::open) with a fault injector (tests).
+    pub fn open_with_faults(
+        dir: &Path,
+        hostname: &str,
+        fsync: bool,
+        stats: Arc<SpoolStats>,
+        faults: Arc<dyn Faults>,
     ) -> io::Result<(Maildir, JoinHandle<()>)> {
         for sub in ["tmp", "new", "cur"] {
             let p = dir.join(sub);
@@ -116,9 +157,10 @@ impl Maildir {
         // Short queue: sessions block on their ack anyway; the bound just caps memory.
         let (tx, rx) = bounded::<Commit>(1024);
         let new_dir = dir.join("new");
+        let writer_faults = Arc::clone(&faults);
         let handle = std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || writer(rx, new_dir, fsync, stats))?;
+            .spawn(move || writer(rx, new_dir, fsync, stats, writer_faults))?;
         Ok((
             Maildir {
                 dir: dir.to_path_buf(),
@@ -128,6 +170,7 @@ impl Maildir {
                 seq: AtomicU64::new(0),
                 pid: std::process::id(),
                 tx,
+                faults,
             },
             handle,
         ))
@@ -143,10 +186,10 @@ impl Store for Maildir {
         let queue_id = format!("M{}P{}Q{}", now.subsec_micros(), self.pid, seq);
         let name = format!("{}.{}.{}", now.as_secs(), queue_id, self.host);
         let tmp = self.dir.join("tmp").join(&name);
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
+        let file = self
+            .faults
+            .before(Op::Create)
+            .and_then(|()| OpenOptions::new().write(true).create_new(true).open(&tmp))
             .map_err(|e| StoreError::from_io(&tmp.display().to_string(), &e))?;
         Ok(Box::new(MaildirMessage {
             out: Some(BufWriter::with_capacity(64 * 1024, file)),
@@ -155,6 +198,7 @@ impl Store for Maildir {
             queue_id,
             fsync: self.fsync,
             tx: self.tx.clone(),
+            faults: Arc::clone(&self.faults),
         }))
     }
 }
@@ -167,10 +211,12 @@ struct MaildirMessage {
     queue_id: String,
     fsync: bool,
     tx: Sender<Commit>,
+    faults: Arc<dyn Faults>,
 }
 
 impl Write for MaildirMessage {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.faults.before(Op::Write)?;
         match &mut self.out {
             Some(w) => w.write(buf),
             None => Err(io::Error::other("message already committed")),
@@ -200,7 +246,9 @@ impl MessageWriter for MaildirMessage {
         if self.fsync {
             // Each session syncs its own file, so many fsyncs run in parallel and the
             // filesystem folds them into few journal commits.
-            file.sync_data()
+            self.faults
+                .before(Op::SyncFile)
+                .and_then(|()| file.sync_data())
                 .map_err(|e| StoreError::from_io(&what, &e))?;
         }
         drop(file);
@@ -232,7 +280,13 @@ impl Drop for MaildirMessage {
 }
 
 /// The writer thread: batch, rename, one directory fsync, ack.
-fn writer(rx: Receiver<Commit>, new_dir: PathBuf, fsync: bool, stats: std::sync::Arc<SpoolStats>) {
+fn writer(
+    rx: Receiver<Commit>,
+    new_dir: PathBuf,
+    fsync: bool,
+    stats: Arc<SpoolStats>,
+    faults: Arc<dyn Faults>,
+) {
     let mut batch: Vec<Commit> = Vec::with_capacity(256);
     while let Ok(first) = rx.recv() {
         batch.push(first);
@@ -245,7 +299,10 @@ fn writer(rx: Receiver<Commit>, new_dir: PathBuf, fsync: bool, stats: std::sync:
         let mut renamed = Vec::with_capacity(batch.len());
         for c in batch.drain(..) {
             let dest = new_dir.join(&c.name);
-            match fs::rename(&c.tmp, &dest) {
+            match faults
+                .before(Op::Rename)
+                .and_then(|()| fs::rename(&c.tmp, &dest))
+            {
                 Ok(()) => renamed.push((c, dest)),
                 Err(e) => {
                     let _ = fs::remove_file(&c.tmp);
@@ -259,7 +316,11 @@ fn writer(rx: Receiver<Commit>, new_dir: PathBuf, fsync: bool, stats: std::sync:
             continue;
         }
         let started = Instant::now();
-        let synced = if fsync { sync_dir(&new_dir) } else { Ok(()) };
+        let synced = if fsync {
+            faults.before(Op::SyncDir).and_then(|()| sync_dir(&new_dir))
+        } else {
+            Ok(())
+        };
         stats
             .dir_fsync_micros
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -296,7 +357,6 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     #[test]
     fn commit_moves_whole_file_into_new_and_tmp_is_cleared_at_open() {

@@ -9,13 +9,15 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ServerConfig, ServerConnection, StreamOwned};
+use std::collections::hash_map::DefaultHasher;
 use std::fmt;
+use std::hash::{Hash, Hasher};
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 /// A certificate or key that cannot be used.
 #[derive(Debug)]
@@ -111,6 +113,8 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsEr
 #[derive(Debug)]
 pub struct Reloading {
     current: RwLock<Arc<CertifiedKey>>,
+    /// The files as they were when `current` was first loaded.
+    loaded: Fingerprint,
     cert: PathBuf,
     key: PathBuf,
 }
@@ -123,15 +127,21 @@ impl ResolvesServerCert for Reloading {
     }
 }
 
-fn mtimes(cert: &Path, key: &Path) -> (Option<SystemTime>, Option<SystemTime>, u64) {
-    let m = |p: &Path| std::fs::metadata(p).ok();
-    let (a, b) = (m(cert), m(key));
-    let len = a.as_ref().map_or(0, |x| x.len()) ^ b.as_ref().map_or(0, |x| x.len()).rotate_left(32);
-    (
-        a.and_then(|x| x.modified().ok()),
-        b.and_then(|x| x.modified().ok()),
-        len,
-    )
+/// What the watcher compares: a hash of each file's bytes (`None` when unreadable).
+/// Contents, not mtime and size: file-system timestamps are coarse (a few ms on
+/// Linux), so a pair replaced soon after the last load can keep both, and a renewed
+/// certificate usually has the same size.
+type Fingerprint = (Option<u64>, Option<u64>);
+
+fn fingerprint(cert: &Path, key: &Path) -> Fingerprint {
+    let hash = |p: &Path| {
+        std::fs::read(p).ok().map(|bytes| {
+            let mut h = DefaultHasher::new();
+            bytes.hash(&mut h);
+            h.finish()
+        })
+    };
+    (hash(cert), hash(key))
 }
 
 impl Reloading {
@@ -142,10 +152,10 @@ impl Reloading {
         let spawned = std::thread::Builder::new()
             .name("tls-reload".into())
             .spawn(move || {
-                let mut seen = mtimes(&me.cert, &me.key);
+                let mut seen = me.loaded;
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(every);
-                    let now = mtimes(&me.cert, &me.key);
+                    let now = fingerprint(&me.cert, &me.key);
                     if now == seen {
                         continue;
                     }
@@ -172,9 +182,12 @@ pub fn server_config(
     cert: &Path,
     key: &Path,
 ) -> Result<(Arc<ServerConfig>, Arc<Reloading>), TlsError> {
+    // Taken before the load: a change in between is then seen by the first poll.
+    let loaded = fingerprint(cert, key);
     let ck = load_certified_key(cert, key)?;
     let resolver = Arc::new(Reloading {
         current: RwLock::new(Arc::new(ck)),
+        loaded,
         cert: cert.to_path_buf(),
         key: key.to_path_buf(),
     });

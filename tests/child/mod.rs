@@ -23,7 +23,13 @@ pub fn free_port() -> u16 {
 
 /// Writes `<dir>/config.toml` for a plain listener on `port` and the spool `spool`;
 /// `server_extra` goes inside `[server]`, `extra` is appended (more sections).
-pub fn write_config(dir: &Path, port: u16, spool: &Path, server_extra: &str, extra: &str) -> PathBuf {
+pub fn write_config(
+    dir: &Path,
+    port: u16,
+    spool: &Path,
+    server_extra: &str,
+    extra: &str,
+) -> PathBuf {
     let path = dir.join("config.toml");
     let text = format!(
         "hostname = \"mx.test\"\n\
