@@ -165,3 +165,37 @@ addresses = [
 ]
 for i, a in enumerate(addresses):
     write("address", "%02d" % i, a.encode())
+
+# --- proxy: selector byte (bit 0: v6 for the round trip), then a PROXY header ----------
+V2SIG = b"\r\n\r\n\x00\r\nQUIT\n"
+proxy = {
+    "v1-tcp4": b"PROXY TCP4 192.0.2.1 198.51.100.1 56324 25\r\nEHLO c\r\n",
+    "v1-tcp6": b"PROXY TCP6 2001:db8::1 2001:db8::2 4000 25\r\n",
+    "v1-unknown": b"PROXY UNKNOWN ffff::1 ::2 1 2\r\n",
+    "v1-bad-port": b"PROXY TCP4 192.0.2.1 198.51.100.1 056324 25\r\n",
+    "v1-partial": b"PROXY TCP4 192.0",
+    "v2-inet": V2SIG + bytes([0x21, 0x11, 0, 12]) + bytes([192, 0, 2, 1, 198, 51, 100, 1])
+    + (4000).to_bytes(2, "big") + (25).to_bytes(2, "big") + b"EHLO c\r\n",
+    "v2-inet6-tlv": V2SIG + bytes([0x21, 0x21, 0, 36 + 7]) + bytes(range(32))
+    + b"\x0f\xa0\x00\x19" + b"\x04\x00\x04abcd",
+    "v2-local": V2SIG + bytes([0x20, 0x00, 0, 0]),
+    "v2-unix": V2SIG + bytes([0x21, 0x31, 0, 216]) + b"/tmp/a".ljust(216, b"\0"),
+    "smtp-instead": b"EHLO client.test\r\n",
+}
+for name, body in proxy.items():
+    write("proxy", name, bytes([0]) + body)
+    write("proxy", name + "-6", bytes([1]) + body)
+
+# --- reply: split byte, then server output ------------------------------------------
+replies = {
+    "greeting": b"220 mx.test ESMTP\r\n",
+    "ehlo": b"250-mx.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250 HELP\r\n",
+    "pipelined": b"250 2.1.0 Ok\r\n550 5.1.1 No\r\n354 go\r\n",
+    "bare-lf": b"550-a\n550 b\n",
+    "mismatch": b"250-a\r\n251 b\r\n",
+    "code-only": b"250\r\n",
+    "incomplete": b"250-a\r\n250 b",
+    "bad": b"hello\r\n",
+}
+for name, body in replies.items():
+    write("reply", name, bytes([0x80]) + body)
