@@ -3,7 +3,7 @@
 //! Received protocol (ESMTPA/ESMTPSA) with the user, max_errors, `mailer hash-password`,
 //! config errors, and no credentials in the log (even at trace level).
 mod common;
-mod proc_util;
+use common::process::{run, run_refused_config, ChildServer};
 use common::*;
 
 use argon2::password_hash::{PasswordHash, PasswordVerifier};
@@ -338,7 +338,7 @@ fn without_an_auth_section_auth_is_not_offered() {
 
 #[test]
 fn hash_password_prints_an_argon2id_phc_string_that_verifies_and_logs_in() {
-    let out = proc_util::run(&["hash-password"], format!("{PASSWORD}\n").as_bytes());
+    let out = run(&["hash-password"], format!("{PASSWORD}\n").as_bytes());
     assert!(out.status.success(), "{}", out.stderr);
     let phc = out.stdout.strip_suffix('\n').expect("one line");
     assert!(!phc.contains('\n'), "{phc:?}");
@@ -364,7 +364,7 @@ fn hash_password_prints_an_argon2id_phc_string_that_verifies_and_logs_in() {
     );
 
     for empty in [&b""[..], b"\n", b"\r\n"] {
-        let out = proc_util::run(&["hash-password"], empty);
+        let out = run(&["hash-password"], empty);
         assert!(!out.status.success(), "{empty:?}: {}", out.stdout);
         assert!(out.stdout.is_empty(), "{empty:?}: {}", out.stdout);
         assert!(out.stderr.contains("empty password"), "{}", out.stderr);
@@ -394,14 +394,9 @@ fn a_user_with_a_bad_hash_is_a_config_error_naming_the_user() {
             ),
         )
         .unwrap();
-        let config = config.to_str().unwrap();
-        for args in [
-            &["check-config", "--config", config][..],
-            &["--config", config][..],
-        ] {
-            let out = proc_util::run(args, b"");
-            assert_eq!(out.status.code(), Some(2), "{args:?}: {}", out.stderr);
-            assert!(out.stderr.contains("\"bob\""), "{args:?}: {}", out.stderr);
+        for (args, out) in run_refused_config(config.to_str().unwrap()) {
+            assert_eq!(out.status.code(), Some(2), "{args}: {}", out.stderr);
+            assert!(out.stderr.contains("\"bob\""), "{args}: {}", out.stderr);
             assert!(out.stderr.contains("password_hash"), "{}", out.stderr);
             assert!(!out.stderr.contains(alice_hash()), "{}", out.stderr);
         }
@@ -426,7 +421,7 @@ fn credentials_never_appear_in_the_log_even_at_trace_level() {
         ),
     )
     .unwrap();
-    let mut server = proc_util::Server::start(&config, &[("RUST_LOG", "trace")]);
+    let mut server = ChildServer::start(&config, &[("RUST_LOG", "trace")]);
     let addr = server.listen_addrs(1)[0];
     let wrong = "Tr0ub4dor&3";
     let greet = |tls: bool| {

@@ -1,7 +1,7 @@
 //! SPEC 2: the command line, its output and its exit codes (0 ok, 2 usage or config
 //! error naming file, key and line, 1 runtime failure such as a port in use).
-mod child;
-use child::run;
+mod common;
+use common::process::{run, run_refused_config, write_config};
 use std::path::Path;
 
 fn write(dir: &Path, name: &str, text: &str) -> String {
@@ -12,8 +12,8 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
 
 #[test]
 fn help_prints_usage_and_exits_0() {
-    let (st, out, _) = run(&["--help"]);
-    assert_eq!(st.code(), Some(0));
+    let out = run(&["--help"], b"");
+    assert_eq!(out.status.code(), Some(0));
     for cmd in [
         "--config PATH",
         "check-config",
@@ -21,15 +21,22 @@ fn help_prints_usage_and_exits_0() {
         "hash-password",
         "--version",
     ] {
-        assert!(out.contains(cmd), "usage lacks {cmd}: {out}");
+        assert!(
+            out.stdout.contains(cmd),
+            "usage lacks {cmd}: {}",
+            out.stdout
+        );
     }
 }
 
 #[test]
 fn version_exits_0() {
-    let (st, out, _) = run(&["--version"]);
-    assert_eq!(st.code(), Some(0));
-    assert_eq!(out, format!("mailer {}\n", env!("CARGO_PKG_VERSION")));
+    let out = run(&["--version"], b"");
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        out.stdout,
+        format!("mailer {}\n", env!("CARGO_PKG_VERSION"))
+    );
 }
 
 #[test]
@@ -40,8 +47,9 @@ fn check_config_on_a_good_file_exits_0_and_prints_the_effective_settings() {
         "good.toml",
         "hostname = \"mx.example\"\n[limits]\nmax_recipients = 7\n",
     );
-    let (st, out, err) = run(&["check-config", "--config", &cfg]);
-    assert_eq!(st.code(), Some(0), "{err}");
+    let res = run(&["check-config", "--config", &cfg], b"");
+    assert_eq!(res.status.code(), Some(0), "{}", res.stderr);
+    let out = res.stdout;
     assert!(out.contains(&cfg) && out.contains("OK"), "{out}");
     // What was set, and the defaults for what was not.
     for line in [
@@ -64,8 +72,8 @@ fn check_config_on_a_good_file_exits_0_and_prints_the_effective_settings() {
             .collect::<Vec<_>>()
             .join("\n"),
     );
-    let (st, _, err) = run(&["check-config", "--config", &printed]);
-    assert_eq!(st.code(), Some(0), "{err}");
+    let res = run(&["check-config", "--config", &printed], b"");
+    assert_eq!(res.status.code(), Some(0), "{}", res.stderr);
 }
 
 #[test]
@@ -76,12 +84,9 @@ fn unknown_key_exits_2_naming_file_key_and_line() {
         "typo.toml",
         "hostname = \"mx.test\"\n[limits]\nmax_recipents = 3\n",
     );
-    for args in [
-        vec!["check-config", "--config", &cfg],
-        vec!["--config", &cfg],
-    ] {
-        let (st, out, err) = run(&args);
-        assert_eq!(st.code(), Some(2), "{args:?}: {out}{err}");
+    for (args, out) in run_refused_config(&cfg) {
+        let err = &out.stderr;
+        assert_eq!(out.status.code(), Some(2), "{args}: {}{err}", out.stdout);
         assert!(err.contains(&cfg), "file not named: {err}");
         assert!(err.contains("max_recipents"), "key not named: {err}");
         assert!(err.contains("line 3"), "line not named: {err}");
@@ -92,16 +97,18 @@ fn unknown_key_exits_2_naming_file_key_and_line() {
 fn wrong_type_exits_2_naming_the_key() {
     let d = tempfile::tempdir().unwrap();
     let cfg = write(d.path(), "type.toml", "[server]\nworkers = \"many\"\n");
-    let (st, _, err) = run(&["check-config", "--config", &cfg]);
-    assert_eq!(st.code(), Some(2), "{err}");
+    let out = run(&["check-config", "--config", &cfg], b"");
+    let err = &out.stderr;
+    assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
         err.contains(&cfg) && err.contains("workers") && err.contains("line 2"),
         "{err}"
     );
     // A value of the right type but out of range is a config error too.
     let cfg = write(d.path(), "zero.toml", "[limits]\nmax_errors = 0\n");
-    let (st, _, err) = run(&["check-config", "--config", &cfg]);
-    assert_eq!(st.code(), Some(2), "{err}");
+    let out = run(&["check-config", "--config", &cfg], b"");
+    let err = &out.stderr;
+    assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("max_errors"), "{err}");
 }
 
@@ -109,12 +116,9 @@ fn wrong_type_exits_2_naming_the_key() {
 fn missing_config_file_exits_2() {
     let d = tempfile::tempdir().unwrap();
     let missing = d.path().join("nope.toml").display().to_string();
-    for args in [
-        vec!["check-config", "--config", &missing],
-        vec!["--config", &missing],
-    ] {
-        let (st, _, err) = run(&args);
-        assert_eq!(st.code(), Some(2), "{args:?}: {err}");
+    for (args, out) in run_refused_config(&missing) {
+        let err = &out.stderr;
+        assert_eq!(out.status.code(), Some(2), "{args}: {err}");
         assert!(err.contains(&missing), "{err}");
     }
 }
@@ -127,8 +131,9 @@ fn bad_usage_exits_2_with_the_usage() {
         vec!["--config"],
         vec!["check-config", "--frob"],
     ] {
-        let (st, _, err) = run(&args);
-        assert_eq!(st.code(), Some(2), "{args:?}: {err}");
+        let out = run(&args, b"");
+        let err = &out.stderr;
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains("usage:"), "{args:?}: {err}");
     }
 }
@@ -138,9 +143,10 @@ fn a_port_already_in_use_exits_1() {
     let d = tempfile::tempdir().unwrap();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
-    let cfg = child::write_config(d.path(), port, &d.path().join("spool"), "", "");
-    let (st, _, err) = run(&["--config", cfg.to_str().unwrap()]);
-    assert_eq!(st.code(), Some(1), "{err}");
+    let cfg = write_config(d.path(), port, &d.path().join("spool"), "", "");
+    let out = run(&["--config", cfg.to_str().unwrap()], b"");
+    let err = &out.stderr;
+    assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
     drop(taken);
 }

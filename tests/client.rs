@@ -6,7 +6,6 @@ use common::*;
 use mailer::client::{send, DeliveryStatus, Job, Pipelining, Report, StartTls, Status};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Command, Output, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -226,32 +225,6 @@ fn ds(recipient: &str, status: Status, response: &str) -> DeliveryStatus {
         status,
         response: response.into(),
     }
-}
-
-/// Runs the binary with `args` and `stdin`; bounded by WAIT.
-fn run_cli(args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mailer"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn mailer");
-    let mut input = child.stdin.take().unwrap();
-    let data = stdin.to_vec();
-    let writer = std::thread::spawn(move || {
-        let _ = input.write_all(&data);
-    });
-    let deadline = Instant::now() + WAIT;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("mailer send did not finish within {WAIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    writer.join().unwrap();
-    child.wait_with_output().unwrap()
 }
 
 fn job_json(addr: SocketAddr, extra: &str) -> String {
@@ -769,13 +742,13 @@ fn cli_reads_the_job_from_a_file_or_stdin_and_exits_0_with_the_report() {
         let path = dir.path().join("job.json");
         std::fs::write(&path, &json).unwrap();
         let out = match how {
-            "file" => run_cli(&["send", path.to_str().unwrap()], b""),
-            "-" => run_cli(&["send", "-"], json.as_bytes()),
-            _ => run_cli(&["send"], json.as_bytes()),
+            "file" => process::run(&["send", path.to_str().unwrap()], b""),
+            "-" => process::run(&["send", "-"], json.as_bytes()),
+            _ => process::run(&["send"], json.as_bytes()),
         };
         assert_eq!(out.status.code(), Some(0), "{how}: {out:?}");
         assert_eq!(
-            String::from_utf8(out.stdout).unwrap(),
+            out.stdout,
             "{\"status\":\"ok\",\"deliveryStatus\":[{\"recipient\":\"a@x.test\",\"status\":\"Ok\",\"response\":\"250 2.0.0 Ok: queued as ABC123\"},{\"recipient\":\"b@x.test\",\"status\":\"Ok\",\"response\":\"250 2.0.0 Ok: queued as ABC123\"}]}\n",
             "{how}"
         );
@@ -794,10 +767,10 @@ fn cli_error_report_also_exits_0() {
         greeting: "554 5.3.2 not now\r\n".into(),
         ..Script::default()
     });
-    let out = run_cli(&["send", "-"], job_json(fake.addr, "").as_bytes());
+    let out = process::run(&["send", "-"], job_json(fake.addr, "").as_bytes());
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(
-        String::from_utf8(out.stdout).unwrap(),
+        out.stdout,
         "{\"status\":\"error\",\"message\":\"Error while deliver messages: greeting was not 220: 554 5.3.2 not now\"}\n"
     );
     fake.finish();
@@ -842,8 +815,8 @@ fn bad_jobs_exit_2_naming_the_field_and_send_nothing() {
     ];
     for (json, named) in cases {
         assert_ne!(json, good, "the case did not change the job");
-        let out = run_cli(&["send"], json.as_bytes());
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let out = process::run(&["send"], json.as_bytes());
+        let stderr = &out.stderr;
         assert_eq!(out.status.code(), Some(2), "{json}: {stderr}");
         assert!(out.stdout.is_empty(), "{json}: no report for a bad job");
         assert!(
@@ -859,11 +832,11 @@ fn bad_jobs_exit_2_naming_the_field_and_send_nothing() {
 
 #[test]
 fn cli_usage_errors_exit_2() {
-    let out = run_cli(&["send", "a.json", "b.json"], b"");
+    let out = process::run(&["send", "a.json", "b.json"], b"");
     assert_eq!(out.status.code(), Some(2));
-    let out = run_cli(&["send", "/nonexistent/job.json"], b"");
+    let out = process::run(&["send", "/nonexistent/job.json"], b"");
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/job.json"));
+    assert!(out.stderr.contains("/nonexistent/job.json"));
 }
 
 // ---------------------------------------------------------------------------------

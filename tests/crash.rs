@@ -2,8 +2,8 @@
 //! moments while several clients stream messages into it. After every kill, and again
 //! after a restart on the same spool: every message that got 250 is in `new/` whole,
 //! nothing partial is in `new/`, and `tmp/` is empty once the server is back.
-mod child;
 mod common;
+use common::process::{free_port, write_config, ChildServer};
 use common::split_stored;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -164,12 +164,11 @@ fn sigkill_at_any_moment_loses_no_acknowledged_message_and_leaves_nothing_partia
     let mut debris_rounds = 0;
     let mut known = BTreeMap::new();
     for round in 0..=ROUNDS {
-        let port = child::free_port();
-        let cfg = child::write_config(dir.path(), port, &spool, "", "");
+        let cfg = write_config(dir.path(), free_port(), &spool, "", "");
         let before_restart = names(&spool.join("new"));
-        let log = dir.path().join(format!("log{round}"));
+        let mut p = ChildServer::start(&cfg, &[]);
         // Waits for a greeting: the spool is open and tmp/ has been cleared.
-        let mut p = child::Proc::start(&cfg, port, &log);
+        let addr = p.ready(1)[0];
         assert_eq!(
             names(&spool.join("tmp")),
             Vec::<String>::new(),
@@ -195,7 +194,7 @@ fn sigkill_at_any_moment_loses_no_acknowledged_message_and_leaves_nothing_partia
         }
         let clients: Vec<_> = (0..CLIENTS)
             .map(|_| {
-                let (next, acked, addr) = (Arc::clone(&next), Arc::clone(&acked), p.addr);
+                let (next, acked) = (Arc::clone(&next), Arc::clone(&acked));
                 std::thread::spawn(move || {
                     let _ = stream_messages(addr, &next, &acked);
                 })

@@ -1,7 +1,7 @@
 //! SPEC 4 invariants 1, 2, 4, 5, 6 and 7, each with a test that fails if the invariant
 //! breaks. (Invariant 3, STARTTLS injection, lives in tests/tls.rs.)
-mod child;
 mod common;
+use common::process::{free_port, write_config, ChildServer};
 use common::*;
 use mailer::hooks::{Envelope, Hooks, SessionInfo};
 use std::io::{Read, Write};
@@ -180,38 +180,43 @@ fn has_bare_lf(b: &[u8]) -> bool {
         .any(|(i, &x)| x == b'\n' && (i == 0 || b[i - 1] != b'\r'))
 }
 
-#[test]
-fn smuggling_lf_dot_lf_is_content_one_message_stored_with_crlf() {
-    let s = TestServer::plain();
-    let reply = send_smuggling(&s, &smuggling_payload(b"\n.\n"));
+/// Sends the smuggling payload with `sep`, asserts it was taken as one message (250,
+/// exactly one file) and returns what was stored, without the trace headers.
+fn smuggled_into_one_message(s: &TestServer, sep: &[u8]) -> Vec<u8> {
+    let reply = send_smuggling(s, &smuggling_payload(sep));
     assert!(reply.starts_with("250 2.0.0 "), "{reply}");
     let stored = s.stored();
     assert_eq!(stored.len(), 1, "exactly one message");
-    let mut want = b"Subject: outer\r\n\r\nbefore\r\n.\r\n".to_vec();
+    split_stored(&stored[0].1).1
+}
+
+/// The outer message as stored when `sep` is content: `before`, then `stored_sep` (what
+/// the separator becomes), then the smuggled commands as text.
+fn outer_with(stored_sep: &[u8]) -> Vec<u8> {
+    let mut want = b"Subject: outer\r\n\r\nbefore".to_vec();
+    want.extend_from_slice(stored_sep);
     want.extend_from_slice(SMUGGLED);
-    assert_eq!(split_stored(&stored[0].1).1, want);
+    want
+}
+
+#[test]
+fn smuggling_lf_dot_lf_is_content_one_message_stored_with_crlf() {
+    let s = TestServer::plain();
+    let body = smuggled_into_one_message(&s, b"\n.\n");
+    assert_eq!(body, outer_with(b"\r\n.\r\n"));
 }
 
 #[test]
 fn smuggling_lf_dot_crlf_is_content_one_message_stored_with_crlf() {
     let s = TestServer::plain();
-    let reply = send_smuggling(&s, &smuggling_payload(b"\n.\r\n"));
-    assert!(reply.starts_with("250 2.0.0 "), "{reply}");
-    let stored = s.stored();
-    assert_eq!(stored.len(), 1, "exactly one message");
-    let mut want = b"Subject: outer\r\n\r\nbefore\r\n.\r\n".to_vec();
-    want.extend_from_slice(SMUGGLED);
-    assert_eq!(split_stored(&stored[0].1).1, want);
+    let body = smuggled_into_one_message(&s, b"\n.\r\n");
+    assert_eq!(body, outer_with(b"\r\n.\r\n"));
 }
 
 #[test]
 fn smuggling_crlf_dot_lf_is_content_one_message() {
     let s = TestServer::plain();
-    let reply = send_smuggling(&s, &smuggling_payload(b"\r\n.\n"));
-    assert!(reply.starts_with("250 2.0.0 "), "{reply}");
-    let stored = s.stored();
-    assert_eq!(stored.len(), 1, "exactly one message");
-    let body = split_stored(&stored[0].1).1;
+    let body = smuggled_into_one_message(&s, b"\r\n.\n");
     assert!(
         body.starts_with(b"Subject: outer\r\n\r\nbefore\r\n"),
         "{body:?}"
@@ -227,13 +232,8 @@ fn smuggling_crlf_dot_lf_is_content_one_message() {
 #[test]
 fn smuggling_cr_dot_cr_is_content_and_bare_cr_is_kept() {
     let s = TestServer::plain();
-    let reply = send_smuggling(&s, &smuggling_payload(b"\r.\r"));
-    assert!(reply.starts_with("250 2.0.0 "), "{reply}");
-    let stored = s.stored();
-    assert_eq!(stored.len(), 1, "exactly one message");
-    let mut want = b"Subject: outer\r\n\r\nbefore\r.\r".to_vec();
-    want.extend_from_slice(SMUGGLED);
-    assert_eq!(split_stored(&stored[0].1).1, want);
+    let body = smuggled_into_one_message(&s, b"\r.\r");
+    assert_eq!(body, outer_with(b"\r.\r"));
 }
 
 #[test]
@@ -249,13 +249,8 @@ fn bare_lf_reject_refuses_after_the_real_end_and_stores_nothing() {
     assert!(s.stored().is_empty());
     assert!(dir_names(&s.spool().join("tmp")).is_empty());
     // Bare CR is not bare LF: kept and stored.
-    let reply = send_smuggling(&s, &smuggling_payload(b"\r.\r"));
-    assert!(reply.starts_with("250 2.0.0 "), "{reply}");
-    let stored = s.stored();
-    assert_eq!(stored.len(), 1);
-    let mut want = b"Subject: outer\r\n\r\nbefore\r.\r".to_vec();
-    want.extend_from_slice(SMUGGLED);
-    assert_eq!(split_stored(&stored[0].1).1, want);
+    let body = smuggled_into_one_message(&s, b"\r.\r");
+    assert_eq!(body, outer_with(b"\r.\r"));
 }
 
 #[test]
@@ -336,17 +331,17 @@ fn oversize_message_is_not_buffered_peak_memory_stays_small() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let port = child::free_port();
-    let cfg = child::write_config(
+    let cfg = write_config(
         dir.path(),
-        port,
+        free_port(),
         &dir.path().join("spool"),
         "",
         "[limits]\nmax_message_size = 100000\n",
     );
-    let p = child::Proc::start(&cfg, port, &dir.path().join("log"));
+    let mut p = ChildServer::start(&cfg, &[]);
+    let addr = p.ready(1)[0];
     let before = peak_rss_kib(p.pid());
-    let mut c = Client::connect(p.addr);
+    let mut c = Client::connect(addr);
     assert_eq!(c.reply().0, 220);
     c.ok("EHLO client.test", 250);
     c.ok("MAIL FROM:<a@x.test>", 250);
@@ -618,25 +613,40 @@ fn replies_are_flushed_before_the_server_blocks_on_reading() {
 struct Stopping {
     _dir: tempfile::TempDir,
     spool: PathBuf,
-    proc: child::Proc,
+    proc: ChildServer,
+    addr: std::net::SocketAddr,
 }
 
 fn start_binary(grace: u64) -> Stopping {
     let dir = tempfile::tempdir().unwrap();
-    let port = child::free_port();
     let spool = dir.path().join("spool");
-    let cfg = child::write_config(
+    let cfg = write_config(
         dir.path(),
-        port,
+        free_port(),
         &spool,
         &format!("shutdown_grace_secs = {grace}"),
         "[limits]\ndata_timeout_secs = 60\ncommand_timeout_secs = 60\n",
     );
-    let proc = child::Proc::start(&cfg, port, &dir.path().join("log"));
+    let mut proc = ChildServer::start(&cfg, &[]);
+    let addr = proc.ready(1)[0];
     Stopping {
         _dir: dir,
         spool,
         proc,
+        addr,
+    }
+}
+
+impl Stopping {
+    /// Waits up to `limit` for the binary to exit (`what` says why it should) and
+    /// asserts exit status 0.
+    fn exits_0_within(&mut self, limit: Duration, what: &str) {
+        let status = self.proc.wait_exit(limit).expect(what);
+        assert!(
+            status.success(),
+            "exit status {status}; log:\n{}",
+            self.proc.log()
+        );
     }
 }
 
@@ -650,7 +660,7 @@ fn greeted(addr: std::net::SocketAddr) -> Client {
 #[test]
 fn sigterm_idle_sessions_get_421_4_3_2_messages_in_data_finish_and_exit_is_0() {
     let mut st = start_binary(10);
-    let addr = st.proc.addr;
+    let addr = st.addr;
     let mut idle = greeted(addr);
     let mut busy = greeted(addr);
     busy.ok("MAIL FROM:<a@x.test>", 250);
@@ -686,15 +696,7 @@ fn sigterm_idle_sessions_get_421_4_3_2_messages_in_data_finish_and_exit_is_0() {
         rest,
         "421 4.3.2 mx.test Service shutting down, closing transmission channel\r\n"
     );
-    let status = st
-        .proc
-        .wait_exit(Duration::from_secs(10))
-        .expect("exits within shutdown_grace_secs");
-    assert!(
-        status.success(),
-        "exit status {status}; log:\n{}",
-        st.proc.log_text()
-    );
+    st.exits_0_within(Duration::from_secs(10), "exits within shutdown_grace_secs");
     assert!(signalled.elapsed() < Duration::from_secs(10));
     let stored = read_maildir(&st.spool);
     assert_eq!(stored.len(), 1);
@@ -709,38 +711,25 @@ fn sigterm_idle_sessions_get_421_4_3_2_messages_in_data_finish_and_exit_is_0() {
 #[test]
 fn sigint_stops_gracefully_with_exit_0() {
     let mut st = start_binary(5);
-    let mut idle = greeted(st.proc.addr);
+    let mut idle = greeted(st.addr);
     st.proc.signal("INT");
     let rest = String::from_utf8(idle.read_to_close()).unwrap();
     assert!(rest.starts_with("421 4.3.2 "), "{rest}");
-    let status = st.proc.wait_exit(Duration::from_secs(5)).expect("exits");
-    assert!(
-        status.success(),
-        "exit status {status}; log:\n{}",
-        st.proc.log_text()
-    );
+    st.exits_0_within(Duration::from_secs(5), "exits");
 }
 
 #[test]
 fn a_message_that_never_finishes_does_not_hold_the_stop_past_the_grace_period() {
     let mut st = start_binary(2);
-    let mut stuck = greeted(st.proc.addr);
+    let mut stuck = greeted(st.addr);
     stuck.ok("MAIL FROM:<a@x.test>", 250);
     stuck.ok("RCPT TO:<b@y.test>", 250);
     stuck.ok("DATA", 354);
     stuck.send_raw(b"Subject: never ends\r\n\r\n");
     let signalled = Instant::now();
     st.proc.signal("TERM");
-    let status = st
-        .proc
-        .wait_exit(Duration::from_secs(6))
-        .expect("exits after the grace period");
+    st.exits_0_within(Duration::from_secs(6), "exits after the grace period");
     let took = signalled.elapsed();
-    assert!(
-        status.success(),
-        "exit status {status}; log:\n{}",
-        st.proc.log_text()
-    );
     assert!(
         took < Duration::from_millis(3000),
         "took {took:?} with a 2 s grace"

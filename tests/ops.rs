@@ -3,14 +3,8 @@
 mod common;
 use common::*;
 
-use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_mailer");
 
 #[test]
 fn stats_count_messages_bytes_and_refusals_by_code() {
@@ -92,15 +86,11 @@ fn write_config(dir: &Path, body: &str) -> std::path::PathBuf {
 }
 
 fn check_config(config: &Path) -> (i32, String, String) {
-    let out = Command::new(BIN)
-        .args(["check-config", "--config"])
-        .arg(config)
-        .output()
-        .expect("run mailer");
+    let out = process::run(&["check-config", "--config", config.to_str().unwrap()], b"");
     (
         out.status.code().expect("exit code"),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+        out.stdout,
+        out.stderr,
     )
 }
 
@@ -229,57 +219,19 @@ fn binary_logs_one_stats_line_per_interval() {
             d.path().join("spool").display().to_string()
         ),
     );
-    let mut child = Command::new(BIN)
-        .arg("--config")
-        .arg(&cfg)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start mailer");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + WAIT;
-    let mut stats_lines = Vec::new();
-    while stats_lines.len() < 2 {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(l) if l.contains(" stats: ") => stats_lines.push(l),
-            Ok(_) => {}
-            Err(_) => break,
-        }
-    }
-    // SIGTERM to the child we started, by its PID: a graceful stop logs final stats.
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let mut stopped = None;
-    let deadline = Instant::now() + WAIT;
-    while let Ok(l) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-        if l.contains("stopped; stats: ") {
-            stopped = Some(l);
-        }
-    }
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline + Duration::from_secs(5) {
-            let _ = child.kill();
-            panic!("mailer did not stop after SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let mut server = process::ChildServer::start(&cfg, &[("RUST_LOG", "info")]);
+    // Two ticks of 1 s, then SIGTERM to the child we started, by its PID: a graceful
+    // stop logs final stats.
+    server.wait_log(" stats: ", 2);
+    let (status, log) = server.stop();
+    let stats_lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" stats: "))
+        .take(2)
+        .collect();
+    let stopped = log.lines().find(|l| l.contains("stopped; stats: "));
     assert!(status.success(), "{status:?}");
-    assert_eq!(stats_lines.len(), 2, "two ticks of 1 s within {WAIT:?}");
+    assert_eq!(stats_lines.len(), 2, "two ticks of 1 s");
     for l in &stats_lines {
         let kv = l.split(" stats: ").nth(1).unwrap();
         let keys: Vec<&str> = kv

@@ -14,6 +14,20 @@ fn expect(c: &mut Client, line: &str, reply: &str) {
     assert_eq!(got, reply, "reply to {line:?}");
 }
 
+/// Sends `line`, asserts the reply code and that the reply starts with
+/// `"<code> <enhanced> "` (the RFC 3463 enhanced status code).
+fn expect_code(c: &mut Client, line: &str, code: u16, enhanced: &str) {
+    let r = c.ok(line, code);
+    assert!(r.starts_with(&format!("{code} {enhanced} ")), "{line}: {r}");
+}
+
+/// Sends a message from a@x.test to b@y.test (`wire`: dot-stuffed, ending in
+/// CRLF.CRLF) and asserts that it is accepted with 250 2.0.0.
+fn accepted(c: &mut Client, wire: &[u8]) {
+    let reply = c.transaction("a@x.test", &["b@y.test"], wire);
+    assert!(reply.starts_with("250 2.0.0 "), "{reply}");
+}
+
 /// The files in `<spool>/tmp` (must be empty whenever no message is in flight).
 fn tmp_files(s: &TestServer) -> Vec<String> {
     std::fs::read_dir(s.spool().join("tmp"))
@@ -155,10 +169,8 @@ fn data_gets_354_then_250_with_the_queue_id_of_the_stored_file() {
 fn vrfy_is_252_2_5_0_and_expn_is_502_5_5_1() {
     let s = TestServer::plain();
     let mut c = s.ehlo();
-    let v = c.ok("VRFY alice", 252);
-    assert!(v.starts_with("252 2.5.0 "), "{v}");
-    let e = c.ok("EXPN staff", 502);
-    assert!(e.starts_with("502 5.5.1 "), "{e}");
+    expect_code(&mut c, "VRFY alice", 252, "2.5.0");
+    expect_code(&mut c, "EXPN staff", 502, "5.5.1");
     c.ok("NOOP", 250);
 }
 
@@ -193,8 +205,7 @@ fn unknown_command_is_500_5_5_2() {
         "FROB",
         "500 5.5.2 Error: command not recognized\r\n",
     );
-    let r = c.ok("MAIL\x01FROM:<a@x.test>", 500);
-    assert!(r.starts_with("500 5.5.2 "), "{r}");
+    expect_code(&mut c, "MAIL\x01FROM:<a@x.test>", 500, "5.5.2");
     c.ok("NOOP", 250);
 }
 
@@ -203,8 +214,7 @@ fn bad_arguments_are_501_5_5_4() {
     let s = TestServer::with_toml("[limits]\nmax_errors = 100\n");
     let mut c = s.connect();
     for line in ["HELO", "EHLO", "EHLO two names"] {
-        let r = c.ok(line, 501);
-        assert!(r.starts_with("501 5.5.4 "), "{line}: {r}");
+        expect_code(&mut c, line, 501, "5.5.4");
     }
     c.ok("EHLO client.test", 250);
     for line in [
@@ -218,8 +228,7 @@ fn bad_arguments_are_501_5_5_4() {
         "QUIT now",
         "VRFY",
     ] {
-        let r = c.ok(line, 501);
-        assert!(r.starts_with("501 5.5.4 "), "{line}: {r}");
+        expect_code(&mut c, line, 501, "5.5.4");
         c.ok("RSET", 250);
     }
 }
@@ -235,15 +244,13 @@ fn bad_address_is_553_5_1_3() {
         "MAIL FROM:<a@@x.test>",
         "MAIL FROM:<a@x.test>junk",
     ] {
-        let r = c.ok(line, 553);
-        assert!(r.starts_with("553 5.1.3 "), "{line}: {r}");
+        expect_code(&mut c, line, 553, "5.1.3");
     }
     let long_local = format!("MAIL FROM:<{}@x.test>", "l".repeat(65));
-    assert!(c.ok(&long_local, 553).starts_with("553 5.1.3 "));
+    expect_code(&mut c, &long_local, 553, "5.1.3");
     c.ok("MAIL FROM:<a@x.test>", 250);
     for line in ["RCPT TO:<>", "RCPT TO:<b@>", "RCPT TO:<b@y..test>"] {
-        let r = c.ok(line, 553);
-        assert!(r.starts_with("553 5.1.3 "), "{line}: {r}");
+        expect_code(&mut c, line, 553, "5.1.3");
     }
     // The transaction is intact after refused recipients.
     c.ok("RCPT TO:<b@y.test>", 250);
@@ -253,13 +260,10 @@ fn bad_address_is_553_5_1_3() {
 fn unknown_mail_or_rcpt_parameter_is_555_5_5_4() {
     let s = TestServer::plain();
     let mut c = s.ehlo();
-    let r = c.ok("MAIL FROM:<a@x.test> RET=FULL", 555);
-    assert!(r.starts_with("555 5.5.4 "), "{r}");
-    let r = c.ok("MAIL FROM:<a@x.test> FROBNICATE", 555);
-    assert!(r.starts_with("555 5.5.4 "), "{r}");
+    expect_code(&mut c, "MAIL FROM:<a@x.test> RET=FULL", 555, "5.5.4");
+    expect_code(&mut c, "MAIL FROM:<a@x.test> FROBNICATE", 555, "5.5.4");
     c.ok("MAIL FROM:<a@x.test>", 250);
-    let r = c.ok("RCPT TO:<b@y.test> NOTIFY=NEVER", 555);
-    assert!(r.starts_with("555 5.5.4 "), "{r}");
+    expect_code(&mut c, "RCPT TO:<b@y.test> NOTIFY=NEVER", 555, "5.5.4");
     c.ok("RCPT TO:<b@y.test>", 250);
 }
 
@@ -268,24 +272,23 @@ fn wrong_order_is_503_5_5_1() {
     let s = TestServer::plain();
     // MAIL before HELO/EHLO.
     let mut c = s.connect();
-    let r = c.ok("MAIL FROM:<a@x.test>", 503);
-    assert!(r.starts_with("503 5.5.1 "), "{r}");
+    expect_code(&mut c, "MAIL FROM:<a@x.test>", 503, "5.5.1");
     c.ok("EHLO client.test", 250);
     // RCPT before MAIL, DATA before MAIL.
-    assert!(c.ok("RCPT TO:<b@y.test>", 503).starts_with("503 5.5.1 "));
-    assert!(c.ok("DATA", 503).starts_with("503 5.5.1 "));
+    expect_code(&mut c, "RCPT TO:<b@y.test>", 503, "5.5.1");
+    expect_code(&mut c, "DATA", 503, "5.5.1");
     // DATA before RCPT.
     c.ok("MAIL FROM:<a@x.test>", 250);
-    assert!(c.ok("DATA", 503).starts_with("503 5.5.1 "));
+    expect_code(&mut c, "DATA", 503, "5.5.1");
     // MAIL twice.
-    assert!(c.ok("MAIL FROM:<a@x.test>", 503).starts_with("503 5.5.1 "));
+    expect_code(&mut c, "MAIL FROM:<a@x.test>", 503, "5.5.1");
     // None of that broke the transaction in progress.
     c.ok("RCPT TO:<b@y.test>", 250);
     c.ok("DATA", 354);
     c.send_raw(b"Subject: o\r\n\r\nx\r\n.\r\n");
     assert_eq!(c.reply().0, 250);
     // After the message the transaction is over: RCPT needs a new MAIL.
-    assert!(c.ok("RCPT TO:<b@y.test>", 503).starts_with("503 5.5.1 "));
+    expect_code(&mut c, "RCPT TO:<b@y.test>", 503, "5.5.1");
     assert_eq!(s.stored().len(), 1);
 }
 
@@ -307,8 +310,7 @@ fn command_line_too_long_is_500_5_5_6_and_the_session_continues() {
     // A long MAIL is refused as a whole: no transaction starts.
     c.ok(&format!("MAIL FROM:<a@x.test> {}", "x".repeat(2000)), 500);
     c.ok("RCPT TO:<b@y.test>", 503);
-    let reply = c.transaction("a@x.test", &["b@y.test"], b"Subject: l\r\n\r\nx\r\n.\r\n");
-    assert!(reply.starts_with("250 2.0.0 "), "{reply}");
+    accepted(&mut c, b"Subject: l\r\n\r\nx\r\n.\r\n");
 }
 
 #[test]
@@ -338,8 +340,7 @@ fn too_many_recipients_is_452_4_5_3() {
 fn declared_size_over_limit_is_552_5_3_4() {
     let s = TestServer::with_toml("[limits]\nmax_message_size = 1000\n");
     let mut c = s.ehlo();
-    let r = c.ok("MAIL FROM:<a@x.test> SIZE=1001", 552);
-    assert!(r.starts_with("552 5.3.4 "), "{r}");
+    expect_code(&mut c, "MAIL FROM:<a@x.test> SIZE=1001", 552, "5.3.4");
     // No transaction was started; at the limit is fine.
     c.ok("RCPT TO:<b@y.test>", 503);
     c.ok("MAIL FROM:<a@x.test> SIZE=1000", 250);
@@ -369,8 +370,7 @@ fn actual_size_over_limit_is_552_5_3_4_after_draining_and_nothing_is_stored() {
     ok.extend_from_slice(b"\r\n");
     assert_eq!(ok.len(), 1000);
     ok.extend_from_slice(b".\r\n");
-    let reply = c.transaction("a@x.test", &["b@y.test"], &ok);
-    assert!(reply.starts_with("250 2.0.0 "), "{reply}");
+    accepted(&mut c, &ok);
     let stored = s.stored();
     assert_eq!(stored.len(), 1);
     assert_eq!(split_stored(&stored[0].1).1.len(), 1000);
@@ -437,6 +437,14 @@ fn read_all_within(tcp: &mut TcpStream, limit: Duration) -> (Vec<u8>, Duration) 
     (v, start.elapsed())
 }
 
+/// True when a new connection is greeted with 220 (not refused with 421).
+fn greets(s: &TestServer) -> bool {
+    let mut t = TcpStream::connect(s.addr).unwrap();
+    t.set_read_timeout(Some(WAIT)).unwrap();
+    let mut buf = [0u8; 4];
+    t.read_exact(&mut buf).is_ok() && &buf == b"220 "
+}
+
 #[test]
 fn per_ip_connection_limit_is_421_4_7_0_at_once() {
     let s = TestServer::start(Opts {
@@ -455,12 +463,7 @@ fn per_ip_connection_limit_is_421_4_7_0_at_once() {
     // Once one of the two leaves, a new connection from the same IP is served.
     a.ok("QUIT", 221);
     a.read_to_close();
-    wait_until("a slot is free again", || {
-        let mut t = TcpStream::connect(s.addr).unwrap();
-        t.set_read_timeout(Some(WAIT)).unwrap();
-        let mut buf = [0u8; 4];
-        t.read_exact(&mut buf).is_ok() && &buf == b"220 "
-    });
+    wait_until("a slot is free again", || greets(&s));
 }
 
 #[test]
@@ -485,12 +488,7 @@ fn all_workers_busy_is_421_4_7_0_promptly_never_a_silent_hang() {
     busy.ok("NOOP", 250);
     busy.ok("QUIT", 221);
     busy.read_to_close();
-    wait_until("the worker is free again", || {
-        let mut t = TcpStream::connect(s.addr).unwrap();
-        t.set_read_timeout(Some(WAIT)).unwrap();
-        let mut buf = [0u8; 4];
-        t.read_exact(&mut buf).is_ok() && &buf == b"220 "
-    });
+    wait_until("the worker is free again", || greets(&s));
     assert!(s.handle.stats().connections_refused >= 2);
 }
 
@@ -508,18 +506,17 @@ fn command_timeout_is_421_4_4_2_and_close() {
     );
 }
 
-#[test]
-fn trickled_command_bytes_do_not_restart_the_command_clock() {
-    let s = TestServer::with_toml("[limits]\ncommand_timeout_secs = 1\n");
-    let mut c = s.ehlo();
-    // One byte every 150 ms: the whole line would take 3 s, far past the 1 s deadline.
+/// Writes `chunks` one by one, `every` apart, on a second handle (until a write fails)
+/// while waiting for the reply: it must be the 421 4.4.2 timeout, within `limit`, and
+/// the connection must then be closed.
+fn trickle_until_timeout(c: &mut Client, chunks: Vec<Vec<u8>>, every: Duration, limit: Duration) {
     let mut w = c.tcp().try_clone().unwrap();
     let trickle = std::thread::spawn(move || {
-        for b in b"NOOP trickle trickle\r\n" {
-            if w.write_all(&[*b]).is_err() {
+        for chunk in chunks {
+            if w.write_all(&chunk).is_err() {
                 return;
             }
-            std::thread::sleep(Duration::from_millis(150));
+            std::thread::sleep(every);
         }
     });
     let start = Instant::now();
@@ -529,9 +526,23 @@ fn trickled_command_bytes_do_not_restart_the_command_clock() {
         (code, text.as_str()),
         (421, "421 4.4.2 mx.test Error: timeout exceeded\r\n")
     );
-    assert!(took < Duration::from_millis(2500), "{took:?}");
+    assert!(took < limit, "{took:?}");
     assert!(c.is_closed());
     trickle.join().unwrap();
+}
+
+#[test]
+fn trickled_command_bytes_do_not_restart_the_command_clock() {
+    let s = TestServer::with_toml("[limits]\ncommand_timeout_secs = 1\n");
+    let mut c = s.ehlo();
+    // One byte every 150 ms: the whole line would take 3 s, far past the 1 s deadline.
+    let bytes = b"NOOP trickle trickle\r\n".iter().map(|b| vec![*b]);
+    trickle_until_timeout(
+        &mut c,
+        bytes.collect(),
+        Duration::from_millis(150),
+        Duration::from_millis(2500),
+    );
 }
 
 #[test]
@@ -558,35 +569,17 @@ fn data_slower_than_min_data_rate_is_421_4_4_2() {
     );
     let mut c = s.ehlo();
     // A fast message on the same settings is fine.
-    let ok = c.transaction(
-        "a@x.test",
-        &["b@y.test"],
-        b"Subject: fast\r\n\r\nx\r\n.\r\n",
-    );
-    assert!(ok.starts_with("250 2.0.0 "), "{ok}");
+    accepted(&mut c, b"Subject: fast\r\n\r\nx\r\n.\r\n");
     c.ok("MAIL FROM:<a@x.test>", 250);
     c.ok("RCPT TO:<b@y.test>", 250);
     c.ok("DATA", 354);
     // Never silent for data_timeout, but ~100 bytes/s: below the minimum rate.
-    let mut w = c.tcp().try_clone().unwrap();
-    let trickle = std::thread::spawn(move || {
-        for _ in 0..40 {
-            if w.write_all(b"0123456789").is_err() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    });
-    let start = Instant::now();
-    let (code, text) = c.reply();
-    let took = start.elapsed();
-    assert_eq!(
-        (code, text.as_str()),
-        (421, "421 4.4.2 mx.test Error: timeout exceeded\r\n")
+    trickle_until_timeout(
+        &mut c,
+        vec![b"0123456789".to_vec(); 40],
+        Duration::from_millis(100),
+        Duration::from_millis(3000),
     );
-    assert!(took < Duration::from_millis(3000), "{took:?}");
-    assert!(c.is_closed());
-    trickle.join().unwrap();
     assert_eq!(s.stored().len(), 1, "only the fast message");
 }
 
@@ -696,12 +689,7 @@ fn storage_failure_opening_the_file_is_451_and_the_session_goes_on() {
     c.ok("NOOP", 250);
     assert!(s.stored().is_empty());
     repair_dir(&s, "tmp");
-    let reply = c.transaction(
-        "a@x.test",
-        &["b@y.test"],
-        b"Subject: again\r\n\r\nx\r\n.\r\n",
-    );
-    assert!(reply.starts_with("250 2.0.0 "), "{reply}");
+    accepted(&mut c, b"Subject: again\r\n\r\nx\r\n.\r\n");
     let stored = s.stored();
     assert_eq!(stored.len(), 1);
     assert_eq!(split_stored(&stored[0].1).1, b"Subject: again\r\n\r\nx\r\n");
@@ -724,14 +712,8 @@ fn storage_failure_at_commit_is_451_nothing_stored_and_a_later_message_succeeds(
     c.ok("NOOP", 250);
     other.ok("NOOP", 250);
     repair_dir(&s, "new");
-    let reply = c.transaction(
-        "a@x.test",
-        &["b@y.test"],
-        b"Subject: kept\r\n\r\nx\r\n.\r\n",
-    );
-    assert!(reply.starts_with("250 2.0.0 "), "{reply}");
-    let reply = other.transaction("a@x.test", &["b@y.test"], b"Subject: too\r\n\r\nx\r\n.\r\n");
-    assert!(reply.starts_with("250 2.0.0 "), "{reply}");
+    accepted(&mut c, b"Subject: kept\r\n\r\nx\r\n.\r\n");
+    accepted(&mut other, b"Subject: too\r\n\r\nx\r\n.\r\n");
     let bodies: Vec<Vec<u8>> = s.stored().iter().map(|(_, b)| split_stored(b).1).collect();
     assert_eq!(bodies.len(), 2);
     assert!(bodies.contains(&b"Subject: kept\r\n\r\nx\r\n".to_vec()));

@@ -16,7 +16,7 @@
 //! openssl genpkey -algorithm ED25519 -out ed25519-pkcs8.pem
 //! ```
 mod common;
-mod proc_util;
+use common::process::{run_refused_config, ChildServer};
 use common::*;
 
 use mailer::tls::{load_certified_key, TlsError};
@@ -214,12 +214,33 @@ fn tls_config(cert: &Path, key: &Path, workers: usize, limits: &str) -> String {
     )
 }
 
+/// Writes [`tls_config`] (no extra limits) to `path`, for the binary, with the spool
+/// `spool` next to it.
+fn write_tls_config(path: &Path, cert: &Path, key: &Path, workers: usize) {
+    let spool = path.with_file_name("spool").display().to_string();
+    let text = tls_config(cert, key, workers, "").replace("{spool}", &format!("{spool:?}"));
+    std::fs::write(path, text).unwrap();
+}
+
 /// Writes `bytes` to `path` through a temporary file and a rename (as certbot does),
 /// so the reload watcher never reads a half-written file.
 fn replace_file(path: &Path, bytes: &[u8]) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes).unwrap();
     std::fs::rename(&tmp, path).unwrap();
+}
+
+/// STARTTLS (220), the handshake with `cfg`, and EHLO again (250).
+fn starttls(c: &mut Client, cfg: Arc<ClientConfig>) {
+    c.ok("STARTTLS", 220);
+    c.upgrade(cfg);
+    c.ok("EHLO client.test", 250);
+}
+
+/// MAIL, RCPT and DATA with [`BODY`], accepted with 250 2.0.0.
+fn accepted(c: &mut Client) {
+    let reply = c.transaction("a@x.test", &["b@y.test"], BODY);
+    assert!(reply.starts_with("250 2.0.0 "), "{reply}");
 }
 
 fn assert_stored_with(stored: &[(String, Vec<u8>)], protocol: &str) {
@@ -264,8 +285,7 @@ fn without_tls_section_starttls_is_refused_454_and_not_advertised() {
     assert!(!ehlo.contains("STARTTLS"), "{ehlo}");
     assert_eq!(c.cmd("STARTTLS"), "454 4.7.0 TLS not available\r\n");
     // The session goes on in plaintext.
-    let reply = c.transaction("a@x.test", &["b@y.test"], BODY);
-    assert!(reply.starts_with("250 2.0.0 "), "{reply}");
+    accepted(&mut c);
     assert_stored_with(&s.stored(), "ESMTP");
 }
 
@@ -311,9 +331,7 @@ fn starttls_with_pipelined_command_closes_without_executing_it() {
 
     // A clean STARTTLS on the same server still works.
     let mut c = s.ehlo();
-    c.ok("STARTTLS", 220);
-    c.upgrade(s.tls_client_config());
-    c.ok("EHLO client.test", 250);
+    starttls(&mut c, s.tls_client_config());
 }
 
 #[test]
@@ -364,11 +382,8 @@ fn require_tls_refuses_mail_before_starttls() {
         c.cmd("MAIL FROM:<a@x.test>"),
         "530 5.7.0 Must issue a STARTTLS command first\r\n"
     );
-    c.ok("STARTTLS", 220);
-    c.upgrade(s.tls_client_config());
-    c.ok("EHLO client.test", 250);
-    let reply = c.transaction("a@x.test", &["b@y.test"], BODY);
-    assert!(reply.starts_with("250 2.0.0 "), "{reply}");
+    starttls(&mut c, s.tls_client_config());
+    accepted(&mut c);
     assert_stored_with(&s.stored(), "ESMTPS");
 }
 
@@ -388,8 +403,7 @@ fn implicit_tls_handshakes_first_then_greets_inside_tls() {
     let ehlo = c.ok("EHLO client.test", 250);
     assert!(!ehlo.contains("STARTTLS"), "{ehlo}");
     assert_eq!(c.cmd("STARTTLS"), "503 5.5.1 Error: TLS already active\r\n");
-    let reply = c.transaction("a@x.test", &["b@y.test"], BODY);
-    assert!(reply.starts_with("250 2.0.0 "), "{reply}");
+    accepted(&mut c);
     c.ok("QUIT", 221);
     assert_stored_with(&s.stored(), "ESMTPS");
 }
@@ -412,9 +426,7 @@ fn tls_1_2_and_1_3_are_served() {
     }
     // STARTTLS with TLS 1.2 only.
     let mut c = s.ehlo();
-    c.ok("STARTTLS", 220);
-    c.upgrade(client_cfg(&[der], &[&rustls::version::TLS12]));
-    c.ok("EHLO client.test", 250);
+    starttls(&mut c, client_cfg(&[der], &[&rustls::version::TLS12]));
 }
 
 /// A ClientHello as an SSLv3/TLS 1.0/TLS 1.1-only client sends it (no supported_versions
@@ -495,9 +507,7 @@ fn reload_serves_the_new_certificate_and_old_connections_keep_working() {
     let t = tls_connect(tls_addr, Arc::clone(&both)).unwrap();
     assert_eq!(peer_cert(&t), old.der);
     let mut kept = s.ehlo();
-    kept.ok("STARTTLS", 220);
-    kept.upgrade(s.tls_client_config());
-    kept.ok("EHLO client.test", 250);
+    starttls(&mut kept, s.tls_client_config());
 
     replace_file(&old.key, fresh.key_pair.serialize_pem().as_bytes());
     replace_file(&old.cert, fresh.cert.pem().as_bytes());
@@ -514,12 +524,9 @@ fn reload_serves_the_new_certificate_and_old_connections_keep_working() {
     }
     // STARTTLS connections too (the same resolver).
     let mut c = s.ehlo();
-    c.ok("STARTTLS", 220);
-    c.upgrade(client_cfg(&[&new_der], rustls::DEFAULT_VERSIONS));
-    c.ok("EHLO client.test", 250);
+    starttls(&mut c, client_cfg(&[&new_der], rustls::DEFAULT_VERSIONS));
     // The connection made before the reload goes on.
-    let reply = kept.transaction("a@x.test", &["b@y.test"], BODY);
-    assert!(reply.starts_with("250 2.0.0 "), "{reply}");
+    accepted(&mut kept);
 }
 
 #[test]
@@ -528,15 +535,8 @@ fn a_broken_key_on_reload_keeps_the_old_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let cert = make_cert(dir.path(), "server");
     let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        tls_config(&cert.cert, &cert.key, 2, "").replace(
-            "{spool}",
-            &format!("{:?}", dir.path().join("spool").display().to_string()),
-        ),
-    )
-    .unwrap();
-    let mut server = proc_util::Server::start(&config, &[("RUST_LOG", "info")]);
+    write_tls_config(&config, &cert.cert, &cert.key, 2);
+    let mut server = ChildServer::start(&config, &[("RUST_LOG", "info")]);
     let addrs = server.listen_addrs(2);
     let tls_addr = addrs[1];
     let cfg = client_config(&cert.der);
@@ -558,9 +558,7 @@ fn a_broken_key_on_reload_keeps_the_old_certificate() {
     let mut c = Client::connect(addrs[0]);
     c.reply();
     c.ok("EHLO client.test", 250);
-    c.ok("STARTTLS", 220);
-    c.upgrade(Arc::clone(&cfg));
-    c.ok("EHLO client.test", 250);
+    starttls(&mut c, Arc::clone(&cfg));
     c.ok("QUIT", 221);
 
     // The watcher keeps watching: a good pair later is picked up.
@@ -638,11 +636,8 @@ fn a_silent_client_on_the_tls_port_is_cut_after_the_command_timeout() {
     // The only worker is free again.
     let mut c = tls_client_when_idle(&s, tls_addr, client_config(&cert.der));
     assert_eq!(c.reply().0, 220);
-    let reply = {
-        c.ok("EHLO client.test", 250);
-        c.transaction("a@x.test", &["b@y.test"], BODY)
-    };
-    assert!(reply.starts_with("250 2.0.0 "), "{reply}");
+    c.ok("EHLO client.test", 250);
+    accepted(&mut c);
     assert_stored_with(&s.stored(), "ESMTPS");
 }
 
@@ -837,29 +832,12 @@ fn broken_tls_files_make_check_config_and_the_server_exit_2_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
     for (i, (what, cert, key, named)) in broken_setups(dir.path()).into_iter().enumerate() {
         let config = dir.path().join(format!("config-{i}.toml"));
-        std::fs::write(
-            &config,
-            tls_config(&cert, &key, 1, "").replace(
-                "{spool}",
-                &format!("{:?}", dir.path().join("spool").display().to_string()),
-            ),
-        )
-        .unwrap();
-        let config_arg = config.to_str().unwrap();
-        for args in [
-            &["check-config", "--config", config_arg][..],
-            &["--config", config_arg][..],
-        ] {
-            let out = proc_util::run(args, b"");
-            assert_eq!(
-                out.status.code(),
-                Some(2),
-                "{what} {args:?}: {}",
-                out.stderr
-            );
+        write_tls_config(&config, &cert, &key, 1);
+        for (args, out) in run_refused_config(config.to_str().unwrap()) {
+            assert_eq!(out.status.code(), Some(2), "{what} {args}: {}", out.stderr);
             assert!(
                 out.stderr.contains(&named.display().to_string()),
-                "{what} {args:?}: {}",
+                "{what} {args}: {}",
                 out.stderr
             );
             assert!(out.stdout.is_empty(), "{what}: {}", out.stdout);

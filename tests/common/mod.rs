@@ -5,6 +5,8 @@
 
 /// In-memory sessions (no sockets): see `memory.rs`.
 pub mod memory;
+/// The real binary as a child process: see `process.rs`.
+pub mod process;
 
 use mailer::hooks::Hooks;
 use mailer::{Config, Handle, Server};
