@@ -485,7 +485,9 @@ fn disk_probe(dir: &std::path::Path, o: &Opts) -> io::Result<()> {
         .collect();
     let mut total = 0;
     for t in threads {
-        total += t.join().map_err(|_| io::Error::other("probe thread panicked"))??;
+        total += t
+            .join()
+            .map_err(|_| io::Error::other("probe thread panicked"))??;
     }
     println!(
         "{{\"disk_probe_per_sec\":{}}}",

@@ -57,9 +57,9 @@ impl Users {
             password_hash,
         } in &cfg.users
         {
-            PasswordHash::new(password_hash).map_err(|e| AuthError::BadHash {
+            check_hash(password_hash).map_err(|reason| AuthError::BadHash {
                 user: name.clone(),
-                reason: e.to_string(),
+                reason,
             })?;
             if hashes.insert(name.clone(), password_hash.clone()).is_some() {
                 return Err(AuthError::DuplicateUser(name.clone()));
@@ -88,6 +88,19 @@ impl Authenticator for Users {
             .unwrap_or(false);
         ok && known
     }
+}
+
+/// A PHC string that argon2 can verify: any other scheme (or broken parameters) would
+/// make the user unable to log in without a word, so it is a config error instead.
+fn check_hash(phc: &str) -> Result<(), String> {
+    let h = PasswordHash::new(phc).map_err(|e| e.to_string())?;
+    argon2::Algorithm::try_from(h.algorithm)
+        .map_err(|_| format!("algorithm {:?} is not argon2", h.algorithm.as_str()))?;
+    argon2::Params::try_from(&h).map_err(|e| format!("bad parameters: {e}"))?;
+    if h.hash.is_none() {
+        return Err("no hash value".into());
+    }
+    Ok(())
 }
 
 /// An argon2id PHC string for `password` with a random salt.
@@ -299,5 +312,32 @@ mod tests {
         };
         let e = Users::from_config(&bad).err().unwrap().to_string();
         assert!(e.contains("eve"), "{e}");
+    }
+
+    #[test]
+    fn only_verifiable_argon2_hashes_are_accepted() {
+        let users = |hash: &str| AuthConfig {
+            allow_plaintext: false,
+            users: vec![User {
+                name: "eve".into(),
+                password_hash: hash.into(),
+            }],
+        };
+        for bad in [
+            // A PHC string of another scheme: argon2 could never verify it.
+            "$pbkdf2-sha256$i=1000$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo",
+            // argon2id without the hash value.
+            "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ",
+            // Memory below the argon2 minimum.
+            "$argon2id$v=19$m=1,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA",
+        ] {
+            let e = Users::from_config(&users(bad))
+                .err()
+                .expect(bad)
+                .to_string();
+            assert!(e.contains("\"eve\""), "{e}");
+        }
+        let good = hash_password(b"pw").unwrap();
+        assert!(Users::from_config(&users(&good)).is_ok());
     }
 }

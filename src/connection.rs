@@ -142,6 +142,9 @@ impl<'a, T: Transport> Connection<'a, T> {
     pub fn run(&mut self) -> End {
         let end = self.run_inner();
         let _ = self.flush();
+        if let End::Io(kind) = &end {
+            self.session.io_error(format!("connection error: {kind}"));
+        }
         self.chunked = None;
         end
     }
@@ -156,7 +159,7 @@ impl<'a, T: Transport> Connection<'a, T> {
                 return self.shutdown_now();
             }
             let step = match self.read_line() {
-                // Borrows the line in place (disjoint fields): no copy per command.
+                // Disjoint fields: the line is borrowed from the buffer, not copied.
                 Ok(Read1::Line(a, b)) => self.session.command(&self.buf[a..b]),
                 Ok(Read1::TooLong) => self.session.line_too_long(),
                 // The server shuts the read side of idle sessions when it stops.
@@ -168,7 +171,7 @@ impl<'a, T: Transport> Connection<'a, T> {
             let outcome = match step {
                 Step::Data => self.data(),
                 Step::Chunk { size, last } => self.chunk(size, last),
-                Step::Discard { size, reply } => self.discard(size, reply),
+                Step::Discard { size, reply, close } => self.discard(size, reply, close),
                 Step::StartTls(reply) => self.start_tls(&reply),
                 other => match self.simple(other) {
                     Some(end) => Err(end),
@@ -177,6 +180,13 @@ impl<'a, T: Transport> Connection<'a, T> {
             };
             if let Err(end) = outcome {
                 return end;
+            }
+            if let Some(replies) = self.session.take_close() {
+                // A hook panicked (or refused with 421): its session ends here.
+                for r in &replies {
+                    self.reply(r);
+                }
+                return End::Closed;
             }
             if self.chunked.is_some() && !self.session.is_chunking() {
                 // RSET, EHLO or a failed chunk ended the BDAT transaction.
@@ -367,9 +377,9 @@ impl<'a, T: Transport> Connection<'a, T> {
             if pending.len() >= FLUSH_AT || reader.is_done() {
                 if reader.is_keeping() && write_error.is_none() {
                     if self.wants_data {
+                        // Held for the data hook; written after its headers in `finish`.
                         copy.extend_from_slice(&pending);
-                    }
-                    if let Some(m) = msg.as_mut() {
+                    } else if let Some(m) = msg.as_mut() {
                         if let Err(e) = m.write_all(&pending) {
                             write_error = Some(StoreError::from_io("message file", &e));
                             msg = None;
@@ -384,6 +394,8 @@ impl<'a, T: Transport> Connection<'a, T> {
             self.fill_data(began, reader.size())?;
             if self.end == self.start {
                 // EOF inside DATA: the message is abandoned (dropped = removed).
+                self.session
+                    .io_error("connection closed during DATA".into());
                 return Err(End::Eof);
             }
         }
@@ -398,14 +410,19 @@ impl<'a, T: Transport> Connection<'a, T> {
         Ok(())
     }
 
-    /// Runs the data hook (if wanted) and commits.
+    /// Runs the data hook (if wanted), writes its headers and the held content, commits.
     fn finish(&mut self, msg: Option<Box<dyn MessageWriter>>, copy: &[u8]) -> MessageOutcome {
-        let Some(msg) = msg else {
+        let Some(mut msg) = msg else {
             return MessageOutcome::StorageError("message file closed".into());
         };
         if self.wants_data {
-            if let Err(reply) = self.session.check_content(copy) {
-                return MessageOutcome::Refused(reply);
+            let headers = match self.session.check_content(copy) {
+                Ok(h) => h,
+                Err(reply) => return MessageOutcome::Refused(reply),
+            };
+            // The hook's headers go before the content, so the content was held back.
+            if let Err(e) = msg.write_all(&headers).and_then(|()| msg.write_all(copy)) {
+                return storage(StoreError::from_io("message file", &e));
             }
         }
         let id = msg.queue_id().to_string();
@@ -441,9 +458,9 @@ impl<'a, T: Transport> Connection<'a, T> {
                 return;
             }
             if copy_wanted {
+                // Held for the data hook; written after its headers in `finish`.
                 copy.extend_from_slice(bytes);
-            }
-            if let Some(m) = msg.as_mut() {
+            } else if let Some(m) = msg.as_mut() {
                 if let Err(e) = m.write_all(bytes) {
                     err = Some(StoreError::from_io("message file", &e));
                 }
@@ -471,11 +488,13 @@ impl<'a, T: Transport> Connection<'a, T> {
     }
 
     /// A refused BDAT: its bytes are consumed, never executed as commands.
-    fn discard(&mut self, size: u64, reply: Reply) -> Result<(), End> {
+    fn discard(&mut self, size: u64, reply: Reply, close: Option<Reply>) -> Result<(), End> {
         self.transfer(size, &mut |_| {})?;
         self.chunked = None;
+        self.chunk_copy.clear();
         self.reply(&reply);
-        if reply.code == 421 {
+        if let Some(bye) = close {
+            self.reply(&bye);
             return Err(End::Closed);
         }
         Ok(())
@@ -494,6 +513,8 @@ impl<'a, T: Transport> Connection<'a, T> {
                 return Ok(());
             }
             if self.fill_data(began, size - left)? == 0 {
+                self.session
+                    .io_error("connection closed during BDAT".into());
                 return Err(End::Eof);
             }
         }
@@ -508,8 +529,10 @@ impl<'a, T: Transport> Connection<'a, T> {
                 self.session.info().id,
                 self.end - self.start
             );
-            // Nothing more is sent: the client expects a TLS handshake now.
-            self.out.clear();
+            // The replies so far (the 220 included) still go out, in order (RFC 2920);
+            // nothing follows them: the pipelined bytes are dropped unread and the
+            // connection closes instead of running the handshake.
+            let _ = self.flush();
             return Err(End::Closed);
         }
         if let Err(e) = self.flush() {

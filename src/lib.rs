@@ -28,13 +28,16 @@
 //! ```
 
 pub mod auth;
+pub mod client;
 pub mod config;
 pub mod connection;
 pub mod hooks;
+pub mod preflight;
 pub mod protocol;
 pub mod server;
 pub mod session;
 pub mod spool;
+pub mod stats;
 pub mod tls;
 
 pub use config::Config;

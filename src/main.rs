@@ -70,17 +70,14 @@ fn check_config(path: &Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    if let Some(t) = &cfg.tls {
-        if let Err(e) = mailer::tls::load_certified_key(&t.cert, &t.key) {
-            eprintln!("mailer: {}: {e}", path.display());
-            return ExitCode::from(USAGE_OR_CONFIG);
-        }
+    // Everything that would fail at start, all at once: TLS files, users, the spool
+    // directory, the listen addresses (in use: a warning, the server may be running).
+    let findings = mailer::preflight::preflight(&cfg);
+    for f in &findings {
+        eprintln!("mailer: {}: {f}", path.display());
     }
-    if let Some(a) = &cfg.auth {
-        if let Err(e) = mailer::auth::Users::from_config(a) {
-            eprintln!("mailer: {}: {e}", path.display());
-            return ExitCode::from(USAGE_OR_CONFIG);
-        }
+    if findings.iter().any(|f| f.fatal) {
+        return ExitCode::from(USAGE_OR_CONFIG);
     }
     println!("# {}: OK\n{}", path.display(), cfg.to_toml());
     ExitCode::SUCCESS
@@ -118,9 +115,48 @@ fn serve(path: &Path) -> ExitCode {
     }
 }
 
-fn send(_args: &[String]) -> ExitCode {
-    eprintln!("mailer: send: the client is not built yet");
-    ExitCode::from(USAGE_OR_CONFIG)
+/// `mailer send [JOB.json | -]` (SPEC 6): a bad job exits 2 before any connection;
+/// otherwise the report is printed and the exit code is 0, whatever the outcome.
+fn send(args: &[String]) -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let (source, read) = match args {
+        [] => ("stdin".to_string(), read_stdin()),
+        [dash] if dash == "-" => ("stdin".to_string(), read_stdin()),
+        [path] if !path.starts_with('-') => (path.clone(), std::fs::read(path)),
+        _ => return usage_error("send takes one job file, or - (or nothing) for stdin"),
+    };
+    let bytes = match read {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("mailer: send: cannot read the job from {source}: {e}");
+            return ExitCode::from(USAGE_OR_CONFIG);
+        }
+    };
+    let job = match mailer::client::Job::from_json(&bytes) {
+        Ok(j) => j,
+        Err(e) => {
+            eprintln!("mailer: send: {source}: {e}");
+            return ExitCode::from(USAGE_OR_CONFIG);
+        }
+    };
+    for field in mailer::client::Job::unknown_fields(&bytes) {
+        eprintln!("mailer: send: {source}: ignoring unknown field \"{field}\"");
+    }
+    let report = mailer::client::send(&job);
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{}", report.to_json()).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mailer: send: cannot write the report: {e}");
+            ExitCode::from(RUNTIME)
+        }
+    }
+}
+
+fn read_stdin() -> std::io::Result<Vec<u8>> {
+    let mut v = Vec::new();
+    std::io::stdin().lock().read_to_end(&mut v)?;
+    Ok(v)
 }
 
 fn hash_password() -> ExitCode {

@@ -5,21 +5,26 @@ use crate::auth::{AuthError, Users};
 use crate::config::Config;
 use crate::connection::{Connection, End, Lifecycle, WireLimits};
 use crate::hooks::{Chain, Hooks, NoHooks, Policy, SessionInfo};
+use crate::protocol::proxy::{self, Parse};
 use crate::protocol::reply::{Enhanced, Reply};
 use crate::session::{AuthSettings, Session, Settings};
-use crate::spool::{Maildir, SpoolStats};
+use crate::spool::{Faults, Maildir, NoFaults};
+use crate::stats::{ActiveGuard, CountReplies, CountingStore, Stats, StatsSnapshot};
 use crate::tls::{self, Stream, TlsError};
-use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
+use crossbeam_channel::{bounded, Receiver, SendTimeoutError, Sender};
 use rustls::ServerConfig;
 use std::collections::HashMap;
 use std::fmt;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+/// The longest wait for a PROXY header (shorter when `command_timeout_secs` is).
+const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why the server could not start or run.
 #[derive(Debug)]
@@ -57,47 +62,6 @@ impl fmt::Display for ServerError {
 
 impl std::error::Error for ServerError {}
 
-/// Counters for the stats line and for embedders ([`Handle::stats`]).
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub connections_total: AtomicU64,
-    pub connections_active: AtomicU64,
-    /// Refused at accept: per-IP limit or all workers busy.
-    pub connections_refused: AtomicU64,
-    pub spool: Arc<SpoolStats>,
-}
-
-/// A snapshot of [`Stats`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StatsSnapshot {
-    pub connections_total: u64,
-    pub connections_active: u64,
-    pub connections_refused: u64,
-    pub messages_stored: u64,
-    pub spool_batches: u64,
-    /// Mean directory-fsync time per batch, microseconds.
-    pub fsync_micros_avg: u64,
-}
-
-impl Stats {
-    pub fn snapshot(&self) -> StatsSnapshot {
-        let batches = self.spool.batches.load(Ordering::Relaxed);
-        StatsSnapshot {
-            connections_total: self.connections_total.load(Ordering::Relaxed),
-            connections_active: self.connections_active.load(Ordering::Relaxed),
-            connections_refused: self.connections_refused.load(Ordering::Relaxed),
-            messages_stored: self.spool.committed.load(Ordering::Relaxed),
-            spool_batches: batches,
-            fsync_micros_avg: self
-                .spool
-                .dir_fsync_micros
-                .load(Ordering::Relaxed)
-                .checked_div(batches)
-                .unwrap_or(0),
-        }
-    }
-}
-
 /// What one live connection shares with the shutdown logic.
 struct Slot {
     tcp: TcpStream,
@@ -110,8 +74,9 @@ struct Shared {
     slots: Mutex<HashMap<u64, Arc<Slot>>>,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     next_id: AtomicU64,
-    stats: Stats,
+    stats: Arc<Stats>,
     stop_tx: Sender<()>,
+    hostname: String,
 }
 
 /// Stops a running server from another thread (or a signal handler).
@@ -132,6 +97,7 @@ impl Handle {
         self.addrs.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// The counters of the `stats:` log line, for embedders.
     pub fn stats(&self) -> StatsSnapshot {
         self.shared.stats.snapshot()
     }
@@ -141,6 +107,7 @@ impl Handle {
 pub struct ServerBuilder {
     config: Config,
     hooks: Option<Arc<dyn Hooks>>,
+    faults: Option<Arc<dyn Faults>>,
 }
 
 impl ServerBuilder {
@@ -150,9 +117,19 @@ impl ServerBuilder {
         self
     }
 
-    /// Loads TLS files and users, binds the listeners, opens the spool.
+    /// Storage fault injection for tests of the spool's failure paths.
+    pub fn spool_faults(mut self, faults: Arc<dyn Faults>) -> Self {
+        self.faults = Some(faults);
+        self
+    }
+
+    /// Loads TLS files and users and binds the listeners (the spool opens in `run`).
     pub fn build(self) -> Result<Server, ServerError> {
-        Server::new(self.config, self.hooks.unwrap_or_else(|| Arc::new(NoHooks)))
+        let mut server = Server::new(self.config, self.hooks.unwrap_or_else(|| Arc::new(NoHooks)))?;
+        if let Some(f) = self.faults {
+            server.faults = f;
+        }
+        Ok(server)
     }
 }
 
@@ -166,19 +143,127 @@ pub struct Server {
     shared: Arc<Shared>,
     stop_rx: Receiver<()>,
     handle: Handle,
+    faults: Arc<dyn Faults>,
 }
 
 struct Job {
     tcp: TcpStream,
     peer: SocketAddr,
     implicit_tls: bool,
-    _ip: IpGuard,
+    /// The per-IP slot of the socket peer; `None` with `proxy_protocol`, where the
+    /// worker claims one for the client named in the PROXY header.
+    ip: Option<IpGuard>,
 }
 
 /// Holds one per-IP slot until the connection ends.
 struct IpGuard {
     shared: Arc<Shared>,
     ip: IpAddr,
+}
+
+impl Shared {
+    /// Claims one of `max` connection slots for `ip`; `None` when all are taken.
+    fn claim_ip(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<IpGuard> {
+        let mut m = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(IpGuard {
+            shared: Arc::clone(self),
+            ip,
+        })
+    }
+
+    /// Refuses a connection before its greeting: 421 4.7.0 at once rather than a
+    /// silent wait (SPEC 4). An implicit-TLS client gets no reply: plaintext would be
+    /// garbage to it.
+    fn refuse(&self, mut tcp: TcpStream, peer: SocketAddr, implicit_tls: bool, why: &str) {
+        self.stats
+            .connections_refused
+            .fetch_add(1, Ordering::Relaxed);
+        log::warn!("refused {peer}: {why}");
+        if implicit_tls {
+            return;
+        }
+        // Read what already arrived (a PROXY header, pipelined commands): closing a
+        // socket with unread input sends RST, which can destroy the 421 in flight.
+        if tcp.set_nonblocking(true).is_ok() {
+            let mut scratch = [0u8; 1024];
+            for _ in 0..8 {
+                if !matches!(tcp.read(&mut scratch), Ok(n) if n > 0) {
+                    break;
+                }
+            }
+            let _ = tcp.set_nonblocking(false);
+        }
+        self.stats.count_reply(421);
+        let _ = tcp.set_write_timeout(Some(Duration::from_secs(1)));
+        let r = Reply::new(421, Enhanced(4, 7, 0), format!("{} {why}", self.hostname));
+        let _ = tcp.write_all(&r.to_bytes());
+        let _ = tcp.shutdown(Shutdown::Both);
+    }
+}
+
+/// The client address as one key: an IPv4-mapped IPv6 address (a proxy listening on
+/// `::`) is the IPv4 client it stands for.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), addr.port()),
+            None => addr,
+        },
+        IpAddr::V4(_) => addr,
+    }
+}
+
+/// Reads a PROXY header (v1 or v2) off the socket, never more bytes than the header
+/// has, so the session that follows sees the client's first byte. `Ok(None)`: the
+/// header says to keep the socket peer (v2 LOCAL, v1 UNKNOWN).
+fn read_proxy_header(mut tcp: &TcpStream, timeout: Duration) -> io::Result<Option<SocketAddr>> {
+    let deadline = Instant::now() + timeout;
+    let mut buf = Vec::with_capacity(proxy::V1_MAX + 1);
+    loop {
+        let need = match proxy::parse(&buf) {
+            Parse::Done { consumed, source } if consumed == buf.len() => return Ok(source),
+            Parse::Done { .. } => {
+                // The parser promises exact reads; never hand on a stream that lost bytes.
+                return Err(io::Error::other("PROXY header over-read"));
+            }
+            Parse::Error(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+            Parse::Need(n) => n,
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no complete PROXY header within {timeout:?}"),
+            ));
+        }
+        tcp.set_read_timeout(Some(left))?;
+        let old = buf.len();
+        buf.resize(old + need, 0);
+        match tcp.read(&mut buf[old..]) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("connection closed after {old} byte(s) of a PROXY header"),
+                ))
+            }
+            Ok(n) => buf.truncate(old + n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => buf.truncate(old),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                buf.truncate(old);
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 impl Drop for IpGuard {
@@ -194,10 +279,13 @@ impl Drop for IpGuard {
 }
 
 impl Server {
+    /// Starts building a server from `config`; add [`hooks`](ServerBuilder::hooks),
+    /// then [`build`](ServerBuilder::build) and [`run`](Server::run).
     pub fn builder(config: Config) -> ServerBuilder {
         ServerBuilder {
             config,
             hooks: None,
+            faults: None,
         }
     }
 
@@ -244,8 +332,9 @@ impl Server {
             slots: Mutex::new(HashMap::new()),
             per_ip: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
-            stats: Stats::default(),
+            stats: Arc::new(Stats::default()),
             stop_tx,
+            hostname: config.hostname.clone(),
         });
         let handle = Handle {
             shared: Arc::clone(&shared),
@@ -260,6 +349,7 @@ impl Server {
             shared,
             stop_rx,
             handle,
+            faults: Arc::new(NoFaults),
         })
     }
 
@@ -271,23 +361,30 @@ impl Server {
     /// Runs until [`Handle::shutdown`]; then stops gracefully and returns.
     pub fn run(self) -> Result<(), ServerError> {
         let cfg = &self.config;
-        let (store, writer) = Maildir::open(
+        let (store, writer) = Maildir::open_with_faults(
             &cfg.spool.dir,
             &cfg.hostname,
             cfg.spool.fsync,
             Arc::clone(&self.shared.stats.spool),
+            Arc::clone(&self.faults),
         )
         .map_err(|err| ServerError::Spool {
             dir: cfg.spool.dir.display().to_string(),
             err,
         })?;
-        let store = Arc::new(store);
+        let store = Arc::new(CountingStore {
+            inner: store,
+            stats: Arc::clone(&self.shared.stats),
+        });
         let reload_stop = Arc::new(AtomicBool::new(false));
         if let Some((_, resolver)) = &self.tls {
             resolver.watch(Duration::from_secs(1), Arc::clone(&reload_stop));
         }
         let workers = cfg.server.workers;
-        let (job_tx, job_rx) = bounded::<Job>(workers);
+        // A rendezvous channel: a socket is handed over only to an idle worker, so when
+        // all workers are busy the client gets 421 4.7.0 at once instead of waiting
+        // silently in a queue (SPEC 4: never hang a client silently).
+        let (job_tx, job_rx) = bounded::<Job>(0);
         let (done_tx, done_rx) = bounded::<()>(workers);
         let limits = WireLimits {
             max_line_length: cfg.limits.max_line_length,
@@ -298,6 +395,12 @@ impl Server {
             min_data_rate: cfg.limits.min_data_rate,
         };
         let wants_data = self.hooks.wants_data();
+        // Each worker reports once it is about to wait for sockets; the acceptors start
+        // only after all have, or the rendezvous channel would refuse the first clients
+        // as "busy" while the workers are still starting.
+        let (ready_tx, ready_rx) = bounded::<()>(workers);
+        // The header comes at once from a proxy; a short bound frees the worker fast.
+        let proxy_timeout = limits.command_timeout.min(PROXY_HEADER_TIMEOUT);
         for i in 0..workers {
             let w = Worker {
                 rx: job_rx.clone(),
@@ -309,6 +412,9 @@ impl Server {
                 limits: limits.clone(),
                 wants_data,
                 done: done_tx.clone(),
+                ready: ready_tx.clone(),
+                proxy: cfg.server.proxy_protocol.then_some(proxy_timeout),
+                per_ip_max: cfg.server.max_connections_per_ip,
             };
             std::thread::Builder::new()
                 .name(format!("worker-{i}"))
@@ -317,6 +423,13 @@ impl Server {
                 .map_err(ServerError::Thread)?;
         }
         drop(done_tx);
+        drop(ready_tx);
+        for _ in 0..workers {
+            // Err: a worker thread is gone; start anyway (the rest still serve).
+            if ready_rx.recv().is_err() {
+                break;
+            }
+        }
         drop(job_rx);
         let mut acceptors: Vec<JoinHandle<()>> = Vec::new();
         let mut wake = Vec::new();
@@ -329,7 +442,7 @@ impl Server {
                 tx: job_tx.clone(),
                 shared: Arc::clone(&self.shared),
                 per_ip_max: cfg.server.max_connections_per_ip,
-                hostname: cfg.hostname.clone(),
+                proxy_protocol: cfg.server.proxy_protocol,
             };
             log::info!(
                 "listening on {addr}{}",
@@ -355,7 +468,7 @@ impl Server {
                 Ok(()) | Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
                     if stats_every > 0 {
-                        log::info!("stats: {:?}", self.shared.stats.snapshot());
+                        log::info!("stats: {}", self.shared.stats.snapshot());
                     }
                 }
             }
@@ -393,7 +506,7 @@ impl Server {
         }
         drop(store);
         let _ = writer.join();
-        log::info!("stopped; {:?}", self.shared.stats.snapshot());
+        log::info!("stopped; stats: {}", self.shared.stats.snapshot());
         Ok(())
     }
 }
@@ -441,13 +554,18 @@ impl Shared {
     }
 }
 
+/// How long a new connection may wait for an idle worker before it gets 421 4.7.0.
+const HANDOFF_WAIT: Duration = Duration::from_millis(200);
+
 struct Acceptor {
     listener: TcpListener,
     implicit_tls: bool,
     tx: Sender<Job>,
     shared: Arc<Shared>,
     per_ip_max: usize,
-    hostname: String,
+    /// With `proxy_protocol` every socket comes from the proxy: the per-IP limit is
+    /// applied by the worker to the client in the PROXY header instead.
+    proxy_protocol: bool,
 }
 
 impl Acceptor {
@@ -466,49 +584,42 @@ impl Acceptor {
                 }
             };
             let Ok(peer) = tcp.peer_addr() else { continue };
-            let ip = peer.ip();
-            {
-                let mut m = self.shared.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-                let n = m.entry(ip).or_insert(0);
-                if *n >= self.per_ip_max {
-                    drop(m);
-                    self.refuse(tcp, peer, "Error: too many connections from your host");
-                    continue;
+            let ip = if self.proxy_protocol {
+                None
+            } else {
+                match self.shared.claim_ip(canonical(peer).ip(), self.per_ip_max) {
+                    Some(guard) => Some(guard),
+                    None => {
+                        self.shared.refuse(
+                            tcp,
+                            peer,
+                            self.implicit_tls,
+                            "Error: too many connections from your host",
+                        );
+                        continue;
+                    }
                 }
-                *n += 1;
-            }
+            };
             let job = Job {
                 tcp,
                 peer,
                 implicit_tls: self.implicit_tls,
-                _ip: IpGuard {
-                    shared: Arc::clone(&self.shared),
-                    ip,
-                },
+                ip,
             };
-            match self.tx.try_send(job) {
+            // A short wait covers a worker that is between two sessions (or still
+            // starting); past it, every worker is truly busy.
+            match self.tx.send_timeout(job, HANDOFF_WAIT) {
                 Ok(()) => {}
-                Err(TrySendError::Full(job)) | Err(TrySendError::Disconnected(job)) => {
-                    self.refuse(job.tcp, peer, "Error: server busy, try again later");
+                Err(SendTimeoutError::Timeout(job)) | Err(SendTimeoutError::Disconnected(job)) => {
+                    self.shared.refuse(
+                        job.tcp,
+                        peer,
+                        self.implicit_tls,
+                        "Error: server busy, try again later",
+                    );
                 }
             }
         }
-    }
-
-    /// 421 4.7.0 at once rather than a silent wait (SPEC 4).
-    fn refuse(&self, mut tcp: TcpStream, peer: SocketAddr, why: &str) {
-        self.shared
-            .stats
-            .connections_refused
-            .fetch_add(1, Ordering::Relaxed);
-        log::warn!("refused {peer}: {why}");
-        if self.implicit_tls {
-            return; // a plaintext reply would be garbage to a TLS client
-        }
-        let _ = tcp.set_write_timeout(Some(Duration::from_secs(1)));
-        let r = Reply::new(421, Enhanced(4, 7, 0), format!("{} {why}", self.hostname));
-        let _ = tcp.write_all(&r.to_bytes());
-        let _ = tcp.shutdown(Shutdown::Both);
     }
 }
 
@@ -517,11 +628,16 @@ struct Worker {
     shared: Arc<Shared>,
     settings: Arc<Settings>,
     hooks: Arc<dyn Hooks>,
-    store: Arc<Maildir>,
+    store: Arc<CountingStore>,
     tls: Option<Arc<ServerConfig>>,
     limits: WireLimits,
     wants_data: bool,
     done: Sender<()>,
+    /// Signalled once, just before the worker first waits for a socket.
+    ready: Sender<()>,
+    /// `Some(timeout)` when a PROXY header must come first.
+    proxy: Option<Duration>,
+    per_ip_max: usize,
 }
 
 /// The worker's view of the server lifecycle for one connection.
@@ -557,6 +673,7 @@ impl Lifecycle for Life<'_> {
 
 impl Worker {
     fn run(self) {
+        let _ = self.ready.send(());
         while let Ok(job) = self.rx.recv() {
             let peer = job.peer;
             // A panic in one session must not end the worker or the server (invariant 5).
@@ -587,10 +704,33 @@ impl Worker {
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, Arc::clone(&slot));
         let _unregister = Unregister(&self.shared, id);
-        log::info!("session {id}: connect from {}", job.peer);
+        let mut peer = job.peer;
+        let mut _ip = job.ip;
+        if let Some(timeout) = self.proxy {
+            // The PROXY header comes before anything else, TLS included; without a
+            // valid one the connection closes without a greeting.
+            match read_proxy_header(&tcp, timeout) {
+                Ok(source) => peer = source.map_or(peer, canonical),
+                Err(e) => {
+                    log::info!("session {id}: {peer}: bad or missing PROXY header: {e}; closing");
+                    return;
+                }
+            }
+            match self.shared.claim_ip(peer.ip(), self.per_ip_max) {
+                Some(guard) => _ip = Some(guard),
+                None => {
+                    let why = "Error: too many connections from your host";
+                    self.shared.refuse(tcp, peer, job.implicit_tls, why);
+                    return;
+                }
+            }
+            log::info!("session {id}: connect from {peer} via proxy {}", job.peer);
+        } else {
+            log::info!("session {id}: connect from {peer}");
+        }
         let mut info = SessionInfo {
             id,
-            peer: job.peer,
+            peer,
             tls: None,
             auth_user: None,
             helo: None,
@@ -623,6 +763,7 @@ impl Worker {
             shared: &self.shared,
             slot: &slot,
         };
+        let stream = CountReplies::new(stream, stats);
         let mut conn = Connection::new(
             stream,
             session,
@@ -638,13 +779,6 @@ impl Worker {
             }
             other => log::info!("session {id}: closed ({other:?})"),
         }
-    }
-}
-
-struct ActiveGuard<'a>(&'a Stats);
-impl Drop for ActiveGuard<'_> {
-    fn drop(&mut self) {
-        self.0.connections_active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

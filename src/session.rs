@@ -58,8 +58,16 @@ pub enum Step {
     /// the first chunk), then call [`Session::chunk_end`].
     Chunk { size: u64, last: bool },
     /// Read and throw away `size` bytes (a refused BDAT chunk must still be consumed so
-    /// its bytes are never taken as commands), then send `reply`.
-    Discard { size: u64, reply: Reply },
+    /// its bytes are never taken as commands), then send `reply`; then close the
+    /// connection with `421` if `close` holds it (too many errors).
+    Discard {
+        /// The chunk's declared size.
+        size: u64,
+        /// The refusal (503, 552).
+        reply: Reply,
+        /// `421` when the error limit is reached.
+        close: Option<Reply>,
+    },
     /// Send the reply, then run the TLS handshake and call [`Session::tls_started`].
     StartTls(Reply),
 }
@@ -88,6 +96,9 @@ pub struct Session {
     txn: Txn,
     errors: u32,
     auth: Option<Exchange>,
+    /// Set when a hook panicked: the driver sends these replies after the current one
+    /// and closes (see [`Session::take_close`]).
+    closing: Option<Vec<Reply>>,
 }
 
 fn r(code: u16, e: (u8, u16, u16), text: impl Into<String>) -> Reply {
@@ -108,7 +119,14 @@ impl Session {
             txn: Txn::Idle,
             errors: 0,
             auth: None,
+            closing: None,
         }
+    }
+
+    /// `Some(replies)` once a hook has panicked: send them (after the reply already
+    /// due) and close the connection. The driver asks after every step.
+    pub fn take_close(&mut self) -> Option<Vec<Reply>> {
+        self.closing.take()
     }
 
     /// What hooks see: id, peer, TLS, user, HELO name.
@@ -173,8 +191,7 @@ impl Session {
         }
         if let Step::Reply(rep) | Step::Discard { reply: rep, .. } = &step {
             log::info!("session {}: refused: {rep}", self.info.id);
-            self.hooks
-                .error(&self.info, &SessionError::Protocol(rep.clone()));
+            self.notify_error(SessionError::Protocol(rep.clone()));
         }
         self.errors += 1;
         if self.errors < self.settings.max_errors {
@@ -187,8 +204,13 @@ impl Session {
         );
         match step {
             Step::Reply(rep) => Step::Close(vec![rep, bye]),
-            // A refused chunk's bytes are still drained before the reply; closing
-            // right after is fine since nothing more will be read.
+            // A refused chunk's bytes are still drained before the replies, so the
+            // client reads them instead of a reset.
+            Step::Discard { size, reply, .. } => Step::Discard {
+                size,
+                reply,
+                close: Some(bye),
+            },
             other => other,
         }
     }
@@ -221,12 +243,7 @@ impl Session {
                 "Cannot VRFY user, but will accept message and attempt delivery",
             )),
             Command::Expn => Step::Reply(r(502, (5, 5, 1), "Error: command not implemented")),
-            Command::Help => Step::Reply(r(
-                214,
-                (2, 0, 0),
-                "Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS AUTH\n\
-                 See RFC 5321",
-            )),
+            Command::Help => Step::Reply(self.help()),
             Command::StartTls => {
                 if self.info.tls.is_some() {
                     Step::Reply(bad_sequence("TLS already active"))
@@ -270,6 +287,22 @@ impl Session {
         }
         lines.push("HELP".into());
         Step::Reply(Reply::plain(250, lines.join("\n")))
+    }
+
+    /// 214: the commands this server implements with the current configuration.
+    fn help(&self) -> Reply {
+        let mut cmds = String::from("HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP");
+        if self.settings.tls_available {
+            cmds.push_str(" STARTTLS");
+        }
+        if self.settings.auth.is_some() {
+            cmds.push_str(" AUTH");
+        }
+        r(
+            214,
+            (2, 0, 0),
+            format!("Commands: {cmds}\nSee RFC 5321 and RFC 3030"),
+        )
     }
 
     fn auth_offered(&self) -> bool {
@@ -355,11 +388,13 @@ impl Session {
                 Step::Discard {
                     size,
                     reply: bad_sequence("need RCPT command"),
+                    close: None,
                 }
             }
             Txn::Idle => Step::Discard {
                 size,
                 reply: bad_sequence("need MAIL command"),
+                close: None,
             },
             Txn::Mail(env) => self.chunk(env, 0, size, last, max),
             Txn::Chunking { env, size: so_far } => self.chunk(env, so_far, size, last, max),
@@ -372,6 +407,7 @@ impl Session {
             return Step::Discard {
                 size,
                 reply: r(552, (5, 3, 4), "Error: message file too big"),
+                close: None,
             };
         }
         self.txn = Txn::Chunking {
@@ -412,25 +448,47 @@ impl Session {
         trace::headers(&env.from, &env.rcpts, &t, now)
     }
 
-    /// Calls the `data` hook with the whole content (only when it wants data).
-    pub fn check_content(&mut self, content: &[u8]) -> Result<(), Reply> {
+    /// Calls the `data` hook with the whole content (only when a hook wants data).
+    /// `Ok` holds the header fields the hooks add, in wire form, to store between the
+    /// trace headers and the content; `Err` the reply refusing the message (451 4.3.0
+    /// when a hook panicked, then [`take_close`](Self::take_close) says to close, or
+    /// when it returned a malformed header).
+    pub fn check_content(&mut self, content: &[u8]) -> Result<Vec<u8>, Reply> {
         let (Some(env), hooks) = (self.envelope().cloned(), Arc::clone(&self.hooks)) else {
-            return Ok(());
+            return Ok(Vec::new());
         };
-        self.hook(|s| hooks.data(s, &env, content))
-            .map_err(|step| match step {
-                Step::Reply(rep) => rep,
-                Step::Close(mut v) => v.remove(0),
-                _ => r(451, (4, 3, 0), "Error: internal error"),
-            })
+        match self.hook(|s| hooks.data(s, &env, content)) {
+            Ok(headers) => {
+                let mut out = Vec::new();
+                for h in &headers {
+                    match h.to_bytes() {
+                        Ok(bytes) => out.extend_from_slice(&bytes),
+                        Err(why) => {
+                            log::error!("session {}: data hook: {why}; sending 451", self.info.id);
+                            return Err(internal_error());
+                        }
+                    }
+                }
+                Ok(out)
+            }
+            Err(Step::Reply(rep)) => Err(rep),
+            Err(Step::Close(mut replies)) if !replies.is_empty() => {
+                // A panic (451) or a 421 refusal: that reply, then close.
+                let first = replies.remove(0);
+                self.closing = Some(replies);
+                Err(first)
+            }
+            Err(_) => Err(internal_error()),
+        }
     }
 
     /// The end of a message (DATA or BDAT LAST): the final reply; the transaction ends.
-    /// `size` is the content size (for the log).
+    /// `size` is the content size of a DATA message (for the log; BDAT counts itself).
     pub fn message_end(&mut self, outcome: MessageOutcome, size: u64) -> Reply {
-        let env = match std::mem::replace(&mut self.txn, Txn::Idle) {
-            Txn::Mail(env) | Txn::Chunking { env, .. } => Some(env),
-            Txn::Idle => None,
+        let (env, size) = match std::mem::replace(&mut self.txn, Txn::Idle) {
+            Txn::Mail(env) => (Some(env), size),
+            Txn::Chunking { env, size: total } => (Some(env), total),
+            Txn::Idle => (None, size),
         };
         let (from, rcpts) = env
             .as_ref()
@@ -443,10 +501,8 @@ impl Session {
                 );
                 if let Some(env) = &env {
                     let hooks = Arc::clone(&self.hooks);
-                    let _ = self.hook(|s| {
-                        hooks.done(s, env, &id);
-                        Ok(())
-                    });
+                    // The message is stored whatever the hook does: the reply stays 250.
+                    self.notify(|s| hooks.done(s, env, &id));
                 }
                 return r(250, (2, 0, 0), format!("Ok: queued as {id}"));
             }
@@ -454,14 +510,17 @@ impl Session {
             MessageOutcome::BareLf => r(550, (5, 5, 2), "Error: bare <LF> received"),
             MessageOutcome::Refused(rep) => rep,
             MessageOutcome::StorageFull(e) => {
-                self.hooks.error(&self.info, &SessionError::Storage(e));
+                self.notify_error(SessionError::Storage(e));
                 r(452, (4, 3, 1), "Error: insufficient system storage")
             }
             MessageOutcome::StorageError(e) => {
-                self.hooks.error(&self.info, &SessionError::Storage(e));
+                self.notify_error(SessionError::Storage(e));
                 r(451, (4, 3, 0), "Error: queue file write error")
             }
         };
+        if reply.code >= 500 {
+            self.notify_error(SessionError::Protocol(reply.clone()));
+        }
         log::info!(
             "session {}: message from <{from}> ({size} bytes) refused: {reply}",
             self.info.id
@@ -481,7 +540,7 @@ impl Session {
 
     /// 421 for a command or data deadline, or a too slow transfer.
     pub fn timeout(&mut self) -> Reply {
-        self.hooks.error(&self.info, &SessionError::Timeout);
+        self.notify_error(SessionError::Timeout);
         r(
             421,
             (4, 4, 2),
@@ -514,6 +573,10 @@ impl Session {
                 (5, 7, 11),
                 "Encryption required for requested authentication mechanism",
             ));
+        }
+        if self.info.helo.is_none() || !self.esmtp {
+            // AUTH is an ESMTP extension: it exists only after EHLO (RFC 4954 §3).
+            return Step::Reply(bad_sequence("send EHLO first"));
         }
         if self.info.auth_user.is_some() {
             return Step::Reply(bad_sequence("already authenticated"));
@@ -552,6 +615,10 @@ impl Session {
                     None => false,
                 };
                 if ok {
+                    // The user name (escaped: it is client input) goes to the log; the
+                    // password and the base64 lines never do. A failed attempt logs no
+                    // name, since users do type passwords into the name field.
+                    log::info!("session {}: authenticated as {user:?}", self.info.id);
                     self.info.auth_user = Some(user);
                     Step::Reply(r(235, (2, 7, 0), "Authentication successful"))
                 } else {
@@ -561,38 +628,303 @@ impl Session {
         }
     }
 
-    /// Runs a hook, catching panics, and turns a refusal into the step to take.
-    fn hook(&mut self, f: impl FnOnce(&SessionInfo) -> Result<(), Reply>) -> Result<(), Step> {
+    /// The connection broke (or the client left in the middle of a message).
+    pub fn io_error(&mut self, what: String) {
+        log::info!("session {}: {what}", self.info.id);
+        self.notify_error(SessionError::Io(what));
+    }
+
+    fn notify_error(&mut self, e: SessionError) {
+        let hooks = Arc::clone(&self.hooks);
+        self.notify(|s| hooks.error(s, &e));
+    }
+
+    /// Runs a notification hook (error, done), catching panics: the reply already due
+    /// stands, then the connection closes with 421 (RFC 5321 §3.8).
+    fn notify(&mut self, f: impl FnOnce(&SessionInfo)) {
+        let info = &self.info;
+        if catch_unwind(AssertUnwindSafe(|| f(info))).is_err() {
+            log::error!(
+                "session {}: a hook panicked; closing the session",
+                self.info.id
+            );
+            if self.closing.is_none() {
+                self.closing = Some(vec![r(
+                    421,
+                    (4, 3, 0),
+                    format!(
+                        "{} Error: internal error, closing connection",
+                        self.settings.hostname
+                    ),
+                )]);
+            }
+        }
+    }
+
+    /// Runs a deciding hook, catching panics, and turns a refusal into the step to take.
+    fn hook<T>(&mut self, f: impl FnOnce(&SessionInfo) -> Result<T, Reply>) -> Result<T, Step> {
         let info = &self.info;
         match catch_unwind(AssertUnwindSafe(|| f(info))) {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(reply)) if reply.is_refusal() => Err(Step::Reply(reply)),
+            Ok(Ok(v)) => Ok(v),
+            // RFC 3463 §3.1: the enhanced code's class must match the reply's.
+            Ok(Err(reply))
+                if reply.is_refusal()
+                    && reply
+                        .enhanced
+                        .is_none_or(|e| u16::from(e.0) == reply.code / 100) =>
+            {
+                if reply.code == 421 {
+                    // 421 means the server closes the channel (RFC 5321 §3.8).
+                    Err(Step::Close(vec![reply]))
+                } else {
+                    Err(Step::Reply(reply))
+                }
+            }
             Ok(Err(reply)) => {
                 log::error!(
-                    "session {}: hook refused with non-error code {}; sending 451",
+                    "session {}: hook refused with a non-error or inconsistent reply {reply}; sending 451",
                     self.info.id,
-                    reply.code
                 );
-                Err(Step::Reply(r(451, (4, 3, 0), "Error: internal error")))
+                Err(Step::Reply(internal_error()))
             }
             Err(_) => {
                 log::error!(
                     "session {}: a hook panicked; closing the session",
                     self.info.id
                 );
-                Err(Step::Close(vec![r(
-                    451,
-                    (4, 3, 0),
-                    "Error: internal error",
-                )]))
+                Err(Step::Close(vec![internal_error()]))
             }
         }
     }
+}
+
+fn internal_error() -> Reply {
+    r(451, (4, 3, 0), "Error: internal error")
 }
 
 fn step_close(step: Step) -> Step {
     match step {
         Step::Reply(rep) => Step::Close(vec![rep]),
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The state machine in memory: command lines in, steps out.
+    use super::*;
+    use crate::hooks::{NoHooks, Policy};
+
+    fn settings(max_errors: u32, tls: bool) -> Arc<Settings> {
+        Arc::new(Settings {
+            hostname: "mx.test".into(),
+            max_message_size: 1000,
+            max_recipients: 2,
+            max_errors,
+            tls_available: tls,
+            require_tls: false,
+            auth: None,
+        })
+    }
+
+    fn session_with(settings: Arc<Settings>, hooks: Arc<dyn Hooks>) -> Session {
+        let info = SessionInfo {
+            id: 1,
+            peer: "192.0.2.7:4000".parse().unwrap(),
+            tls: None,
+            auth_user: None,
+            helo: None,
+        };
+        Session::new(settings, hooks, info)
+    }
+
+    fn session() -> Session {
+        session_with(settings(10, true), Arc::new(NoHooks))
+    }
+
+    /// The reply code and enhanced code (or the step name) of one command.
+    fn code(s: &mut Session, line: &str) -> String {
+        match s.command(line.as_bytes()) {
+            Step::Reply(r) => match r.enhanced {
+                Some(e) => format!("{} {e}", r.code),
+                None => r.code.to_string(),
+            },
+            Step::Close(rs) => format!(
+                "close {}",
+                rs.iter()
+                    .map(|r| r.code.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+            Step::Data => "data".into(),
+            Step::Chunk { size, last } => format!("chunk {size} {last}"),
+            Step::Discard { size, reply, close } => {
+                format!("discard {size} {} {}", reply.code, close.is_some())
+            }
+            Step::StartTls(r) => format!("starttls {}", r.code),
+        }
+    }
+
+    #[test]
+    fn greeting_names_the_host() {
+        let mut s = session();
+        assert_eq!(
+            s.greeting(),
+            Step::Reply(Reply::plain(220, "mx.test ESMTP"))
+        );
+    }
+
+    #[test]
+    fn a_whole_transaction() {
+        let mut s = session();
+        assert_eq!(code(&mut s, "EHLO c.test"), "250");
+        assert_eq!(code(&mut s, "MAIL FROM:<a@x.test> SIZE=10"), "250 2.1.0");
+        assert_eq!(code(&mut s, "RCPT TO:<b@y.test>"), "250 2.1.5");
+        assert_eq!(code(&mut s, "DATA"), "data");
+        let h = String::from_utf8(s.trace_headers("Q1", std::time::UNIX_EPOCH)).unwrap();
+        assert!(h.starts_with("Return-Path: <a@x.test>\r\nX-Original-To: b@y.test\r\nReceived: from c.test ([192.0.2.7]) by mx.test with ESMTP\r\n"), "{h}");
+        let r = s.message_end(MessageOutcome::Stored("Q1".into()), 5);
+        assert_eq!(r.to_string(), "250 2.0.0 Ok: queued as Q1");
+        assert!(s.envelope().is_none(), "the transaction ended");
+        assert_eq!(code(&mut s, "QUIT"), "close 221");
+    }
+
+    #[test]
+    fn ehlo_advertises_starttls_only_before_tls() {
+        let mut s = session();
+        let Step::Reply(r) = s.command(b"EHLO c.test") else {
+            panic!()
+        };
+        assert_eq!(
+            r.text,
+            "mx.test\nPIPELINING\nSIZE 1000\n8BITMIME\nSMTPUTF8\nENHANCEDSTATUSCODES\nCHUNKING\nSTARTTLS\nHELP"
+        );
+        assert_eq!(code(&mut s, "STARTTLS"), "starttls 220");
+        s.tls_started(TlsInfo {
+            version: "TLSv1_3".into(),
+            cipher: "X".into(),
+        });
+        assert_eq!(
+            code(&mut s, "MAIL FROM:<a@x.test>"),
+            "503 5.5.1",
+            "EHLO again first"
+        );
+        let Step::Reply(r) = s.command(b"EHLO c.test") else {
+            panic!()
+        };
+        assert!(!r.text.contains("STARTTLS"));
+        assert_eq!(code(&mut s, "STARTTLS"), "503 5.5.1");
+    }
+
+    #[test]
+    fn order_of_commands() {
+        let mut s = session();
+        assert_eq!(
+            code(&mut s, "MAIL FROM:<a@x.test>"),
+            "503 5.5.1",
+            "HELO first"
+        );
+        assert_eq!(code(&mut s, "HELO c.test"), "250");
+        assert_eq!(code(&mut s, "RCPT TO:<b@y.test>"), "503 5.5.1");
+        assert_eq!(code(&mut s, "DATA"), "503 5.5.1");
+        assert_eq!(code(&mut s, "MAIL FROM:<a@x.test>"), "250 2.1.0");
+        assert_eq!(
+            code(&mut s, "MAIL FROM:<a@x.test>"),
+            "503 5.5.1",
+            "nested MAIL"
+        );
+        assert_eq!(code(&mut s, "DATA"), "503 5.5.1", "no recipient yet");
+        assert_eq!(code(&mut s, "RCPT TO:<b@y.test>"), "250 2.1.5");
+        assert_eq!(code(&mut s, "RCPT TO:<c@y.test>"), "250 2.1.5");
+        assert_eq!(
+            code(&mut s, "RCPT TO:<d@y.test>"),
+            "452 4.5.3",
+            "max_recipients = 2"
+        );
+        assert_eq!(code(&mut s, "RSET"), "250 2.0.0");
+        assert!(s.envelope().is_none());
+        assert_eq!(code(&mut s, "MAIL FROM:<a@x.test> SIZE=1001"), "552 5.3.4");
+    }
+
+    #[test]
+    fn bdat_states() {
+        let mut s = session();
+        code(&mut s, "EHLO c.test");
+        assert_eq!(
+            code(&mut s, "BDAT 5"),
+            "discard 5 503 false",
+            "before MAIL: drained"
+        );
+        code(&mut s, "MAIL FROM:<a@x.test>");
+        code(&mut s, "RCPT TO:<b@y.test>");
+        assert_eq!(code(&mut s, "BDAT 600"), "chunk 600 false");
+        assert!(s.is_chunking());
+        assert_eq!(code(&mut s, "DATA"), "503 5.5.1", "no DATA inside BDAT");
+        assert_eq!(
+            code(&mut s, "BDAT 401 LAST"),
+            "discard 401 552 false",
+            "over the limit in total"
+        );
+        assert!(!s.is_chunking(), "the transaction failed");
+        assert_eq!(code(&mut s, "BDAT 1 LAST"), "discard 1 503 false");
+    }
+
+    #[test]
+    fn errors_are_counted_to_421() {
+        let mut s = session_with(settings(3, false), Arc::new(NoHooks));
+        assert_eq!(code(&mut s, "FOO"), "500 5.5.2");
+        assert_eq!(code(&mut s, "BAR"), "500 5.5.2");
+        assert_eq!(code(&mut s, "BAZ"), "close 500,421");
+    }
+
+    #[test]
+    fn utf8_addresses_need_smtputf8() {
+        let mut s = session();
+        code(&mut s, "EHLO c.test");
+        assert_eq!(code(&mut s, "MAIL FROM:<jö@x.test>"), "553 5.6.7");
+        assert_eq!(code(&mut s, "MAIL FROM:<a@x.test>"), "250 2.1.0");
+        assert_eq!(code(&mut s, "RCPT TO:<jö@y.test>"), "553 5.6.7");
+        code(&mut s, "RSET");
+        assert_eq!(code(&mut s, "MAIL FROM:<jö@x.test> SMTPUTF8"), "250 2.1.0");
+        assert_eq!(code(&mut s, "RCPT TO:<jö@y.test>"), "250 2.1.5");
+    }
+
+    #[test]
+    fn policy_refuses_foreign_domains() {
+        let hooks: Arc<dyn Hooks> = Arc::new(Policy::new(&["y.test".into()]));
+        let mut s = session_with(settings(10, false), hooks);
+        code(&mut s, "EHLO c.test");
+        code(&mut s, "MAIL FROM:<a@x.test>");
+        assert_eq!(code(&mut s, "RCPT TO:<b@Y.TEST>"), "250 2.1.5");
+        assert_eq!(code(&mut s, "RCPT TO:<b@z.test>"), "550 5.7.1");
+    }
+
+    #[test]
+    fn storage_outcomes() {
+        let mut s = session();
+        for (outcome, want) in [
+            (
+                MessageOutcome::TooBig,
+                "552 5.3.4 Error: message file too big",
+            ),
+            (
+                MessageOutcome::BareLf,
+                "550 5.5.2 Error: bare <LF> received",
+            ),
+            (
+                MessageOutcome::StorageFull("x".into()),
+                "452 4.3.1 Error: insufficient system storage",
+            ),
+            (
+                MessageOutcome::StorageError("x".into()),
+                "451 4.3.0 Error: queue file write error",
+            ),
+        ] {
+            code(&mut s, "EHLO c.test");
+            code(&mut s, "MAIL FROM:<a@x.test>");
+            code(&mut s, "RCPT TO:<b@y.test>");
+            assert_eq!(code(&mut s, "DATA"), "data");
+            assert_eq!(s.message_end(outcome, 0).to_string(), want);
+        }
     }
 }

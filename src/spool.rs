@@ -14,6 +14,34 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+/// A step of storing a message, as seen by [`Faults`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// Creating the file in `tmp/`.
+    Create,
+    /// Writing message bytes (before they reach the buffer).
+    Write,
+    /// fsync of the message file.
+    SyncFile,
+    /// The rename from `tmp/` into `new/`.
+    Rename,
+    /// fsync of `new/` after a batch of renames.
+    SyncDir,
+}
+
+/// Fault injection for tests: consulted before each storage step; an `Err` is
+/// returned as if the real operation had failed (ENOSPC, EIO, …). The default
+/// injects nothing. A test may also block in `before` to observe ordering.
+pub trait Faults: Send + Sync {
+    fn before(&self, _op: Op) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// No faults: the production setting.
+pub struct NoFaults;
+impl Faults for NoFaults {}
+
 /// A storage failure.
 #[derive(Debug)]
 pub enum StoreError {
@@ -121,6 +149,7 @@ pub struct Maildir {
     seq: AtomicU64,
     pid: u32,
     tx: Sender<Commit>,
+    faults: Arc<dyn Faults>,
 }
 
 /// Counters the writer thread keeps (for the stats line).
@@ -140,6 +169,17 @@ impl Maildir {
         hostname: &str,
         fsync: bool,
         stats: Arc<SpoolStats>,
+    ) -> io::Result<(Maildir, JoinHandle<()>)> {
+        Maildir::open_with_faults(dir, hostname, fsync, stats, Arc::new(NoFaults))
+    }
+
+    /// [`open`](Self::open) with a fault injector (tests).
+    pub fn open_with_faults(
+        dir: &Path,
+        hostname: &str,
+        fsync: bool,
+        stats: Arc<SpoolStats>,
+        faults: Arc<dyn Faults>,
     ) -> io::Result<(Maildir, JoinHandle<()>)> {
         for sub in ["tmp", "new", "cur"] {
             let p = dir.join(sub);
@@ -164,9 +204,10 @@ impl Maildir {
         // Short queue: sessions block on their ack anyway; the bound just caps memory.
         let (tx, rx) = bounded::<Commit>(1024);
         let new_dir = dir.join("new");
+        let writer_faults = Arc::clone(&faults);
         let handle = std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || writer(rx, new_dir, fsync, stats))?;
+            .spawn(move || writer(rx, new_dir, fsync, stats, writer_faults))?;
         Ok((
             Maildir {
                 dir: dir.to_path_buf(),
@@ -176,6 +217,7 @@ impl Maildir {
                 seq: AtomicU64::new(0),
                 pid: std::process::id(),
                 tx,
+                faults,
             },
             handle,
         ))
@@ -192,10 +234,10 @@ impl Store for Maildir {
         let name = format!("{}.{}.{}", now.as_secs(), queue_id, self.host);
         let tmp = self.dir.join("tmp").join(&name);
         let dest = self.dir.join("new").join(&name);
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
+        let file = self
+            .faults
+            .before(Op::Create)
+            .and_then(|()| OpenOptions::new().write(true).create_new(true).open(&tmp))
             .map_err(|e| StoreError::from_io(&tmp.display().to_string(), &e))?;
         Ok(Box::new(MaildirMessage {
             out: Some(BufWriter::with_capacity(64 * 1024, file)),
@@ -204,6 +246,7 @@ impl Store for Maildir {
             queue_id,
             fsync: self.fsync,
             tx: self.tx.clone(),
+            faults: Arc::clone(&self.faults),
         }))
     }
 }
@@ -218,10 +261,12 @@ struct MaildirMessage {
     queue_id: String,
     fsync: bool,
     tx: Sender<Commit>,
+    faults: Arc<dyn Faults>,
 }
 
 impl Write for MaildirMessage {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.faults.before(Op::Write)?;
         match &mut self.out {
             Some(w) => w.write(buf),
             None => Err(io::Error::other("message already committed")),
@@ -251,7 +296,9 @@ impl MessageWriter for MaildirMessage {
         if self.fsync {
             // Each session syncs its own file, so many fsyncs run in parallel and the
             // filesystem folds them into few journal commits.
-            file.sync_data()
+            self.faults
+                .before(Op::SyncFile)
+                .and_then(|()| file.sync_data())
                 .map_err(|e| StoreError::from_io(&what, &e))?;
             #[cfg(test)]
             probe::record(probe::Event::FileSynced, &self.dest);
@@ -259,7 +306,9 @@ impl MessageWriter for MaildirMessage {
         drop(file);
         // The rename happens here, in the session, so that the writer's critical path is
         // the directory fsync alone: it starts the next one as soon as one returns.
-        fs::rename(&self.tmp, &self.dest)
+        self.faults
+            .before(Op::Rename)
+            .and_then(|()| fs::rename(&self.tmp, &self.dest))
             .map_err(|e| StoreError::from_io(&self.dest.display().to_string(), &e))?;
         self.tmp = PathBuf::new();
         #[cfg(test)]
@@ -297,7 +346,13 @@ impl Drop for MaildirMessage {
 /// The writer thread: take every renamed file that is waiting, fsync `new/` once, ack
 /// them all. Files renamed while an fsync runs wait for the next one, which starts as
 /// soon as this one returns: the batch grows with the load, never with a timer.
-fn writer(rx: Receiver<Commit>, new_dir: PathBuf, fsync: bool, stats: Arc<SpoolStats>) {
+fn writer(
+    rx: Receiver<Commit>,
+    new_dir: PathBuf,
+    fsync: bool,
+    stats: Arc<SpoolStats>,
+    faults: Arc<dyn Faults>,
+) {
     let mut batch: Vec<Commit> = Vec::with_capacity(256);
     // One descriptor for the whole run: an fsync through any descriptor of a directory
     // makes its entries durable. Reopened after an error.
@@ -307,7 +362,9 @@ fn writer(rx: Receiver<Commit>, new_dir: PathBuf, fsync: bool, stats: Arc<SpoolS
         batch.extend(rx.try_iter().take(1023));
         let started = Instant::now();
         let synced = if fsync {
-            sync_dir(&mut dir, &new_dir)
+            faults
+                .before(Op::SyncDir)
+                .and_then(|()| sync_dir(&mut dir, &new_dir))
         } else {
             Ok(())
         };
@@ -392,7 +449,6 @@ mod probe {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     #[test]
     fn commit_moves_whole_file_into_new_and_tmp_is_cleared_at_open() {

@@ -9,13 +9,15 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ServerConfig, ServerConnection, StreamOwned};
+use std::collections::hash_map::DefaultHasher;
 use std::fmt;
+use std::hash::{Hash, Hasher};
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant};
 
 /// A certificate or key that cannot be used.
 #[derive(Debug)]
@@ -111,6 +113,8 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsEr
 #[derive(Debug)]
 pub struct Reloading {
     current: RwLock<Arc<CertifiedKey>>,
+    /// The files as they were when `current` was first loaded.
+    loaded: Fingerprint,
     cert: PathBuf,
     key: PathBuf,
 }
@@ -123,15 +127,21 @@ impl ResolvesServerCert for Reloading {
     }
 }
 
-fn mtimes(cert: &Path, key: &Path) -> (Option<SystemTime>, Option<SystemTime>, u64) {
-    let m = |p: &Path| std::fs::metadata(p).ok();
-    let (a, b) = (m(cert), m(key));
-    let len = a.as_ref().map_or(0, |x| x.len()) ^ b.as_ref().map_or(0, |x| x.len()).rotate_left(32);
-    (
-        a.and_then(|x| x.modified().ok()),
-        b.and_then(|x| x.modified().ok()),
-        len,
-    )
+/// What the watcher compares: a hash of each file's bytes (`None` when unreadable).
+/// Contents, not mtime and size: file-system timestamps are coarse (a few ms on
+/// Linux), so a pair replaced soon after the last load can keep both, and a renewed
+/// certificate usually has the same size.
+type Fingerprint = (Option<u64>, Option<u64>);
+
+fn fingerprint(cert: &Path, key: &Path) -> Fingerprint {
+    let hash = |p: &Path| {
+        std::fs::read(p).ok().map(|bytes| {
+            let mut h = DefaultHasher::new();
+            bytes.hash(&mut h);
+            h.finish()
+        })
+    };
+    (hash(cert), hash(key))
 }
 
 impl Reloading {
@@ -142,10 +152,10 @@ impl Reloading {
         let spawned = std::thread::Builder::new()
             .name("tls-reload".into())
             .spawn(move || {
-                let mut seen = mtimes(&me.cert, &me.key);
+                let mut seen = me.loaded;
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(every);
-                    let now = mtimes(&me.cert, &me.key);
+                    let now = fingerprint(&me.cert, &me.key);
                     if now == seen {
                         continue;
                     }
@@ -172,9 +182,12 @@ pub fn server_config(
     cert: &Path,
     key: &Path,
 ) -> Result<(Arc<ServerConfig>, Arc<Reloading>), TlsError> {
+    // Taken before the load: a change in between is then seen by the first poll.
+    let loaded = fingerprint(cert, key);
     let ck = load_certified_key(cert, key)?;
     let resolver = Arc::new(Reloading {
         current: RwLock::new(Arc::new(ck)),
+        loaded,
         cert: cert.to_path_buf(),
         key: key.to_path_buf(),
     });
@@ -279,11 +292,20 @@ impl Transport for Stream {
                 ));
             }
         };
+        // The read timeout set on the socket (the command timeout) bounds the whole
+        // handshake, not each read: a client that trickles bytes cannot hold a worker
+        // longer than that (SPEC invariant 4).
+        let budget = tcp.read_timeout()?.unwrap_or(HANDSHAKE_DEFAULT);
         let conn = ServerConnection::new(cfg).map_err(io::Error::other)?;
         let mut s = StreamOwned::new(conn, tcp);
-        // The read timeout on the socket bounds the handshake (the command timeout).
-        while s.conn.is_handshaking() {
-            s.conn.complete_io(&mut s.sock)?;
+        {
+            let mut sock = Deadline {
+                tcp: &mut s.sock,
+                deadline: Instant::now() + budget,
+            };
+            while s.conn.is_handshaking() {
+                s.conn.complete_io(&mut sock)?;
+            }
         }
         let info = TlsInfo {
             version: s
@@ -297,6 +319,39 @@ impl Transport for Stream {
         };
         *self = Stream::Tls(Box::new(TlsStream(s)));
         Ok(info)
+    }
+}
+
+/// The handshake bound when the socket has no read timeout set.
+const HANDSHAKE_DEFAULT: Duration = Duration::from_secs(300);
+
+/// The socket during a handshake: each read may only wait for the time left until
+/// `deadline`, so the handshake as a whole ends by then.
+struct Deadline<'a> {
+    tcp: &'a mut TcpStream,
+    deadline: Instant,
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "TLS handshake timed out",
+            ));
+        }
+        self.tcp.set_read_timeout(Some(left))?;
+        self.tcp.read(buf)
+    }
+}
+
+impl Write for Deadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.tcp.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.tcp.flush()
     }
 }
 

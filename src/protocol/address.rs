@@ -129,7 +129,8 @@ pub fn split_path(arg: &str) -> Result<(&str, &str), AddressError> {
         if end == 0 {
             return Err(AddressError::Syntax("empty path"));
         }
-        if end > MAX_PATH {
+        // The limit counts the angle brackets this form leaves out (§4.5.3.1.3).
+        if end + 2 > MAX_PATH {
             return Err(AddressError::TooLong("path over 256 octets"));
         }
         return Ok((&arg[..end], &arg[end..]));
@@ -276,14 +277,17 @@ fn check_address_literal(lit: &str) -> Result<(), AddressError> {
                 .map(|_| ())
                 .map_err(|_| AddressError::Syntax("bad IPv6 address literal"));
         }
-        // General-address-literal = Standardized-tag ":" 1*dcontent
+        // General-address-literal = Standardized-tag ":" 1*dcontent. dcontent allows
+        // `<`, `>` and `"`, but we refuse them: inside brackets (`RCPT TO:<...>`,
+        // `Return-Path: <...>`) a `>` would end the path early and a `"` would open a
+        // quoted string, so the address would not survive being written back.
         let tag_ok = !tag.is_empty()
             && tag.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
             && !tag.ends_with('-');
         let content_ok = !content.is_empty()
-            && content
-                .bytes()
-                .all(|b| (33..=90).contains(&b) || (94..=126).contains(&b));
+            && content.bytes().all(|b| {
+                ((33..=90).contains(&b) || (94..=126).contains(&b)) && !b"<>\"".contains(&b)
+            });
         if tag_ok && content_ok {
             return Ok(());
         }
@@ -395,5 +399,33 @@ mod tests {
         assert!(split_path("<@bad_route:a@x.test>").is_err());
         let long = format!("<{}@{}>", "a".repeat(64), "b".repeat(200));
         assert!(matches!(split_path(&long), Err(AddressError::TooLong(_))));
+    }
+
+    /// Fuzz finding (target `address`): `a@[x:>]` and `a@[x:"]` were valid mailboxes
+    /// without brackets but not inside them, where `>` ends the path and `"` opens a
+    /// quoted string.
+    #[test]
+    fn general_literal_refuses_angle_brackets() {
+        assert!(mailbox("a@[x:y]").is_ok());
+        assert!(mailbox("a@[x:>]").is_err());
+        assert!(mailbox("a@[x:<]").is_err());
+        assert!(mailbox("a@[x:\"]").is_err());
+        assert!(split_path("a@[x:>]").is_ok(), "splitting does not validate");
+    }
+
+    /// Fuzz finding (target `address`): without brackets, a 255- or 256-octet path was
+    /// accepted although with its brackets it is over the 256-octet limit.
+    #[test]
+    fn unbracketed_path_limit_counts_the_brackets() {
+        let at_limit = format!("{}@{}", "a".repeat(60), "b".repeat(193));
+        assert_eq!(at_limit.len() + 2, MAX_PATH);
+        assert!(split_path(&at_limit).is_ok());
+        assert!(split_path(&format!("<{at_limit}>")).is_ok());
+        let over = format!("{at_limit}b");
+        assert!(matches!(split_path(&over), Err(AddressError::TooLong(_))));
+        assert!(matches!(
+            split_path(&format!("<{over}>")),
+            Err(AddressError::TooLong(_))
+        ));
     }
 }

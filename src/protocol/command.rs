@@ -151,11 +151,12 @@ fn parse_mail(arg: &str) -> Result<Command, Reply> {
         match key.to_ascii_uppercase().as_str() {
             "SIZE" => {
                 let v = value.ok_or_else(|| syntax("SIZE=number"))?;
-                let n = v
-                    .parse::<u64>()
-                    .ok()
-                    .filter(|_| v.bytes().all(|b| b.is_ascii_digit()))
-                    .ok_or_else(|| syntax("SIZE=number"))?;
+                // RFC 1870: size-value ::= 1*20DIGIT. A 20-digit value past u64 is
+                // still a number, just too big: it saturates and gets 552, not 501.
+                if v.len() > 20 || !v.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(syntax("SIZE=number"));
+                }
+                let n = v.parse::<u64>().unwrap_or(u64::MAX);
                 if p.size.replace(n).is_some() {
                     return Err(dup());
                 }
@@ -298,6 +299,13 @@ mod tests {
         assert_eq!(code("MAIL TO:<a@x.test>"), 501);
         assert_eq!(code("MAIL FROM:<a@x.test> SIZE=abc"), 501);
         assert_eq!(code("MAIL FROM:<a@x.test> SIZE=-1"), 501);
+        assert_eq!(code("MAIL FROM:<a@x.test> SIZE=+1"), 501);
+        assert_eq!(code("MAIL FROM:<a@x.test> SIZE=123456789012345678901"), 501);
+        let Ok(Command::Mail(_, p)) = parse(b"MAIL FROM:<a@x.test> SIZE=99999999999999999999")
+        else {
+            panic!("a 20-digit SIZE is a number")
+        };
+        assert_eq!(p.size, Some(u64::MAX));
         assert_eq!(code("MAIL FROM:<a@x.test> SIZE=1 SIZE=2"), 501);
         assert_eq!(code("MAIL FROM:<a@x.test> BODY=9BIT"), 501);
         assert_eq!(code("MAIL FROM:<a@x.test> BODY=BINARYMIME"), 555);

@@ -9,5 +9,6 @@
 pub mod address;
 pub mod command;
 pub mod data;
+pub mod proxy;
 pub mod reply;
 pub mod trace;

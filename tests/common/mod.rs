@@ -3,6 +3,11 @@
 //! to read the spool. Every wait is bounded.
 #![allow(dead_code)]
 
+/// In-memory sessions (no sockets): see `memory.rs`.
+pub mod memory;
+/// The real binary as a child process: see `process.rs`.
+pub mod process;
+
 use mailer::hooks::Hooks;
 use mailer::{Config, Handle, Server};
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -45,6 +50,7 @@ pub struct TestServer {
     pub dir: tempfile::TempDir,
     pub cert: Option<TestCert>,
     pub handle: Handle,
+    spool_dir: PathBuf,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -61,6 +67,8 @@ pub struct Opts {
     pub tls_extra: String,
     /// Lines inside `[server]` (e.g. `workers = 2`).
     pub server_extra: String,
+    /// The spool directory; default `<temp dir>/spool`.
+    pub spool: Option<PathBuf>,
     pub hooks:
         Option<Box<dyn FnOnce(mailer::server::ServerBuilder) -> mailer::server::ServerBuilder>>,
 }
@@ -83,6 +91,10 @@ impl TestServer {
         let dir = tempfile::tempdir().unwrap();
         let cert = (opts.tls || opts.implicit_tls).then(|| make_cert(dir.path(), "server"));
         let toml = config_toml(dir.path(), cert.as_ref(), &opts);
+        let spool_dir = opts
+            .spool
+            .clone()
+            .unwrap_or_else(|| dir.path().join("spool"));
         let cfg = Config::from_toml(&toml, Path::new("test.toml")).expect("test config");
         let mut builder = Server::builder(cfg);
         if let Some(f) = opts.hooks {
@@ -95,6 +107,7 @@ impl TestServer {
         let s = TestServer {
             addr: addrs[0],
             tls_addr: opts.implicit_tls.then(|| addrs[1]),
+            spool_dir: spool_dir.clone(),
             dir,
             cert,
             handle,
@@ -110,7 +123,7 @@ impl TestServer {
     }
 
     pub fn spool(&self) -> PathBuf {
-        self.dir.path().join("spool")
+        self.spool_dir.clone()
     }
 
     /// Stored messages in `new/`, sorted by name (time, then sequence).
@@ -172,7 +185,20 @@ fn config_toml(dir: &Path, cert: Option<&TestCert>, opts: &Opts) -> String {
     if opts.implicit_tls {
         t.push_str("tls_listen = [\"127.0.0.1:0\"]\n");
     }
-    t.push_str("workers = 8\nshutdown_grace_secs = 5\nstats_interval_secs = 0\n");
+    // Defaults for tests, unless `server_extra` sets them (TOML forbids duplicate keys).
+    for (key, value) in [
+        ("workers", "8"),
+        ("shutdown_grace_secs", "5"),
+        ("stats_interval_secs", "0"),
+    ] {
+        let set = opts
+            .server_extra
+            .lines()
+            .any(|l| l.split('=').next().is_some_and(|k| k.trim() == key));
+        if !set {
+            t.push_str(&format!("{key} = {value}\n"));
+        }
+    }
     t.push_str(&opts.server_extra);
     t.push('\n');
     if let Some(c) = cert {
@@ -185,7 +211,11 @@ fn config_toml(dir: &Path, cert: Option<&TestCert>, opts: &Opts) -> String {
     }
     t.push_str(&format!(
         "[spool]\ndir = {:?}\nfsync = true\n",
-        dir.join("spool").display().to_string()
+        opts.spool
+            .clone()
+            .unwrap_or_else(|| dir.join("spool"))
+            .display()
+            .to_string()
     ));
     t.push_str(&opts.toml);
     t
@@ -377,10 +407,17 @@ impl Client {
         v
     }
 
-    /// True when the server has closed the connection (EOF on read).
+    /// True when the server has closed the connection (EOF or reset on read). A read
+    /// that times out (after [`WAIT`]) means the connection is still open: false.
     pub fn is_closed(&mut self) -> bool {
         let mut b = [0u8; 1];
-        matches!(self.io.as_mut().unwrap().read(&mut b), Ok(0) | Err(_))
+        match self.io.as_mut().unwrap().read(&mut b) {
+            Ok(n) => n == 0,
+            Err(e) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+        }
     }
 
     /// MAIL, RCPTs, DATA with `body` (already dot-stuffed and ending in CRLF.CRLF);

@@ -1,0 +1,430 @@
+//! Shared pieces of the fuzz targets: an in-memory [`Transport`] that serves the fuzz
+//! bytes in arbitrary-sized reads, a [`Store`] that records messages, a session
+//! runner, and checkers for the server's output.
+//!
+//! Every checker panics (which libFuzzer reports as a crash) when a property fails.
+
+use mailer::auth::Authenticator;
+use mailer::connection::{Connection, End, Forever, Transport, WireLimits};
+use mailer::hooks::{NoHooks, SessionInfo, TlsInfo};
+use mailer::protocol::data::{BareLf, DataReader};
+use mailer::session::{AuthSettings, Session, Settings};
+use mailer::spool::{MessageWriter, Store, StoreError};
+use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A tiny deterministic PRNG (xorshift64*), so read sizes come from the fuzz input.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed ^ 0x9E37_79B9_7F4A_7C15 | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// A number in `1..=max`.
+    pub fn size(&mut self, max: usize) -> usize {
+        1 + (self.next_u64() % max.max(1) as u64) as usize
+    }
+}
+
+/// What the fake TLS handshake does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FakeTls {
+    /// `start_tls` fails (the connection ends).
+    Fail,
+    /// `start_tls` "succeeds" and the stream goes on in clear, so the session after a
+    /// handshake is explored too.
+    Succeed,
+}
+
+/// Serves `input` in reads of pseudo-random size `1..=max_piece`; records writes.
+pub struct MemTransport {
+    input: Vec<u8>,
+    pos: usize,
+    rng: Rng,
+    max_piece: usize,
+    pub out: Vec<u8>,
+    tls: FakeTls,
+    /// Input offset and output length at each `start_tls` call.
+    pub handshakes: Vec<(usize, usize)>,
+}
+
+impl MemTransport {
+    pub fn new(input: Vec<u8>, seed: u64, max_piece: usize, tls: FakeTls) -> MemTransport {
+        MemTransport {
+            input,
+            pos: 0,
+            rng: Rng::new(seed),
+            max_piece: max_piece.max(1),
+            out: Vec::new(),
+            tls,
+            handshakes: Vec::new(),
+        }
+    }
+    /// How many input bytes the server has read.
+    pub fn consumed(&self) -> usize {
+        self.pos
+    }
+}
+
+impl Read for MemTransport {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.input.len() - self.pos;
+        let n = self.rng.size(self.max_piece).min(left).min(buf.len());
+        buf[..n].copy_from_slice(&self.input[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+impl Write for MemTransport {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Transport for MemTransport {
+    fn set_read_timeout(&mut self, _timeout: Option<Duration>) -> io::Result<()> {
+        Ok(())
+    }
+    fn start_tls(&mut self) -> io::Result<TlsInfo> {
+        self.handshakes.push((self.pos, self.out.len()));
+        match self.tls {
+            FakeTls::Fail => Err(io::Error::new(io::ErrorKind::InvalidData, "no TLS here")),
+            FakeTls::Succeed => Ok(TlsInfo {
+                version: "TLSv1_3".into(),
+                cipher: "FAKE".into(),
+            }),
+        }
+    }
+}
+
+/// One committed message: queue id and the bytes written (trace headers + content).
+#[derive(Clone, Debug)]
+pub struct Stored {
+    pub id: String,
+    pub bytes: Vec<u8>,
+}
+
+/// A [`Store`] keeping committed messages in memory; ids are `Q1`, `Q2`, …
+#[derive(Default)]
+pub struct MemStore {
+    next: AtomicU64,
+    committed: Arc<Mutex<Vec<Stored>>>,
+}
+
+impl MemStore {
+    /// The committed messages, in commit order.
+    pub fn messages(&self) -> Vec<Stored> {
+        self.committed.lock().unwrap().clone()
+    }
+}
+
+impl Store for MemStore {
+    fn begin(&self) -> Result<Box<dyn MessageWriter>, StoreError> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        Ok(Box::new(MemMessage {
+            id: format!("Q{n}"),
+            bytes: Vec::new(),
+            committed: Arc::clone(&self.committed),
+        }))
+    }
+}
+
+/// A message being written; dropped without commit, it vanishes.
+struct MemMessage {
+    id: String,
+    bytes: Vec<u8>,
+    committed: Arc<Mutex<Vec<Stored>>>,
+}
+
+impl Write for MemMessage {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl MessageWriter for MemMessage {
+    fn queue_id(&self) -> &str {
+        &self.id
+    }
+    fn commit(self: Box<Self>) -> Result<(), StoreError> {
+        let MemMessage {
+            id,
+            bytes,
+            committed,
+        } = *self;
+        committed.lock().unwrap().push(Stored { id, bytes });
+        Ok(())
+    }
+}
+
+/// Accepts exactly alice / secret.
+pub struct OneUser;
+
+impl Authenticator for OneUser {
+    fn verify(&self, user: &str, password: &[u8]) -> bool {
+        user == "alice" && password == b"secret"
+    }
+}
+
+/// The knobs a fuzz input chooses.
+#[derive(Clone, Debug)]
+pub struct Knobs {
+    pub max_message_size: u64,
+    pub max_recipients: usize,
+    pub max_errors: u32,
+    pub max_line_length: usize,
+    pub bare_lf: BareLf,
+    pub tls_available: bool,
+    pub auth: bool,
+    pub tls: FakeTls,
+    pub seed: u64,
+    pub max_piece: usize,
+}
+
+impl Knobs {
+    /// Derives knobs from the first four bytes of a fuzz input (missing bytes are 0).
+    pub fn from_header(h: [u8; 4]) -> Knobs {
+        Knobs {
+            max_message_size: [64, 300, 1000, 100_000][(h[0] & 3) as usize],
+            max_recipients: 1 + ((h[0] >> 2) & 7) as usize,
+            max_errors: 1 + u32::from(h[1] & 15),
+            max_line_length: [512, 600, 1000, 4096][((h[1] >> 4) & 3) as usize],
+            bare_lf: if h[1] & 0x40 != 0 {
+                BareLf::Reject
+            } else {
+                BareLf::Normalize
+            },
+            tls_available: h[1] & 0x80 == 0,
+            auth: h[0] & 0x20 == 0,
+            tls: if h[0] & 0x40 != 0 {
+                FakeTls::Fail
+            } else {
+                FakeTls::Succeed
+            },
+            seed: u64::from(h[2]),
+            max_piece: [1, 2, 7, 64, 512, 4096, 100_000, 1 << 20][(h[3] & 7) as usize],
+        }
+    }
+}
+
+/// The result of one in-memory session.
+pub struct Run {
+    pub end: End,
+    /// Everything the server wrote.
+    pub out: Vec<u8>,
+    pub stored: Vec<Stored>,
+    pub transport: MemTransport,
+}
+
+/// Runs a whole session over `input` with the given knobs.
+pub fn run_session(input: &[u8], k: &Knobs) -> Run {
+    let settings = Arc::new(Settings {
+        hostname: "mx.test".into(),
+        max_message_size: k.max_message_size,
+        max_recipients: k.max_recipients,
+        max_errors: k.max_errors,
+        tls_available: k.tls_available,
+        require_tls: false,
+        auth: k.auth.then(|| AuthSettings {
+            allow_plaintext: true,
+            authenticator: Arc::new(OneUser),
+        }),
+    });
+    let info = SessionInfo {
+        id: 1,
+        peer: "192.0.2.1:4000".parse().unwrap(),
+        tls: None,
+        auth_user: None,
+        helo: None,
+    };
+    let session = Session::new(settings, Arc::new(NoHooks), info);
+    let limits = WireLimits {
+        max_line_length: k.max_line_length,
+        max_message_size: k.max_message_size,
+        bare_lf: k.bare_lf,
+        command_timeout: Duration::from_secs(300),
+        data_timeout: Duration::from_secs(300),
+        min_data_rate: 0,
+    };
+    let store = MemStore::default();
+    let t = MemTransport::new(input.to_vec(), k.seed, k.max_piece, k.tls);
+    let mut conn = Connection::new(t, session, &store, &Forever, limits, false);
+    let end = conn.run();
+    let transport = conn.into_transport();
+    Run {
+        end,
+        out: transport.out.clone(),
+        stored: store.messages(),
+        transport,
+    }
+}
+
+/// One reply as it appeared on the wire: code, and the text of each line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WireReply {
+    pub code: u16,
+    pub lines: Vec<String>,
+}
+
+impl WireReply {
+    /// The text of the last line (after `NNN `).
+    pub fn last(&self) -> &str {
+        self.lines.last().map(String::as_str).unwrap_or("")
+    }
+    /// The queue id if this is `250 2.0.0 Ok: queued as ID`.
+    pub fn queued_as(&self) -> Option<&str> {
+        if self.code != 250 {
+            return None;
+        }
+        self.last().strip_prefix("2.0.0 Ok: queued as ")
+    }
+}
+
+/// Splits the server's output into replies, asserting that every line matches
+/// `^\d{3}[ -]`, ends in CRLF, carries no other CR or LF, and that continuation lines
+/// share their reply's code (RFC 5321 §4.2.1).
+pub fn parse_replies(out: &[u8]) -> Vec<WireReply> {
+    assert!(
+        out.is_empty() || out.ends_with(b"\r\n"),
+        "output does not end in CRLF: {:?}",
+        String::from_utf8_lossy(&out[out.len().saturating_sub(80)..])
+    );
+    let mut replies = Vec::new();
+    let mut cur: Option<WireReply> = None;
+    let mut rest = out;
+    while !rest.is_empty() {
+        let end = rest
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .expect("checked: ends in CRLF");
+        let line = &rest[..end];
+        rest = &rest[end + 2..];
+        assert!(
+            !line.contains(&b'\r') && !line.contains(&b'\n'),
+            "bare CR or LF inside a reply line: {:?}",
+            String::from_utf8_lossy(line)
+        );
+        assert!(
+            line.len() >= 4
+                && line[..3].iter().all(u8::is_ascii_digit)
+                && (line[3] == b' ' || line[3] == b'-'),
+            "not an SMTP reply line: {:?}",
+            String::from_utf8_lossy(line)
+        );
+        assert!(
+            line[0] >= b'2' && line[0] <= b'5',
+            "bad reply class: {line:?}"
+        );
+        let code: u16 = std::str::from_utf8(&line[..3]).unwrap().parse().unwrap();
+        let text = String::from_utf8_lossy(&line[4..]).into_owned();
+        let r = cur.get_or_insert_with(|| WireReply {
+            code,
+            lines: Vec::new(),
+        });
+        assert_eq!(r.code, code, "continuation with another code: {line:?}");
+        r.lines.push(text);
+        if line[3] == b' ' {
+            replies.push(cur.take().unwrap());
+        }
+    }
+    assert!(cur.is_none(), "multi-line reply without its last line");
+    replies
+}
+
+/// A stored file split into its trace block and the message content. Asserts the
+/// trace block's shape (SPEC 5): Return-Path, one X-Original-To per recipient,
+/// the two-line Received header naming `id`.
+pub fn split_trace(bytes: &[u8], id: &str) -> (usize, Vec<u8>) {
+    let mut pos = 0;
+    let next_line = |pos: &mut usize| -> Vec<u8> {
+        let rest = &bytes[*pos..];
+        let end = rest
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .expect("trace header line without CRLF");
+        let line = rest[..end].to_vec();
+        assert!(
+            !line.contains(&b'\r') && !line.contains(&b'\n') && !line.contains(&0),
+            "CR, LF or NUL inside a trace header line: {:?}",
+            String::from_utf8_lossy(&line)
+        );
+        *pos += end + 2;
+        line
+    };
+    let first = next_line(&mut pos);
+    assert!(first.starts_with(b"Return-Path: <") && first.ends_with(b">"));
+    let mut rcpts = 0;
+    let received = loop {
+        let l = next_line(&mut pos);
+        if l.starts_with(b"X-Original-To: ") {
+            rcpts += 1;
+            continue;
+        }
+        break l;
+    };
+    assert!(received.starts_with(b"Received: from "), "{received:?}");
+    let idline = next_line(&mut pos);
+    let want = format!("        id {id} ; ");
+    assert!(
+        idline.starts_with(want.as_bytes()),
+        "id line {:?} does not name {id}",
+        String::from_utf8_lossy(&idline)
+    );
+    (rcpts, bytes[pos..].to_vec())
+}
+
+/// Reads `input` with a fresh [`DataReader`]; returns (content, consumed, done).
+pub fn read_data(input: &[u8], max: u64, bare: BareLf) -> (Vec<u8>, usize, DataReader) {
+    let mut r = DataReader::new(max, bare);
+    let mut out = Vec::new();
+    let n = r.feed(input, &mut out);
+    (out, n, r)
+}
+
+/// CRLF-normalises content as the client side does before sending: a bare LF becomes
+/// CRLF, and a non-empty text that does not end in LF gets a final CRLF.
+pub fn normalise(content: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(content.len() + 8);
+    let mut prev = 0u8;
+    for &b in content {
+        if b == b'\n' && prev != b'\r' {
+            v.push(b'\r');
+        }
+        v.push(b);
+        prev = b;
+    }
+    if !v.is_empty() && !v.ends_with(b"\n") {
+        v.extend_from_slice(b"\r\n");
+    }
+    v
+}
+
+/// Where the first end-of-data marker ends: a leading `.\r\n` or the first `\r\n.\r\n`.
+pub fn first_terminator(input: &[u8]) -> Option<usize> {
+    if input.starts_with(b".\r\n") {
+        return Some(3);
+    }
+    input
+        .windows(5)
+        .position(|w| w == b"\r\n.\r\n")
+        .map(|i| i + 5)
+}

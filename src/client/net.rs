@@ -1,0 +1,316 @@
+//! The client's edges: DNS with a deadline, TCP connect with a timeout, and rustls
+//! (ring provider, TLS 1.2/1.3) for STARTTLS with webpki roots, a private CA file, or
+//! no certificate verification at all.
+
+use super::job::Job;
+use super::smtp::Wire;
+use super::SendError;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore, StreamOwned};
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+/// How to run a handshake when the server says 220 to STARTTLS.
+pub(crate) struct TlsSetup {
+    config: Arc<ClientConfig>,
+    /// The name to verify (and send as SNI); `None`: the host is not a valid DNS name
+    /// and verification is off, so the peer's IP address stands in.
+    name: Option<ServerName<'static>>,
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Accepts any certificate chain (`tls_verify: false`) but still checks that the
+/// handshake is signed by the key in the certificate presented, with the provider's
+/// algorithms: an attacker must at least hold the key of the certificate it shows.
+#[derive(Debug)]
+struct AnyCertificate(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The roots to trust: the job's CA file (instead of the public roots, as curl's
+/// `--cacert`), else the Mozilla roots from webpki-roots.
+fn roots(job: &Job) -> Result<RootCertStore, SendError> {
+    let mut roots = RootCertStore::empty();
+    let Some(path) = &job.ca_file else {
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        return Ok(roots);
+    };
+    let ca_err = |err: String| SendError::CaFile {
+        path: path.clone(),
+        err,
+    };
+    let pem = std::fs::read(path).map_err(|e| ca_err(e.to_string()))?;
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| ca_err(e.to_string()))?;
+        roots.add(cert).map_err(|e| ca_err(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(ca_err("no certificate in the file".into()));
+    }
+    Ok(roots)
+}
+
+/// Builds the TLS client settings for `job` (before connecting, so that a bad CA file
+/// fails without touching the network).
+pub(crate) fn tls_setup(job: &Job) -> Result<TlsSetup, SendError> {
+    let provider = provider();
+    let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| SendError::Tls(e.to_string()))?;
+    let config = if job.tls_verify {
+        builder
+            .with_root_certificates(roots(job)?)
+            .with_no_client_auth()
+    } else {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+            .with_no_client_auth()
+    };
+    let host = job.host_name();
+    let name = match host.parse::<IpAddr>() {
+        Ok(ip) => Some(ServerName::IpAddress(ip.into())),
+        Err(_) => match ServerName::try_from(host.to_string()) {
+            Ok(n) => Some(n),
+            Err(e) if job.tls_verify => {
+                return Err(SendError::Tls(format!(
+                    "{host:?} cannot be checked against a certificate: {e}"
+                )))
+            }
+            Err(_) => None,
+        },
+    };
+    Ok(TlsSetup {
+        config: Arc::new(config),
+        name,
+    })
+}
+
+/// Resolves `host` within `timeout`. std has no resolver timeout, so the lookup runs
+/// on a helper thread; on timeout it is left to finish (or fail) on its own.
+fn resolve(host: &str, port: u16, timeout: Duration) -> Result<Vec<SocketAddr>, SendError> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    let (tx, rx) = mpsc::channel();
+    let name = host.to_string();
+    let resolve_err = |err: String| SendError::Resolve {
+        host: host.to_string(),
+        err,
+    };
+    std::thread::Builder::new()
+        .name("mailer-dns".into())
+        .spawn(move || {
+            let res = (name.as_str(), port)
+                .to_socket_addrs()
+                .map(|a| a.collect::<Vec<_>>());
+            // The receiver may have given up waiting; then nobody needs the answer.
+            let _ = tx.send(res);
+        })
+        .map_err(|e| resolve_err(e.to_string()))?;
+    match rx.recv_timeout(timeout) {
+        Ok(Ok(addrs)) if !addrs.is_empty() => Ok(addrs),
+        Ok(Ok(_)) => Err(resolve_err("no addresses".into())),
+        Ok(Err(e)) => Err(resolve_err(e.to_string())),
+        Err(_) => Err(SendError::Timeout {
+            step: format!("the address of {host}"),
+            after: timeout,
+        }),
+    }
+}
+
+/// Connects to the first address of the host that answers, each attempt bounded by
+/// the job's timeout (as Postfix's smtp_connect_timeout is per address).
+pub(crate) fn connect(job: &Job, tls: Option<TlsSetup>) -> Result<NetStream, SendError> {
+    let timeout = job.connection_timeout;
+    let addrs = resolve(job.host_name(), job.port, timeout)?;
+    let mut errors = Vec::new();
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, timeout) {
+            Ok(tcp) => {
+                let set = tcp.set_write_timeout(Some(timeout));
+                if let Err(err) = set {
+                    errors.push((addr, err));
+                    continue;
+                }
+                log::debug!("client: connected to {addr}");
+                return Ok(NetStream::Plain { tcp, tls });
+            }
+            Err(err) => errors.push((addr, err)),
+        }
+    }
+    Err(SendError::Connect { errors })
+}
+
+/// The client's stream: clear text, or TLS after STARTTLS.
+pub(crate) enum NetStream {
+    Plain {
+        tcp: TcpStream,
+        tls: Option<TlsSetup>,
+    },
+    Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
+    /// After a failed upgrade.
+    Broken,
+}
+
+fn broken() -> io::Error {
+    io::Error::new(
+        ErrorKind::NotConnected,
+        "connection lost in a failed TLS upgrade",
+    )
+}
+
+impl Read for NetStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            NetStream::Plain { tcp, .. } => tcp.read(buf),
+            NetStream::Tls(s) => s.read(buf),
+            NetStream::Broken => Err(broken()),
+        }
+    }
+}
+
+impl Write for NetStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            NetStream::Plain { tcp, .. } => tcp.write(buf),
+            NetStream::Tls(s) => s.write(buf),
+            NetStream::Broken => Err(broken()),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            NetStream::Plain { tcp, .. } => tcp.flush(),
+            NetStream::Tls(s) => s.flush(),
+            NetStream::Broken => Err(broken()),
+        }
+    }
+}
+
+impl Wire for NetStream {
+    fn set_read_timeout(&mut self, timeout: Duration) -> io::Result<()> {
+        match self {
+            NetStream::Plain { tcp, .. } => tcp.set_read_timeout(Some(timeout)),
+            NetStream::Tls(s) => s.sock.set_read_timeout(Some(timeout)),
+            NetStream::Broken => Err(broken()),
+        }
+    }
+
+    fn start_tls(&mut self, timeout: Duration) -> Result<(), SendError> {
+        let (tcp, setup) = match std::mem::replace(self, NetStream::Broken) {
+            NetStream::Plain {
+                tcp,
+                tls: Some(setup),
+            } => (tcp, setup),
+            other => {
+                *self = other;
+                return Err(SendError::Tls("TLS is not set up for this job".into()));
+            }
+        };
+        let name = match setup.name {
+            Some(n) => n,
+            None => {
+                let peer = tcp.peer_addr().map_err(|err| SendError::Io {
+                    step: "the TLS handshake".into(),
+                    err,
+                })?;
+                ServerName::IpAddress(peer.ip().into())
+            }
+        };
+        let conn =
+            ClientConnection::new(setup.config, name).map_err(|e| SendError::Tls(e.to_string()))?;
+        let mut s = StreamOwned::new(conn, tcp);
+        let deadline = Instant::now() + timeout;
+        while s.conn.is_handshaking() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let timed_out = || SendError::Timeout {
+                step: "the TLS handshake".into(),
+                after: timeout,
+            };
+            if left.is_zero() {
+                return Err(timed_out());
+            }
+            s.sock
+                .set_read_timeout(Some(left))
+                .map_err(|e| SendError::Tls(e.to_string()))?;
+            match s.conn.complete_io(&mut s.sock) {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    return Err(timed_out())
+                }
+                Err(e) => return Err(SendError::Tls(e.to_string())),
+            }
+        }
+        log::debug!(
+            "client: TLS {:?} {:?}",
+            s.conn.protocol_version(),
+            s.conn.negotiated_cipher_suite().map(|c| c.suite())
+        );
+        *self = NetStream::Tls(Box::new(s));
+        Ok(())
+    }
+
+    fn close(&mut self) {
+        if let NetStream::Tls(s) = self {
+            s.conn.send_close_notify();
+            while s.conn.wants_write() {
+                if s.conn.write_tls(&mut s.sock).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}

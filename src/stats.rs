@@ -1,0 +1,289 @@
+//! Counters for the periodic `stats:` log line and for embedders (`Handle::stats`):
+//! connections, replies refused by code, messages and bytes stored, spool queue depth
+//! and commit latency. The counting wrappers sit around the store and the stream.
+
+use crate::connection::Transport;
+use crate::hooks::TlsInfo;
+use crate::spool::{Maildir, MessageWriter, SpoolStats, Store, StoreError};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The reply codes counted in [`Stats`]: every 4xx and 5xx.
+const REFUSAL_CODES: std::ops::RangeInclusive<u16> = 400..=599;
+
+/// Counters for the stats line and for embedders ([`Handle::stats`]).
+#[derive(Debug)]
+pub struct Stats {
+    /// Connections handed to a worker.
+    pub connections_total: AtomicU64,
+    /// Connections a worker is serving now.
+    pub connections_active: AtomicU64,
+    /// Refused before the greeting: per-IP limit or all workers busy.
+    pub connections_refused: AtomicU64,
+    /// Messages acknowledged with 250 (durable in `new/`).
+    pub messages_accepted: AtomicU64,
+    /// Bytes of the accepted messages as stored (trace headers included).
+    pub bytes_accepted: AtomicU64,
+    /// Messages between the end of their data and their ack: file fsync, waiting
+    /// for the writer thread, rename and directory fsync.
+    pub queue_depth: AtomicU64,
+    /// Commits finished (stored or failed) and their summed duration, for the mean.
+    pub commits: AtomicU64,
+    pub commit_micros: AtomicU64,
+    /// Every 4xx/5xx reply sent, by code (index = code - 400).
+    refused: Vec<AtomicU64>,
+    pub spool: Arc<SpoolStats>,
+}
+
+impl Default for Stats {
+    fn default() -> Stats {
+        Stats {
+            connections_total: AtomicU64::new(0),
+            connections_active: AtomicU64::new(0),
+            connections_refused: AtomicU64::new(0),
+            messages_accepted: AtomicU64::new(0),
+            bytes_accepted: AtomicU64::new(0),
+            queue_depth: AtomicU64::new(0),
+            commits: AtomicU64::new(0),
+            commit_micros: AtomicU64::new(0),
+            refused: REFUSAL_CODES.map(|_| AtomicU64::new(0)).collect(),
+            spool: Arc::default(),
+        }
+    }
+}
+
+/// A snapshot of [`Stats`]. Its `Display` is the `stats:` log line's `key=value` list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub connections_total: u64,
+    pub connections_active: u64,
+    pub connections_refused: u64,
+    /// Messages renamed into `new/` and fsynced by the spool writer.
+    pub messages_stored: u64,
+    /// Messages acknowledged with 250 (the same as `messages_stored` once the writer
+    /// has handed back every ack).
+    pub messages_accepted: u64,
+    pub bytes_accepted: u64,
+    /// Every 4xx/5xx reply sent, by reply code: refused commands, recipients and
+    /// messages, and the 421s sent before a greeting.
+    pub refused: BTreeMap<u16, u64>,
+    /// Messages waiting for their commit (file fsync, writer queue, directory fsync).
+    pub queue_depth: u64,
+    pub spool_batches: u64,
+    /// Mean directory-fsync time per batch, microseconds.
+    pub fsync_micros_avg: u64,
+    /// Mean time from the end of a message's data to its ack, microseconds.
+    pub commit_micros_avg: u64,
+}
+
+impl Stats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let batches = self.spool.batches.load(Ordering::Relaxed);
+        let refused = REFUSAL_CODES
+            .zip(&self.refused)
+            .map(|(code, n)| (code, n.load(Ordering::Relaxed)))
+            .filter(|&(_, n)| n > 0)
+            .collect();
+        StatsSnapshot {
+            connections_total: self.connections_total.load(Ordering::Relaxed),
+            connections_active: self.connections_active.load(Ordering::Relaxed),
+            connections_refused: self.connections_refused.load(Ordering::Relaxed),
+            messages_stored: self.spool.committed.load(Ordering::Relaxed),
+            messages_accepted: self.messages_accepted.load(Ordering::Relaxed),
+            bytes_accepted: self.bytes_accepted.load(Ordering::Relaxed),
+            refused,
+            queue_depth: self.queue_depth.load(Ordering::Relaxed),
+            spool_batches: batches,
+            fsync_micros_avg: self
+                .spool
+                .dir_fsync_micros
+                .load(Ordering::Relaxed)
+                .checked_div(batches)
+                .unwrap_or(0),
+            commit_micros_avg: self
+                .commit_micros
+                .load(Ordering::Relaxed)
+                .checked_div(self.commits.load(Ordering::Relaxed))
+                .unwrap_or(0),
+        }
+    }
+
+    /// Counts one reply sent with this code (only 4xx and 5xx are kept).
+    pub fn count_reply(&self, code: u16) {
+        if REFUSAL_CODES.contains(&code) {
+            self.refused[usize::from(code - 400)].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl fmt::Display for StatsSnapshot {
+    /// `connections_active=1 connections_total=7 ... refused=550:2,552:1 ...` on one line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let refused_total: u64 = self.refused.values().sum();
+        let by_code = if self.refused.is_empty() {
+            "-".to_string()
+        } else {
+            self.refused
+                .iter()
+                .map(|(c, n)| format!("{c}:{n}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        write!(
+            f,
+            "connections_active={} connections_total={} connections_refused={} \
+             messages_accepted={} bytes_accepted={} refused_total={refused_total} \
+             refused={by_code} queue_depth={} spool_batches={} fsync_us_avg={} \
+             commit_us_avg={}",
+            self.connections_active,
+            self.connections_total,
+            self.connections_refused,
+            self.messages_accepted,
+            self.bytes_accepted,
+            self.queue_depth,
+            self.spool_batches,
+            self.fsync_micros_avg,
+            self.commit_micros_avg,
+        )
+    }
+}
+
+pub(crate) struct ActiveGuard<'a>(pub(crate) &'a Stats);
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.connections_active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The spool as sessions see it, counting accepted messages and bytes, commits in
+/// flight (the queue depth) and how long commits take.
+pub(crate) struct CountingStore {
+    pub(crate) inner: Maildir,
+    pub(crate) stats: Arc<Stats>,
+}
+
+impl Store for CountingStore {
+    fn begin(&self) -> Result<Box<dyn MessageWriter>, StoreError> {
+        Ok(Box::new(CountingMessage {
+            inner: self.inner.begin()?,
+            bytes: 0,
+            stats: Arc::clone(&self.stats),
+        }))
+    }
+}
+
+pub(crate) struct CountingMessage {
+    inner: Box<dyn MessageWriter>,
+    bytes: u64,
+    stats: Arc<Stats>,
+}
+
+impl Write for CountingMessage {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl MessageWriter for CountingMessage {
+    fn queue_id(&self) -> &str {
+        self.inner.queue_id()
+    }
+
+    fn commit(self: Box<Self>) -> Result<(), StoreError> {
+        let stats = &self.stats;
+        stats.queue_depth.fetch_add(1, Ordering::Relaxed);
+        let began = Instant::now();
+        let result = self.inner.commit();
+        stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
+        stats
+            .commit_micros
+            .fetch_add(began.elapsed().as_micros() as u64, Ordering::Relaxed);
+        stats.commits.fetch_add(1, Ordering::Relaxed);
+        if result.is_ok() {
+            stats.messages_accepted.fetch_add(1, Ordering::Relaxed);
+            stats
+                .bytes_accepted
+                .fetch_add(self.bytes, Ordering::Relaxed);
+        }
+        result
+    }
+}
+
+/// The session's stream, counting every 4xx/5xx reply the server writes by its code
+/// (the last line of a multi-line reply, `NNN `, counts once). It sees the plaintext
+/// side of TLS, so it counts replies in TLS sessions too.
+pub(crate) struct CountReplies<'a, T> {
+    inner: T,
+    stats: &'a Stats,
+    /// Bytes of the current line seen so far, up to 4 (`NNN` and the separator).
+    seen: usize,
+    code: [u8; 3],
+}
+
+impl<'a, T> CountReplies<'a, T> {
+    pub(crate) fn new(inner: T, stats: &'a Stats) -> Self {
+        CountReplies {
+            inner,
+            stats,
+            seen: 0,
+            code: [0; 3],
+        }
+    }
+
+    fn observe(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if b == b'\n' {
+                self.seen = 0;
+                continue;
+            }
+            match self.seen {
+                0..=2 => self.code[self.seen] = b,
+                3 => {
+                    // `NNN ` ends a reply; `NNN-` continues it.
+                    if b == b' ' {
+                        if let Ok(code) = std::str::from_utf8(&self.code).unwrap_or("").parse() {
+                            self.stats.count_reply(code);
+                        }
+                    }
+                }
+                _ => continue,
+            }
+            self.seen += 1;
+        }
+    }
+}
+
+impl<T: Read> Read for CountReplies<'_, T> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf)
+    }
+}
+
+impl<T: Write> Write for CountReplies<'_, T> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.observe(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<T: Transport> Transport for CountReplies<'_, T> {
+    fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        self.inner.set_read_timeout(timeout)
+    }
+    fn start_tls(&mut self) -> io::Result<TlsInfo> {
+        self.inner.start_tls()
+    }
+}
