@@ -1,8 +1,7 @@
 //! The Maildir spool (SPEC 1, 5; invariant 1): sessions stream each message into its own
-//! file in `tmp/`, fsync it and rename it into `new/`; one writer thread fsyncs `new/` once
-//! for every batch of renamed files (group commit) and only then acks each session, which
-//! only then answers 250. So each 250 follows, in this order: the file's fsync, its rename,
-//! and the end of a `new/` fsync that began after the rename.
+//! file in `tmp/` and fsync it; one writer thread renames finished files into `new/` in
+//! batches, fsyncs `new/` once per batch (group commit) and only then acks each session,
+//! which only then answers 250. A test (`no_ack_before_...`) records the order.
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use std::fmt;
@@ -88,10 +87,10 @@ pub trait MessageWriter: Write + Send {
     fn commit(self: Box<Self>) -> Result<(), StoreError>;
 }
 
-/// A message file, fsynced and renamed into `new/`, waiting for the directory fsync that
-/// makes the rename durable.
+/// A finished tmp file waiting for the writer thread.
 struct Commit {
-    dest: PathBuf,
+    tmp: PathBuf,
+    name: String,
     ack: AckTx,
 }
 
@@ -233,7 +232,6 @@ impl Store for Maildir {
         let queue_id = format!("M{}P{}Q{}", now.subsec_micros(), self.pid, seq);
         let name = format!("{}.{}.{}", now.as_secs(), queue_id, self.host);
         let tmp = self.dir.join("tmp").join(&name);
-        let dest = self.dir.join("new").join(&name);
         let file = self
             .faults
             .before(Op::Create)
@@ -244,7 +242,7 @@ impl Store for Maildir {
             // buffer; it only gathers the trace headers and short messages into one write.
             out: Some(BufWriter::with_capacity(8 * 1024, file)),
             tmp,
-            dest,
+            name,
             queue_id,
             fsync: self.fsync,
             tx: self.tx.clone(),
@@ -256,10 +254,8 @@ impl Store for Maildir {
 struct MaildirMessage {
     /// `None` once handed to the writer thread.
     out: Option<BufWriter<File>>,
-    /// Cleared once the file has left `tmp/` (Drop removes what is still there).
     tmp: PathBuf,
-    /// Its name in `new/`.
-    dest: PathBuf,
+    name: String,
     queue_id: String,
     fsync: bool,
     tx: Sender<Commit>,
@@ -303,35 +299,23 @@ impl MessageWriter for MaildirMessage {
                 .and_then(|()| file.sync_data())
                 .map_err(|e| StoreError::from_io(&what, &e))?;
             #[cfg(test)]
-            probe::record(probe::Event::FileSynced, &self.dest);
+            probe::record(probe::Event::FileSynced, &self.name);
         }
         drop(file);
-        // The rename happens here, in the session, so that the writer's critical path is
-        // the directory fsync alone: it starts the next one as soon as one returns.
-        self.faults
-            .before(Op::Rename)
-            .and_then(|()| fs::rename(&self.tmp, &self.dest))
-            .map_err(|e| StoreError::from_io(&self.dest.display().to_string(), &e))?;
-        self.tmp = PathBuf::new();
-        #[cfg(test)]
-        probe::record(probe::Event::Renamed, &self.dest);
         let ack = Arc::new(Ack::default());
         let commit = Commit {
-            dest: self.dest.clone(),
+            tmp: self.tmp.clone(),
+            name: self.name.clone(),
             ack: AckTx(Arc::clone(&ack)),
         };
-        let result = match self.tx.send(commit) {
-            Ok(()) => ack.wait(),
-            Err(_) => Err(StoreError::Io("spool writer has stopped".into())),
-        };
+        self.tx
+            .send(commit)
+            .map_err(|_| StoreError::Io("spool writer has stopped".into()))?;
+        let result = ack.wait();
         #[cfg(test)]
-        probe::record(probe::Event::Acked, &self.dest);
-        if result.is_err() {
-            // Not durable, and the client will be told so and retry: take the file back
-            // out of new/ so that it is never delivered as well (the writer already did
-            // when its fsync failed; then this finds nothing).
-            let _ = fs::remove_file(&self.dest);
-        }
+        probe::record(probe::Event::Acked, &self.name);
+        // From here the writer owns the file: in new/ on success, removed on failure.
+        self.tmp = PathBuf::new();
         result
     }
 }
@@ -345,9 +329,7 @@ impl Drop for MaildirMessage {
     }
 }
 
-/// The writer thread: take every renamed file that is waiting, fsync `new/` once, ack
-/// them all. Files renamed while an fsync runs wait for the next one, which starts as
-/// soon as this one returns: the batch grows with the load, never with a timer.
+/// The writer thread: batch, rename, one directory fsync, ack.
 fn writer(
     rx: Receiver<Commit>,
     new_dir: PathBuf,
@@ -361,7 +343,34 @@ fn writer(
     let mut dir: Option<File> = None;
     while let Ok(first) = rx.recv() {
         batch.push(first);
-        batch.extend(rx.try_iter().take(1023));
+        while batch.len() < 256 {
+            match rx.try_recv() {
+                Ok(c) => batch.push(c),
+                Err(_) => break,
+            }
+        }
+        let mut renamed = Vec::with_capacity(batch.len());
+        for c in batch.drain(..) {
+            let dest = new_dir.join(&c.name);
+            match faults
+                .before(Op::Rename)
+                .and_then(|()| fs::rename(&c.tmp, &dest))
+            {
+                Ok(()) => {
+                    #[cfg(test)]
+                    probe::record(probe::Event::Renamed, &c.name);
+                    renamed.push((c, dest))
+                }
+                Err(e) => {
+                    let _ = fs::remove_file(&c.tmp);
+                    c.ack
+                        .send(Err(StoreError::from_io(&dest.display().to_string(), &e)));
+                }
+            }
+        }
+        if renamed.is_empty() {
+            continue;
+        }
         let started = Instant::now();
         let synced = if fsync {
             faults
@@ -378,8 +387,8 @@ fn writer(
             Ok(()) => {
                 stats
                     .committed
-                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                for c in batch.drain(..) {
+                    .fetch_add(renamed.len() as u64, Ordering::Relaxed);
+                for (c, _) in renamed {
                     c.ack.send(Ok(()));
                 }
             }
@@ -387,8 +396,8 @@ fn writer(
                 // Not durable: take the files back out so a refused message is never
                 // delivered later (the client will retry it).
                 log::error!("spool: fsync of {} failed: {e}", new_dir.display());
-                for c in batch.drain(..) {
-                    let _ = fs::remove_file(&c.dest);
+                for (c, dest) in renamed {
+                    let _ = fs::remove_file(&dest);
                     c.ack
                         .send(Err(StoreError::from_io(&new_dir.display().to_string(), &e)));
                 }
@@ -400,7 +409,7 @@ fn writer(
 /// fsync a directory so the renames in it are durable.
 fn sync_dir(cached: &mut Option<File>, dir: &Path) -> io::Result<()> {
     #[cfg(test)]
-    probe::record(probe::Event::DirSyncStart, dir);
+    probe::record(probe::Event::DirSyncStart, &dir.display().to_string());
     let result = match cached {
         Some(f) => f.sync_all(),
         None => {
@@ -414,7 +423,7 @@ fn sync_dir(cached: &mut Option<File>, dir: &Path) -> io::Result<()> {
         *cached = None;
     }
     #[cfg(test)]
-    probe::record(probe::Event::DirSyncEnd, dir);
+    probe::record(probe::Event::DirSyncEnd, &dir.display().to_string());
     result
 }
 
@@ -422,29 +431,28 @@ fn sync_dir(cached: &mut Option<File>, dir: &Path) -> io::Result<()> {
 /// can prove that no ack precedes the fsyncs (SPEC invariant 1).
 #[cfg(test)]
 mod probe {
-    use std::path::{Path, PathBuf};
     use std::sync::Mutex;
 
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum Event {
-        /// The message file's fsync returned (path: its name in new/).
+        /// The message file's fsync returned (key: the file name).
         FileSynced,
-        /// It was renamed into new/.
+        /// The writer renamed it into new/.
         Renamed,
-        /// The writer began / ended an fsync of new/ (path: the directory).
+        /// The writer began / ended an fsync of new/ (key: the directory's path).
         DirSyncStart,
         DirSyncEnd,
         /// The session got its ack (what it answers 250 on).
         Acked,
     }
 
-    pub static EVENTS: Mutex<Vec<(Event, PathBuf)>> = Mutex::new(Vec::new());
+    pub static EVENTS: Mutex<Vec<(Event, String)>> = Mutex::new(Vec::new());
 
-    pub fn record(event: Event, path: &Path) {
+    pub fn record(event: Event, key: &str) {
         EVENTS
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push((event, path.to_path_buf()));
+            .push((event, key.to_string()));
     }
 }
 
@@ -484,7 +492,10 @@ mod tests {
     fn no_ack_before_file_fsync_rename_and_dir_fsync() {
         use probe::Event::*;
         let d = tempfile::tempdir().unwrap();
-        let (md, h) = Maildir::open(d.path(), "h", true, Arc::default()).unwrap();
+        // A host name of its own: file names end with it, so this test's events can be
+        // told from those of tests running at the same time.
+        let host = "order-probe.test";
+        let (md, h) = Maildir::open(d.path(), host, true, Arc::default()).unwrap();
         let md = Arc::new(md);
         let threads: Vec<_> = (0..8)
             .map(|t| {
@@ -503,60 +514,45 @@ mod tests {
         }
         drop(md);
         h.join().unwrap();
-        let new_dir = d.path().join("new");
-        // Only this test's events (tests run in parallel in one process).
+        let new_dir = d.path().join("new").display().to_string();
         let events: Vec<_> = probe::EVENTS
             .lock()
             .unwrap()
             .iter()
-            .filter(|(_, p)| p.starts_with(d.path()))
+            .filter(|(_, k)| k.ends_with(host) || *k == new_dir)
             .cloned()
             .collect();
-        let names: Vec<PathBuf> = fs::read_dir(&new_dir)
+        let names: Vec<String> = fs::read_dir(d.path().join("new"))
             .unwrap()
-            .map(|e| e.unwrap().path())
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert_eq!(names.len(), 80);
-        let at = |ev: probe::Event, p: &Path| {
+        let at = |ev: probe::Event, name: &str| {
             let hits: Vec<usize> = (0..events.len())
-                .filter(|&i| events[i].0 == ev && events[i].1 == p)
+                .filter(|&i| events[i].0 == ev && events[i].1 == name)
                 .collect();
-            assert_eq!(
-                hits.len(),
-                1,
-                "{ev:?} of {} seen {} times",
-                p.display(),
-                hits.len()
-            );
+            assert_eq!(hits.len(), 1, "{ev:?} of {name} seen {} times", hits.len());
             hits[0]
         };
-        let mut batches = 0;
+        let dir_event = |i: usize, ev: probe::Event| events[i].0 == ev && events[i].1 == new_dir;
         for name in &names {
             let synced = at(FileSynced, name);
             let renamed = at(Renamed, name);
             let acked = at(Acked, name);
-            assert!(
-                synced < renamed,
-                "renamed before its fsync: {}",
-                name.display()
-            );
+            assert!(synced < renamed, "renamed before its fsync: {name}");
             // The dir fsync that covers it: begun after the rename, ended before the ack.
             let covered = (renamed..acked).any(|s| {
-                events[s] == (DirSyncStart, new_dir.clone())
-                    && (s..acked).any(|e| events[e] == (DirSyncEnd, new_dir.clone()))
+                dir_event(s, DirSyncStart) && (s..acked).any(|e| dir_event(e, DirSyncEnd))
             });
             assert!(
                 covered,
-                "acked without a new/ fsync after its rename: {}",
-                name.display()
+                "acked without a new/ fsync after its rename: {name}"
             );
         }
-        for (ev, p) in &events {
-            if *ev == DirSyncEnd && *p == new_dir {
-                batches += 1;
-            }
-        }
-        // Group commit: fewer directory fsyncs than messages is allowed, never more.
+        // Group commit: never more directory fsyncs than messages.
+        let batches = (0..events.len())
+            .filter(|&i| dir_event(i, DirSyncEnd))
+            .count();
         assert!((1..=80).contains(&batches), "{batches} directory fsyncs");
     }
 
