@@ -230,7 +230,6 @@ done
 declare -A R # R[cell,target] = "v1 v2 v3"
 for c in tput lat big; do for t in "${TARGETS[@]}"; do R[$c,$t]=""; done; done
 LG_CPU=""
-PROBE=""
 cell() { # name metric loadgen-args...
     local name=$1 metric=$2 rep t out v
     shift 2
@@ -252,15 +251,6 @@ cell() { # name metric loadgen-args...
             R[$name,$t]+="$v "
             log "$name rep $((rep + 1)) $t: $out"
         done
-        if [ "$name" = tput ]; then
-            # The disk's own ceiling for SPEC invariant 1 (no SMTP): what any server
-            # that fsyncs the file, renames it and fsyncs the directory could reach.
-            timeout 60 sync -f "$WORK" || true
-            out=$(timeout $((SECS + 60)) "$LOADGEN" --disk-probe "$WORK/probe" --sessions 32 \
-                --size 4096 --timeout "$SECS")
-            PROBE+="$(field "$out" disk_probe_per_sec) "
-            log "$name rep $((rep + 1)) disk probe: $out"
-        fi
     done
 }
 
@@ -331,7 +321,6 @@ R1P=$(ratio "$M1" "$P1") R1S=$(ratio "$M1" "$S1")
 R2P=$(ratio "$M2" "$P2") R2S=$(ratio "$M2" "$S2")
 R3P=$(ratio "$M3" "$P3") R3S=$(ratio "$M3" "$S3")
 MI=$(median <<<"$IDLE_RSS") MG=$(median <<<"$GROWTH")
-D1=$(median <<<"$PROBE") R1D=$(ratio "$M1" "$D1")
 
 cat <<EOF
 
@@ -346,11 +335,7 @@ Postfix $(postconf -d -h mail_version 2>/dev/null), held in its queue after fsyn
 | $IDLE idle connections | mailer RSS MiB | | | $MI | | | ≤ 64 MiB | $(verdict "$MI" "<=" 64) |
 | one 25 MiB message | mailer RSS growth MiB | | | $MG | | | a few MiB (≤ 8) | $(verdict "$MG" "<=" 8) |
 
-The disk's ceiling for invariant 1 without any SMTP (\`loadgen --disk-probe\`: 32 threads
-each creating a 4 KiB file, fdatasync, rename into new/, fsync new/): $D1 files/s;
-mailer's 32-session rate is $R1D of it.
-
 All runs: ${R[tput,sink]}| ${R[tput,postfix]}| ${R[tput,mailer]}(msgs/s sink | postfix | mailer);
 ${R[lat,sink]}| ${R[lat,postfix]}| ${R[lat,mailer]}(p99 ms); ${R[big,sink]}| ${R[big,postfix]}| ${R[big,mailer]}(MiB/s);
-disk probe $PROBE(files/s); RSS $IDLE_RSS(MiB); growth $GROWTH(MiB). Generator against smtp-sink: $LG_CPU
+RSS $IDLE_RSS(MiB); growth $GROWTH(MiB). Generator against smtp-sink: $LG_CPU
 EOF

@@ -29,8 +29,7 @@ const USAGE: &str =
     "usage: loadgen --host H --port P [--sessions N] [--messages TOTAL] [--size BYTES]
                [--rcpts N] [--per-conn N] [--pipelining] [--starttls] [--insecure]
                [--timeout SECS] [--domain D]
-       loadgen --host H --port P --idle N [--hold-secs S]
-       loadgen --disk-probe DIR [--sessions N] [--size BYTES] [--timeout SECS]";
+       loadgen --host H --port P --idle N [--hold-secs S]";
 
 #[derive(Clone, Debug)]
 struct Opts {
@@ -49,7 +48,6 @@ struct Opts {
     domain: String,
     idle: usize,
     hold: Duration,
-    disk_probe: Option<std::path::PathBuf>,
 }
 
 fn parse_args() -> Result<Opts, String> {
@@ -68,7 +66,6 @@ fn parse_args() -> Result<Opts, String> {
         domain: "example.test".into(),
         idle: 0,
         hold: Duration::from_secs(30),
-        disk_probe: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -91,7 +88,6 @@ fn parse_args() -> Result<Opts, String> {
             "--domain" => o.domain = val(&a)?,
             "--idle" => o.idle = num(&a, val(&a)?)?,
             "--hold-secs" => o.hold = Duration::from_secs(num(&a, val(&a)?)?),
-            "--disk-probe" => o.disk_probe = Some(val(&a)?.into()),
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown option {other}")),
         }
@@ -438,105 +434,6 @@ fn idle(addr: SocketAddr, o: &Opts) -> Result<(), String> {
     Ok(())
 }
 
-/// The disk's ceiling for SPEC invariant 1, with no SMTP at all: `--sessions` threads each
-/// loop over create a file in `DIR/tmp`, write `--size` bytes, fdatasync, rename into
-/// `DIR/new`, then wait for an fsync of `DIR/new` begun after the rename (group commit:
-/// one thread runs it for all who wait), until `--timeout`. Prints
-/// `{"disk_probe_per_sec":..}`. Removes nothing: files stay in `DIR`.
-fn disk_probe(dir: &std::path::Path, o: &Opts) -> io::Result<()> {
-    use std::fs;
-    let (tmp, new) = (dir.join("tmp"), dir.join("new"));
-    fs::create_dir_all(&tmp)?;
-    fs::create_dir_all(&new)?;
-    let body = Arc::new(vec![b'x'; o.size]);
-    let group = Arc::new(GroupSync {
-        dir: fs::File::open(&new)?,
-        state: std::sync::Mutex::new((0, 0, false)),
-        done: std::sync::Condvar::new(),
-    });
-    let began = Instant::now();
-    let deadline = began + o.timeout;
-    let threads: Vec<_> = (0..o.sessions)
-        .map(|t| {
-            let (tmp, new, body, group) = (
-                tmp.clone(),
-                new.clone(),
-                Arc::clone(&body),
-                Arc::clone(&group),
-            );
-            std::thread::spawn(move || -> io::Result<u64> {
-                let mut n = 0;
-                while Instant::now() < deadline {
-                    let name = format!("{t}.{n}");
-                    let mut f = fs::OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .open(tmp.join(&name))?;
-                    f.write_all(&body)?;
-                    f.sync_data()?;
-                    drop(f);
-                    fs::rename(tmp.join(&name), new.join(&name))?;
-                    group.sync()?;
-                    n += 1;
-                }
-                Ok(n)
-            })
-        })
-        .collect();
-    let mut total = 0;
-    for t in threads {
-        total += t
-            .join()
-            .map_err(|_| io::Error::other("probe thread panicked"))??;
-    }
-    println!(
-        "{{\"disk_probe_per_sec\":{}}}",
-        num(total as f64 / began.elapsed().as_secs_f64())
-    );
-    Ok(())
-}
-
-/// Leader/follower group commit of one directory fsync.
-struct GroupSync {
-    dir: std::fs::File,
-    /// (requests so far, requests covered by a finished fsync, an fsync is running)
-    state: std::sync::Mutex<(u64, u64, bool)>,
-    done: std::sync::Condvar,
-}
-
-impl GroupSync {
-    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, u64, bool)> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn sync(&self) -> io::Result<()> {
-        let mut s = self.lock();
-        s.0 += 1;
-        let me = s.0;
-        loop {
-            if s.1 >= me {
-                return Ok(());
-            }
-            if !s.2 {
-                // Lead: this fsync covers every request made so far.
-                s.2 = true;
-                let upto = s.0;
-                drop(s);
-                let r = self.dir.sync_all();
-                s = self.lock();
-                s.2 = false;
-                if r.is_ok() {
-                    s.1 = upto;
-                }
-                self.done.notify_all();
-                r?;
-                continue;
-            }
-            s = self.done.wait(s).unwrap_or_else(|p| p.into_inner());
-        }
-    }
-}
-
 fn main() -> ExitCode {
     let o = match parse_args() {
         Ok(o) => o,
@@ -559,15 +456,6 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Some(dir) = &o.disk_probe {
-        return match disk_probe(dir, &o) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("loadgen: disk probe: {e}");
-                ExitCode::from(1)
-            }
-        };
-    }
     if o.idle > 0 {
         return match idle(addr, &o) {
             Ok(()) => ExitCode::SUCCESS,
