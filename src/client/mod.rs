@@ -25,6 +25,7 @@ pub mod report;
 mod smtp;
 
 pub use job::{Job, JobError, Pipelining, StartTls};
+pub use net::AnyCertificate;
 pub use reply::{parse_reply, ReplyError, ServerReply};
 pub use report::{DeliveryStatus, Report, Status};
 

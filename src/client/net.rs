@@ -31,7 +31,14 @@ fn provider() -> Arc<CryptoProvider> {
 /// handshake is signed by the key in the certificate presented, with the provider's
 /// algorithms: an attacker must at least hold the key of the certificate it shows.
 #[derive(Debug)]
-struct AnyCertificate(Arc<CryptoProvider>);
+pub struct AnyCertificate(Arc<CryptoProvider>);
+
+impl AnyCertificate {
+    /// The verifier for self-signed test servers, with the ring provider.
+    pub fn new() -> Arc<AnyCertificate> {
+        Arc::new(AnyCertificate(provider()))
+    }
+}
 
 impl ServerCertVerifier for AnyCertificate {
     fn verify_server_cert(
