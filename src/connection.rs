@@ -271,7 +271,8 @@ impl<'a, T: Transport> Connection<'a, T> {
     }
 
     /// One command line within the command deadline (RFC 5321 §4.5.3.2: the whole
-    /// line must arrive in time; partial bytes do not restart the clock).
+    /// line must arrive in time; partial bytes do not restart the clock). Its length
+    /// counts the CRLF, as RFC 5321 §4.5.3.1.4 counts it for the 512-octet minimum.
     fn read_line(&mut self) -> io::Result<Read1> {
         let deadline = Instant::now() + self.limits.command_timeout;
         let max = self.limits.max_line_length;
@@ -283,7 +284,7 @@ impl<'a, T: Transport> Connection<'a, T> {
                 let lf = self.start + scanned + i;
                 let a = self.start;
                 self.start = lf + 1;
-                if discarding || lf - a > max {
+                if discarding || lf + 1 - a > max {
                     return Ok(Read1::TooLong);
                 }
                 let b = if lf > a && self.buf[lf - 1] == b'\r' {
@@ -294,8 +295,8 @@ impl<'a, T: Transport> Connection<'a, T> {
                 return Ok(Read1::Line(a, b));
             }
             scanned = self.end - self.start;
-            if scanned > max {
-                // Too long: forget what we have and skip to the next LF.
+            if scanned >= max {
+                // Too long even if the LF came next: forget it and skip to the next LF.
                 discarding = true;
                 self.start = self.end;
                 scanned = 0;

@@ -296,11 +296,17 @@ fn wrong_order_is_503_5_5_1() {
 fn command_line_too_long_is_500_5_5_6_and_the_session_continues() {
     let s = TestServer::plain();
     let mut c = s.ehlo();
-    // Just under the limit (1000 octets) is a command like any other.
+    // Exactly the limit (1000 octets with the CRLF) is a command like any other.
     expect(
         &mut c,
-        &format!("NOOP {}", "a".repeat(980)),
+        &format!("NOOP {}", "a".repeat(993)),
         "250 2.0.0 Ok\r\n",
+    );
+    // One octet more is too long, and the session goes on.
+    expect(
+        &mut c,
+        &format!("NOOP {}", "a".repeat(994)),
+        "500 5.5.6 Error: line too long\r\n",
     );
     expect(
         &mut c,
