@@ -134,10 +134,6 @@ impl<'a, T: Transport> Connection<'a, T> {
         self.io
     }
 
-    pub fn session(&self) -> &Session {
-        &self.session
-    }
-
     /// Runs the session to its end. Never panics on client input.
     pub fn run(&mut self) -> End {
         let end = self.run_inner();

@@ -82,7 +82,18 @@ pub fn parse(line: &[u8]) -> Result<Command, Reply> {
             Err(syntax(name))
         }
     };
-    match verb.to_ascii_uppercase().as_str() {
+    // Upper-case the verb on the stack: this runs for every command line.
+    let mut upper = [0u8; 8];
+    let verb_uc = match verb.as_bytes() {
+        v if v.len() <= upper.len() => {
+            upper[..v.len()].copy_from_slice(v);
+            upper[..v.len()].make_ascii_uppercase();
+            // Only ASCII was changed, so the bytes are still the UTF-8 of `verb`.
+            std::str::from_utf8(&upper[..v.len()]).unwrap_or("")
+        }
+        _ => "",
+    };
+    match verb_uc {
         "HELO" | "EHLO" => {
             if arg_t.is_empty() || arg_t.contains(' ') {
                 return Err(syntax(&format!("{} hostname", verb.to_ascii_uppercase())));

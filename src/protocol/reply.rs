@@ -42,11 +42,6 @@ impl Reply {
         }
     }
 
-    /// 2xx and 3xx.
-    pub fn is_positive(&self) -> bool {
-        self.code < 400
-    }
-
     /// 4xx and 5xx: the class a hook may use to refuse.
     pub fn is_refusal(&self) -> bool {
         (400..600).contains(&self.code)
