@@ -621,3 +621,37 @@ fn two_instances_share_one_spool() {
     let (status, log) = first.stop();
     assert!(status.success(), "{log}");
 }
+
+/// `data_sync = "batch"` (issue 18): the writer's syncfs stands for the per-file
+/// fdatasync; a failure of it fails the message everywhere, and the next one is stored.
+#[test]
+fn batch_data_sync_is_all_or_nothing_too() {
+    let faults: Arc<dyn Faults> = Arc::new(FailNth {
+        op: Op::SyncFile,
+        n: 1,
+        seen: Mutex::new(0),
+    });
+    let root = tempfile::tempdir().unwrap().keep();
+    let router = Arc::new(TestRouter { root });
+    let r: Arc<dyn Router> = router.clone();
+    let s = TestServer::start(Opts {
+        toml: "data_sync = \"batch\"\n".into(),
+        hooks: Some(Box::new(move |b| b.router(r).spool_faults(faults))),
+        ..Opts::default()
+    });
+    let mut c = s.ehlo();
+    let reply = send(&mut c, &["a@m.test", "ext@o.test"], CONTENT);
+    assert!(reply.starts_with("451 4.3.0 "), "{reply}");
+    for dir in [s.spool(), router.maildir("a")] {
+        assert_eq!(count_files(&dir.join("new")), 0);
+        assert_eq!(count_files(&dir.join("tmp")), 0);
+    }
+    let reply = send(&mut c, &["a@m.test", "ext@o.test"], CONTENT);
+    let id = queue_id(&reply);
+    only(&s.spool(), &id);
+    only(&router.maildir("a"), &id);
+    // The fast path (no router involved) in batch mode.
+    let reply = send(&mut c, &["b2@o.test"], CONTENT);
+    assert!(reply.starts_with("250 "), "{reply}");
+    assert_eq!(count_files(&s.spool().join("new")), 2);
+}
