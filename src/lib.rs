@@ -27,6 +27,8 @@
 //! # Ok::<(), mailer::server::ServerError>(())
 //! ```
 
+#![forbid(unsafe_code)]
+
 pub mod auth;
 pub mod client;
 pub mod config;
