@@ -190,11 +190,7 @@ impl Session {
             return step;
         }
         if let Step::Reply(rep) | Step::Discard { reply: rep, .. } = &step {
-            log::info!(
-                "session {}: refused: {}",
-                self.info.id,
-                crate::logsafe::escape_log(&rep.to_string())
-            );
+            log::info!("session {}: refused: {rep}", self.info.id);
             self.notify_error(SessionError::Protocol(rep.clone()));
         }
         self.errors += 1;
@@ -500,9 +496,8 @@ impl Session {
         let reply = match outcome {
             MessageOutcome::Stored(id) => {
                 log::info!(
-                    "session {}: stored {id}: {size} bytes from <{}> to {rcpts} recipient(s)",
-                    self.info.id,
-                    crate::logsafe::escape_log(&from)
+                    "session {}: stored {id}: {size} bytes from <{from}> to {rcpts} recipient(s)",
+                    self.info.id
                 );
                 if let Some(env) = &env {
                     let hooks = Arc::clone(&self.hooks);
@@ -527,10 +522,8 @@ impl Session {
             self.notify_error(SessionError::Protocol(reply.clone()));
         }
         log::info!(
-            "session {}: message from <{}> ({size} bytes) refused: {}",
-            self.info.id,
-            crate::logsafe::escape_log(&from),
-            crate::logsafe::escape_log(&reply.to_string())
+            "session {}: message from <{from}> ({size} bytes) refused: {reply}",
+            self.info.id
         );
         reply
     }
@@ -625,11 +618,7 @@ impl Session {
                     // The user name (escaped: it is client input) goes to the log; the
                     // password and the base64 lines never do. A failed attempt logs no
                     // name, since users do type passwords into the name field.
-                    log::info!(
-                        "session {}: authenticated as \"{}\"",
-                        self.info.id,
-                        crate::logsafe::escape_log(&user)
-                    );
+                    log::info!("session {}: authenticated as {user:?}", self.info.id);
                     self.info.auth_user = Some(user);
                     Step::Reply(r(235, (2, 7, 0), "Authentication successful"))
                 } else {
