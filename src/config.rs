@@ -419,25 +419,49 @@ fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
     }
 }
 
-/// The 1-based line of `key` (dotted: `limits.max_errors`) in the file, if it is there.
+/// The 1-based line of `key` in the file, if it is there. `key` is dotted as
+/// `validate` names it: `limits.max_errors` (in `[limits]`, or written
+/// `limits.max_errors = …` at the top), or `milter[1].address` for the second
+/// `[[milter]]` table. Good enough for the files people write; `None` otherwise.
 fn line_of_key(text: &str, dotted: &str) -> Option<usize> {
     let (table, key) = match dotted.rsplit_once('.') {
         Some((t, k)) => (t, k),
         None => ("", dotted),
     };
+    // `name[i]`: the i-th `[[name]]` table.
+    let (table, index) = match table.strip_suffix(']').and_then(|t| t.split_once('[')) {
+        Some((name, i)) => (name, i.parse::<usize>().ok()),
+        None => (table, None),
+    };
     let mut current = String::new();
+    let mut seen: usize = 0;
+    let mut in_wanted = table.is_empty() && index.is_none();
     for (i, raw) in text.lines().enumerate() {
         let l = raw.trim();
-        if let Some(h) = l.strip_prefix('[') {
-            current = h.trim_end_matches(']').trim().to_string();
+        if l.starts_with('[') {
+            let array = l.starts_with("[[");
+            let name = l.trim_start_matches('[');
+            current = name[..name.find(']').unwrap_or(name.len())]
+                .trim()
+                .to_string();
+            in_wanted = current == table
+                && match index {
+                    Some(n) if array => {
+                        seen += 1;
+                        seen == n + 1
+                    }
+                    Some(_) => false,
+                    None => !array,
+                };
             continue;
         }
-        if current == table {
-            if let Some((k, _)) = l.split_once('=') {
-                if k.trim() == key {
-                    return Some(i + 1);
-                }
-            }
+        let Some((k, _)) = l.split_once('=') else {
+            continue;
+        };
+        let k = k.trim();
+        let dotted_at_top = current.is_empty() && index.is_none() && k == dotted;
+        if (in_wanted && k == key) || dotted_at_top {
+            return Some(i + 1);
         }
     }
     None
@@ -564,6 +588,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("key `hostname`") && e.contains("xn--"), "{e}");
+    }
+
+    #[test]
+    fn lines_of_keys() {
+        let text = "hostname = \"a\"\nlimits.max_errors = 3\n[server] # main\nworkers = 1\n\
+                    [[milter]]\naddress = \"x\"\n[[milter]]\n  address = \"y\"\n[limits]\nmax_errors = 4\n";
+        assert_eq!(line_of_key(text, "hostname"), Some(1));
+        assert_eq!(line_of_key(text, "limits.max_errors"), Some(2));
+        assert_eq!(line_of_key(text, "server.workers"), Some(4));
+        assert_eq!(line_of_key(text, "milter[0].address"), Some(6));
+        assert_eq!(line_of_key(text, "milter[1].address"), Some(8));
+        assert_eq!(line_of_key(text, "milter[2].address"), None);
+        assert_eq!(line_of_key(text, "server.listen"), None);
     }
 
     #[test]
