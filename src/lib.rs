@@ -34,6 +34,7 @@ pub mod client;
 pub mod config;
 pub mod connection;
 pub mod hooks;
+pub mod logsafe;
 pub mod preflight;
 pub mod protocol;
 pub mod server;

@@ -60,7 +60,7 @@ fn config_path(args: &[String]) -> Result<PathBuf, String> {
 
 fn load(path: &Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|e| {
-        eprintln!("mailer: {e}");
+        let _ = writeln!(std::io::stderr(), "mailer: {e}");
         ExitCode::from(USAGE_OR_CONFIG)
     })
 }
@@ -74,13 +74,24 @@ fn check_config(path: &Path) -> ExitCode {
     // directory, the listen addresses (in use: a warning, the server may be running).
     let findings = mailer::preflight::preflight(&cfg);
     for f in &findings {
-        eprintln!("mailer: {}: {f}", path.display());
+        // Not eprintln!: it panics when stderr is gone; the exit code still tells.
+        let _ = writeln!(std::io::stderr(), "mailer: {}: {f}", path.display());
     }
     if findings.iter().any(|f| f.fatal) {
         return ExitCode::from(USAGE_OR_CONFIG);
     }
-    println!("# {}: OK\n{}", path.display(), cfg.to_toml());
-    ExitCode::SUCCESS
+    // Not println!, which panics on a closed pipe (`mailer check-config | head -1`:
+    // Rust ignores SIGPIPE, so the write fails with EPIPE instead). A reader that
+    // stopped early is not a failure of the check: the config is valid.
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "# {}: OK\n{}", path.display(), cfg.to_toml()).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "mailer: check-config: cannot write: {e}");
+            ExitCode::from(RUNTIME)
+        }
+    }
 }
 
 fn serve(path: &Path) -> ExitCode {

@@ -39,12 +39,18 @@ pub enum ServerError {
     Bind { addr: SocketAddr, err: io::Error },
     /// A thread could not be started.
     Thread(io::Error),
+    /// A value [`Config::validate`] refuses (the dotted key and the problem), the same
+    /// check `mailer check-config` and the binary's startup make (invariant 12).
+    Config { key: String, message: String },
 }
 
 impl ServerError {
     /// True for errors in the configuration (exit 2) rather than at run time (exit 1).
     pub fn is_config(&self) -> bool {
-        matches!(self, ServerError::Tls(_) | ServerError::Auth(_))
+        matches!(
+            self,
+            ServerError::Tls(_) | ServerError::Auth(_) | ServerError::Config { .. }
+        )
     }
 }
 
@@ -56,6 +62,7 @@ impl fmt::Display for ServerError {
             ServerError::Spool { dir, err } => write!(f, "spool.dir {dir}: {err}"),
             ServerError::Bind { addr, err } => write!(f, "cannot listen on {addr}: {err}"),
             ServerError::Thread(e) => write!(f, "cannot start a thread: {e}"),
+            ServerError::Config { key, message } => write!(f, "key `{key}`: {message}"),
         }
     }
 }
@@ -290,6 +297,17 @@ impl Server {
     }
 
     fn new(config: Config, user_hooks: Arc<dyn Hooks>) -> Result<Server, ServerError> {
+        // A Config built in code never went through `Config::from_toml`: check it as
+        // check-config does, so that no value can overflow later and no listen address
+        // is silently dropped by `listen_addrs` (invariant 12).
+        config
+            .validate()
+            .map_err(|(key, message)| ServerError::Config { key, message })?;
+        // The spool is opened in `run`; what check-config checks of it fails here too.
+        crate::preflight::check_spool_dir(&config.spool.dir).map_err(|m| ServerError::Spool {
+            dir: config.spool.dir.display().to_string(),
+            err: io::Error::other(m),
+        })?;
         let tls = match &config.tls {
             Some(t) => Some(tls::server_config(&t.cert, &t.key).map_err(ServerError::Tls)?),
             None => None,
