@@ -32,6 +32,8 @@ pub mod client;
 pub mod config;
 pub mod connection;
 pub mod hooks;
+pub mod logfmt;
+pub mod metrics;
 pub mod preflight;
 pub mod protocol;
 pub mod server;
