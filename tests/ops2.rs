@@ -364,3 +364,45 @@ fn fail2ban_filter_matches_refusals_auth_failures_and_timeouts() {
         "{text}\n{log}"
     );
 }
+
+/// `systemd-analyze verify` finds nothing in the shipped unit and `security` rates it
+/// at an exposure of 2.0 or less ("OK"; 1.4 when written). Skipped where systemd's
+/// tools are not installed (a container without systemd).
+#[test]
+fn the_unit_passes_systemd_analyze() {
+    let probe = Command::new("systemd-analyze").arg("--version").output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("systemd-analyze not installed: unit checks skipped");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/mailer.service"),
+    )
+    .unwrap();
+    // verify checks that the binary exists: point the unit at the one under test.
+    let path = dir.path().join("mailer.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/mailer", common::process::BIN),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "", "{out:?}");
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--threshold=20"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("Overall exposure level for mailer.service: "),
+        "{text}"
+    );
+}
