@@ -283,3 +283,40 @@ print("accepted", float(acc[0]))
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "accepted 1.0\n");
 }
+
+/// Every series the shipped Grafana dashboard queries is one the endpoint exposes.
+#[test]
+fn grafana_dashboard_queries_exposed_series() {
+    let s = metrics_server("");
+    mailer::metrics::milter_action("dashboard-test", "accept");
+    s.ehlo().ok("QUIT", 221);
+    wait_until("session ended", || s.handle.stats().connections_active == 0);
+    let body = scrape(&s);
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/grafana-dashboard.json");
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let panels = dash["panels"].as_array().unwrap();
+    assert!(panels.len() >= 7);
+    let mut names = Vec::new();
+    for p in panels {
+        for t in p["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            for (i, _) in expr.match_indices("mailer_") {
+                let name: String = expr[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                names.push(name);
+            }
+        }
+    }
+    assert!(!names.is_empty());
+    for n in names {
+        assert!(
+            body.lines()
+                .any(|l| l.starts_with(&format!("{n} ")) || l.starts_with(&format!("{n}{{"))),
+            "the dashboard queries {n}, not in:\n{body}"
+        );
+    }
+}
