@@ -123,7 +123,8 @@ fn serve(path: &Path) -> ExitCode {
                 if sig == SIGHUP {
                     reload(&handle, &config_path);
                 } else {
-                    log::info!("signal {sig}: stopping");
+                    let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
+                    log::info!("{name}: stopping");
                     handle.shutdown();
                 }
             }

@@ -120,8 +120,20 @@ fn refused_what(line: &[u8], in_auth: bool) -> String {
     {
         return format!("AUTH {}", words.next().unwrap_or(""));
     }
-    // A bound for the log line; a command line may be up to max_line_length.
-    text.chars().take(300).collect()
+    // The verb (and MAIL's `FROM:`, RCPT's `TO:`) in upper case, so that one
+    // pattern (fail2ban) matches however the client spelled it; the rest as sent,
+    // bounded: a command line may be up to max_line_length.
+    let text: String = text.chars().take(300).collect();
+    let verb_end = text.find(' ').unwrap_or(text.len());
+    let head_end = match text[..verb_end].to_ascii_uppercase().as_str() {
+        "MAIL" | "RCPT" => text.find(':').unwrap_or(verb_end),
+        _ => verb_end,
+    };
+    format!(
+        "{}{}",
+        text[..head_end].to_ascii_uppercase(),
+        &text[head_end..]
+    )
 }
 
 fn bad_sequence(text: &str) -> Reply {
@@ -969,5 +981,22 @@ mod tests {
             assert_eq!(code(&mut s, "DATA"), "data");
             assert_eq!(s.message_end(outcome, 0).to_string(), want);
         }
+    }
+
+    #[test]
+    fn refused_lines_name_the_command_without_credentials() {
+        use super::refused_what;
+        assert_eq!(
+            refused_what(b"rcpt to:<A@x.test> NOTIFY=NEVER", false),
+            "RCPT TO:<A@x.test> NOTIFY=NEVER"
+        );
+        assert_eq!(refused_what(b"Mail From:<a@b>", false), "MAIL FROM:<a@b>");
+        assert_eq!(refused_what(b"helo Evil.Name", false), "HELO Evil.Name");
+        assert_eq!(
+            refused_what(b"AUTH PLAIN AGFsaWNlAHg=", false),
+            "AUTH PLAIN"
+        );
+        assert_eq!(refused_what(b"AGFsaWNlAHg=", true), "AUTH response");
+        assert_eq!(refused_what(&[b'x'; 2000], false).len(), 300);
     }
 }
