@@ -685,7 +685,11 @@ impl Session {
 
     /// The connection broke (or the client left in the middle of a message).
     pub fn io_error(&mut self, what: String) {
-        log::info!("session {}: {what}", self.info.id);
+        log::info!(
+            "session {}: client {}: {what}",
+            self.info.id,
+            self.info.peer.ip()
+        );
         self.notify_error(SessionError::Io(what));
     }
 
