@@ -406,3 +406,81 @@ fn the_unit_passes_systemd_analyze() {
         "{text}"
     );
 }
+
+/// The library side of a reload: registered reloaders see the new config in order, a
+/// failing one fails the reload (and the certificate is not swapped), and changed
+/// keys that cannot apply live are returned.
+#[test]
+fn handle_reload_runs_reloaders_and_names_restart_keys() {
+    use std::sync::Mutex;
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (a, b) = (Arc::clone(&seen), Arc::clone(&seen));
+    let s = TestServer::start(Opts {
+        tls: true,
+        hooks: Some(Box::new(move |builder: mailer::server::ServerBuilder| {
+            builder
+                .on_reload(Box::new(move |c: &mailer::Config| {
+                    a.lock().unwrap().push(format!("first {}", c.hostname));
+                    Ok(())
+                }))
+                .on_reload(Box::new(move |c: &mailer::Config| {
+                    b.lock().unwrap().push(format!("second {}", c.hostname));
+                    if c.hostname == "broken.test" {
+                        Err("the maps do not load".into())
+                    } else {
+                        Ok(())
+                    }
+                }))
+        })),
+        ..Opts::default()
+    });
+    // The running config, as TestServer built it (tests/common/mod.rs).
+    let mut cfg = mailer::Config {
+        hostname: "mx.test".into(),
+        ..mailer::Config::default()
+    };
+    cfg.server.listen = vec!["127.0.0.1:0".into()];
+    cfg.server.workers = 8;
+    cfg.server.shutdown_grace_secs = 5;
+    cfg.server.stats_interval_secs = 0;
+    let cert = s.cert.as_ref().unwrap();
+    cfg.tls = Some(mailer::config::TlsConfig {
+        cert: cert.cert.clone(),
+        key: cert.key.clone(),
+        require_tls: false,
+    });
+    cfg.spool.dir = s.dir.path().join("spool");
+
+    assert_eq!(s.handle.reload(&cfg), Ok(vec![]));
+    let mut changed = cfg.clone();
+    changed.hostname = "other.test".into();
+    changed.server.workers = 2;
+    assert_eq!(
+        s.handle.reload(&changed),
+        Ok(vec!["hostname".to_string(), "server.workers".to_string()])
+    );
+    let mut broken = cfg.clone();
+    broken.hostname = "broken.test".into();
+    assert_eq!(
+        s.handle.reload(&broken),
+        Err("the maps do not load".to_string())
+    );
+    let mut invalid = cfg.clone();
+    invalid.server.workers = 0;
+    assert!(s
+        .handle
+        .reload(&invalid)
+        .unwrap_err()
+        .contains("server.workers"));
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [
+            "first mx.test",
+            "second mx.test",
+            "first other.test",
+            "second other.test",
+            "first broken.test",
+            "second broken.test"
+        ]
+    );
+}
