@@ -88,7 +88,12 @@ pub type Reloader = Box<dyn Fn(&Config) -> Result<(), String> + Send + Sync>;
 /// What a reload needs: the settings the server runs with, the certificate and the
 /// registered reloaders. The mutex also keeps two reloads from interleaving.
 struct ReloadState {
+    /// The config the server started with: changed keys outside [`LIVE_KEYS`] are
+    /// compared against it (they keep their start value until a restart).
     running: Config,
+    /// The config of the last successful reload (or the start): what the reloaders
+    /// currently run with, to roll back to when a later reloader fails.
+    applied: Config,
     tls: Option<Arc<tls::Reloading>>,
     reloaders: Vec<Reloader>,
 }
@@ -163,7 +168,7 @@ impl Handle {
     pub fn reload(&self, new: &Config) -> Result<Vec<String>, String> {
         new.validate()
             .map_err(|(key, msg)| format!("key `{key}`: {msg}"))?;
-        let state = self.reload.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.reload.lock().unwrap_or_else(|p| p.into_inner());
         let as_value = |c: &Config| toml::Value::try_from(c).map_err(|e| e.to_string());
         let (old_v, new_v) = (as_value(&state.running)?, as_value(new)?);
         let mut changed = Vec::new();
@@ -184,12 +189,21 @@ impl Handle {
             }
             _ => None,
         };
-        for reloader in &state.reloaders {
-            reloader(new)?;
+        for (i, reloader) in state.reloaders.iter().enumerate() {
+            if let Err(e) = reloader(new) {
+                // Put the ones that already took the new config back on the old one.
+                for undo in &state.reloaders[..i] {
+                    if let Err(u) = undo(&state.applied) {
+                        log::error!("reload: rolling back a component failed: {u}");
+                    }
+                }
+                return Err(e);
+            }
         }
         if let Some((resolver, ck)) = cert {
             resolver.install(ck);
         }
+        state.applied = new.clone();
         Ok(restart)
     }
 }
@@ -452,6 +466,7 @@ impl Server {
             metrics_addr: metrics.as_ref().and_then(|l| l.local_addr().ok()),
             reload: Arc::new(Mutex::new(ReloadState {
                 running: config.clone(),
+                applied: config.clone(),
                 tls: tls.as_ref().map(|(_, r)| Arc::clone(r)),
                 reloaders: Vec::new(),
             })),

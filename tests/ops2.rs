@@ -408,8 +408,9 @@ fn the_unit_passes_systemd_analyze() {
 }
 
 /// The library side of a reload: registered reloaders see the new config in order, a
-/// failing one fails the reload (and the certificate is not swapped), and changed
-/// keys that cannot apply live are returned.
+/// failing one fails the reload (the ones before it go back to the last good config,
+/// the certificate is not swapped), and changed keys that cannot apply live are
+/// returned.
 #[test]
 fn handle_reload_runs_reloaders_and_names_restart_keys() {
     use std::sync::Mutex;
@@ -480,7 +481,9 @@ fn handle_reload_runs_reloaders_and_names_restart_keys() {
             "first other.test",
             "second other.test",
             "first broken.test",
-            "second broken.test"
+            "second broken.test",
+            // Rolled back to the last config that reloaded well.
+            "first other.test"
         ]
     );
 }
