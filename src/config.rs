@@ -62,6 +62,7 @@ pub struct Config {
     pub spool: SpoolConfig,
     pub policy: PolicyConfig,
     pub auth: Option<AuthConfig>,
+    pub metrics: MetricsConfig,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -134,6 +135,14 @@ pub struct AuthConfig {
     pub users: Vec<User>,
 }
 
+/// `[metrics]`: the Prometheus endpoint (SPEC 10).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `address:port` for `GET /metrics`; empty: no endpoint.
+    pub listen: String,
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct User {
@@ -151,6 +160,7 @@ impl Default for Config {
             spool: SpoolConfig::default(),
             policy: PolicyConfig::default(),
             auth: None,
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -269,6 +279,13 @@ impl Config {
                 }
             }
         }
+        if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
+            let a = &self.metrics.listen;
+            return err(
+                "metrics.listen",
+                format!("{a:?} is not an address:port such as \"127.0.0.1:9425\""),
+            );
+        }
         if !s.tls_listen.is_empty() && self.tls.is_none() {
             return err(
                 "server.tls_listen",
@@ -340,6 +357,11 @@ impl Config {
             .iter()
             .filter_map(|a| a.parse().ok())
             .collect()
+    }
+
+    /// The metrics endpoint's address, when `[metrics] listen` is set (validated).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.listen.parse().ok()
     }
 
     /// The effective settings as TOML (for `check-config`).
@@ -612,6 +634,17 @@ mod tests {
         .unwrap();
         assert!(c.tls.unwrap().require_tls);
         assert_eq!(c.auth.unwrap().users[0].name, "alice");
+    }
+
+    #[test]
+    fn metrics_listen_is_an_address_or_empty() {
+        assert!(parse("").unwrap().metrics_addr().is_none());
+        let c = parse("[metrics]\nlisten = \"127.0.0.1:9425\"\n").unwrap();
+        assert_eq!(c.metrics_addr(), Some("127.0.0.1:9425".parse().unwrap()));
+        let e = parse("[metrics]\nlisten = \"localhost\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("t.toml:2: key `metrics.listen`:"), "{e}");
     }
 
     #[test]
