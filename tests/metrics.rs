@@ -254,7 +254,7 @@ fn output_parses_as_openmetrics() {
     mailer::metrics::milter_action("parser-test", "accept");
     let body = scrape(&s);
     let py = python_with_prometheus_client().expect(
-        "python3 with prometheus_client (tests/ops-deps.sh installs python3-prometheus-client)",
+        "python3 with prometheus_client (.ci/install-packages installs python3-prometheus-client)",
     );
     let path = s.dir.path().join("scrape.txt");
     std::fs::write(&path, &body).unwrap();

@@ -357,7 +357,7 @@ fn fail2ban_filter_matches_refusals_auth_failures_and_timeouts() {
         .arg(&log_path)
         .arg(&filter)
         .output()
-        .expect("fail2ban-regex (Debian package fail2ban; tests/ops-deps.sh installs it)");
+        .expect("fail2ban-regex (Debian package fail2ban; .ci/install-packages installs it)");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     let total = log.lines().count();
