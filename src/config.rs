@@ -71,6 +71,8 @@ pub struct ServerConfig {
     pub tls_listen: Vec<String>,
     pub workers: usize,
     pub max_connections_per_ip: usize,
+    /// IPv6 clients share one `max_connections_per_ip` budget per prefix of this length.
+    pub ipv6_prefix: u8,
     pub proxy_protocol: bool,
     pub shutdown_grace_secs: u64,
     pub stats_interval_secs: u64,
@@ -95,6 +97,10 @@ pub struct Limits {
     pub command_timeout_secs: u64,
     pub data_timeout_secs: u64,
     pub min_data_rate: u64,
+    /// NOOP/RSET/VRFY/EXPN/HELP beyond this many each count as an error.
+    pub max_junk_commands: u32,
+    /// Whole-session lifetime, checked at each command.
+    pub session_timeout_secs: u64,
 }
 
 /// `limits.bare_lf`.
@@ -127,11 +133,13 @@ pub struct PolicyConfig {
     pub accept_domains: Vec<String>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     pub allow_plaintext: bool,
     pub users: Vec<User>,
+    /// Failed AUTH attempts per client address per 60 s before AUTH is refused; 0: off.
+    pub rate_limit: u32,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -162,6 +170,7 @@ impl Default for ServerConfig {
             tls_listen: vec![],
             workers: 64,
             max_connections_per_ip: 16,
+            ipv6_prefix: 64,
             proxy_protocol: false,
             shutdown_grace_secs: 30,
             stats_interval_secs: 60,
@@ -190,6 +199,18 @@ impl Default for Limits {
             command_timeout_secs: 300,
             data_timeout_secs: 180,
             min_data_rate: 500,
+            max_junk_commands: 100,
+            session_timeout_secs: 3600,
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> AuthConfig {
+        AuthConfig {
+            allow_plaintext: false,
+            users: Vec::new(),
+            rate_limit: 10,
         }
     }
 }
@@ -292,6 +313,21 @@ impl Config {
                 "limits.max_line_length",
                 "must be at least 512 (RFC 5321 4.5.3.1.4)".into(),
             );
+        }
+        if !(1..=128).contains(&s.ipv6_prefix) {
+            return err("server.ipv6_prefix", "must be 1 to 128".into());
+        }
+        if self.limits.max_junk_commands > 1_000_000 {
+            return err("limits.max_junk_commands", "more than 1000000".into());
+        }
+        if !(1..=7 * 86_400).contains(&self.limits.session_timeout_secs) {
+            return err(
+                "limits.session_timeout_secs",
+                "must be 1 to 604800 (a week)".into(),
+            );
+        }
+        if self.auth.as_ref().is_some_and(|a| a.rate_limit > 1_000_000) {
+            return err("auth.rate_limit", "more than 1000000".into());
         }
         if s.workers > 100_000 {
             return err("server.workers", "more than 100000 threads".into());

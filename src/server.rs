@@ -1,18 +1,19 @@
 //! The server edge (SPEC 1): listeners, the bounded queue of sockets, the fixed worker
 //! pool, per-IP limits, the spool writer, statistics and graceful shutdown.
 
-use crate::auth::{AuthError, Users};
+use crate::auth::{AuthError, RateLimit, Users};
 use crate::config::Config;
 use crate::connection::{Connection, End, Lifecycle, WireLimits};
 use crate::hooks::{Chain, Hooks, NoHooks, Policy, SessionInfo};
 use crate::protocol::proxy::{self, Parse};
 use crate::protocol::reply::{Enhanced, Reply};
-use crate::session::{AuthSettings, Session, Settings};
+use crate::session::{AuthSettings, Guards, Session, Settings};
 use crate::spool::{Faults, Maildir, NoFaults};
 use crate::stats::{ActiveGuard, CountReplies, CountingStore, Stats, StatsSnapshot};
 use crate::tls::{self, Stream, TlsError};
-use crossbeam_channel::{bounded, Receiver, SendTimeoutError, Sender};
+use crossbeam_channel::{bounded, Receiver, Sender};
 use rustls::ServerConfig;
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -62,10 +63,64 @@ impl fmt::Display for ServerError {
 
 impl std::error::Error for ServerError {}
 
-/// What one live connection shares with the shutdown logic.
+/// The default stack of a worker thread. Only touched pages take memory, so a roomy
+/// stack costs address space, not RAM, and a hook that recurses deeply does not abort
+/// the whole process (a stack overflow cannot be caught).
+pub const DEFAULT_WORKER_STACK: usize = 2 * 1024 * 1024;
+
+/// While the pool is under stress, the longest wait for a command (SPEC invariant 8,
+/// after Postfix's stress-adaptive `smtpd_timeout`).
+const STRESS_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long an evicted session may take to write its 421 to a client that does not
+/// read: its worker is promised to a new client.
+const EVICT_WRITE_WAIT: Duration = Duration::from_secs(1);
+
+/// Where one live connection stands, for the shutdown logic and the acceptor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Running a command, a hook, a handshake: not to be interrupted.
+    Working,
+    /// Blocked waiting for a command (or the first one) since then.
+    Prompt(Instant),
+    /// Inside DATA or BDAT: never evicted, finished at shutdown.
+    Message,
+    /// Chosen to give its worker to a new client; its read side is shut.
+    Evicted,
+}
+
+/// What one live connection shares with the shutdown logic and the acceptor.
 struct Slot {
     tcp: TcpStream,
-    in_message: Mutex<bool>,
+    phase: Mutex<Phase>,
+    /// Set once the worker counts as free again (see [`Shared::release`]).
+    released: Arc<AtomicBool>,
+}
+
+impl Slot {
+    fn phase(&self) -> std::sync::MutexGuard<'_, Phase> {
+        self.phase.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The acceptors' view of the worker pool. Counted under one lock so that the
+/// decision "hand over, evict or refuse" never waits (SPEC invariant 8).
+struct Pool {
+    workers: usize,
+    /// Workers running a session.
+    busy: usize,
+    /// Sockets handed over but not yet taken by a worker.
+    queued: usize,
+    /// Sessions told to close for a new client that have not ended yet: each one's
+    /// worker is already promised to a queued socket.
+    evicting: usize,
+}
+
+impl Pool {
+    /// Workers free for a new socket now or as soon as an evicted session ends.
+    fn available(&self) -> usize {
+        (self.workers + self.evicting).saturating_sub(self.busy + self.queued)
+    }
 }
 
 /// State shared by acceptors, workers and the handle.
@@ -73,6 +128,11 @@ struct Shared {
     stopping: AtomicBool,
     slots: Mutex<HashMap<u64, Arc<Slot>>>,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
+    pool: Mutex<Pool>,
+    /// More than 80 % of the workers are busy: sessions waiting for a command get
+    /// [`STRESS_COMMAND_TIMEOUT`].
+    stressed: AtomicBool,
+    ipv6_prefix: u8,
     next_id: AtomicU64,
     stats: Arc<Stats>,
     stop_tx: Sender<()>,
@@ -108,9 +168,19 @@ pub struct ServerBuilder {
     config: Config,
     hooks: Option<Arc<dyn Hooks>>,
     faults: Option<Arc<dyn Faults>>,
+    stack_size: usize,
 }
 
 impl ServerBuilder {
+    /// The stack size of each worker thread, in bytes; default
+    /// [`DEFAULT_WORKER_STACK`] (2 MiB). Hooks run on these threads: raise it for hooks
+    /// that recurse deeply, since a stack overflow aborts the whole process. The
+    /// memory is reserved as address space and only used as far as it is touched.
+    pub fn worker_stack_size(mut self, bytes: usize) -> Self {
+        self.stack_size = bytes;
+        self
+    }
+
     /// User hooks; the config's `[policy]` runs first, then these.
     pub fn hooks(mut self, hooks: impl Hooks + 'static) -> Self {
         self.hooks = Some(Arc::new(hooks));
@@ -129,6 +199,8 @@ impl ServerBuilder {
         if let Some(f) = self.faults {
             server.faults = f;
         }
+        // Below this, a worker could not even run a session's own frames.
+        server.stack_size = self.stack_size.max(64 * 1024);
         Ok(server)
     }
 }
@@ -144,6 +216,8 @@ pub struct Server {
     stop_rx: Receiver<()>,
     handle: Handle,
     faults: Arc<dyn Faults>,
+    stack_size: usize,
+    guards: Guards,
 }
 
 struct Job {
@@ -162,8 +236,10 @@ struct IpGuard {
 }
 
 impl Shared {
-    /// Claims one of `max` connection slots for `ip`; `None` when all are taken.
+    /// Claims one of `max` connection slots for the client `ip` (an IPv6 client counts
+    /// by its `ipv6_prefix`); `None` when all are taken.
     fn claim_ip(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<IpGuard> {
+        let ip = client_key(ip, self.ipv6_prefix);
         let mut m = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
         let n = m.entry(ip).or_insert(0);
         if *n >= max {
@@ -187,22 +263,39 @@ impl Shared {
         if implicit_tls {
             return;
         }
+        // Nothing here may block: the acceptor refuses the next client right after
+        // this one (SPEC invariant 8). A fresh socket's send buffer takes a 421 whole,
+        // so a non-blocking write suffices.
+        let _ = tcp.set_nonblocking(true);
         // Read what already arrived (a PROXY header, pipelined commands): closing a
         // socket with unread input sends RST, which can destroy the 421 in flight.
-        if tcp.set_nonblocking(true).is_ok() {
-            let mut scratch = [0u8; 1024];
-            for _ in 0..8 {
-                if !matches!(tcp.read(&mut scratch), Ok(n) if n > 0) {
-                    break;
-                }
+        let mut scratch = [0u8; 1024];
+        for _ in 0..8 {
+            if !matches!(tcp.read(&mut scratch), Ok(n) if n > 0) {
+                break;
             }
-            let _ = tcp.set_nonblocking(false);
         }
         self.stats.count_reply(421);
-        let _ = tcp.set_write_timeout(Some(Duration::from_secs(1)));
         let r = Reply::new(421, Enhanced(4, 7, 0), format!("{} {why}", self.hostname));
         let _ = tcp.write_all(&r.to_bytes());
         let _ = tcp.shutdown(Shutdown::Both);
+    }
+}
+
+/// The key a client is counted under: an IPv4-mapped IPv6 address is the IPv4 client
+/// it stands for; any other IPv6 address counts by its first `ipv6_prefix` bits, since
+/// one host or site is usually given a whole /64 and can pick any address in it.
+pub(crate) fn client_key(ip: IpAddr, ipv6_prefix: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let bits = u32::from(ipv6_prefix.clamp(1, 128));
+                let mask = u128::MAX << (128 - bits);
+                IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
+            }
+        },
     }
 }
 
@@ -286,6 +379,7 @@ impl Server {
             config,
             hooks: None,
             faults: None,
+            stack_size: DEFAULT_WORKER_STACK,
         }
     }
 
@@ -327,10 +421,27 @@ impl Server {
             }
         }
         let (stop_tx, stop_rx) = bounded(1);
+        let guards = Guards {
+            max_junk_commands: config.limits.max_junk_commands,
+            lifetime: Duration::from_secs(config.limits.session_timeout_secs),
+            auth_rate: config
+                .auth
+                .as_ref()
+                .filter(|a| a.rate_limit > 0)
+                .map(|a| Arc::new(RateLimit::new(a.rate_limit, config.server.ipv6_prefix))),
+        };
         let shared = Arc::new(Shared {
             stopping: AtomicBool::new(false),
             slots: Mutex::new(HashMap::new()),
             per_ip: Mutex::new(HashMap::new()),
+            pool: Mutex::new(Pool {
+                workers: config.server.workers,
+                busy: 0,
+                queued: 0,
+                evicting: 0,
+            }),
+            stressed: AtomicBool::new(false),
+            ipv6_prefix: config.server.ipv6_prefix,
             next_id: AtomicU64::new(1),
             stats: Arc::new(Stats::default()),
             stop_tx,
@@ -350,6 +461,8 @@ impl Server {
             stop_rx,
             handle,
             faults: Arc::new(NoFaults),
+            stack_size: DEFAULT_WORKER_STACK,
+            guards,
         })
     }
 
@@ -381,10 +494,11 @@ impl Server {
             resolver.watch(Duration::from_secs(1), Arc::clone(&reload_stop));
         }
         let workers = cfg.server.workers;
-        // A rendezvous channel: a socket is handed over only to an idle worker, so when
-        // all workers are busy the client gets 421 4.7.0 at once instead of waiting
-        // silently in a queue (SPEC 4: never hang a client silently).
-        let (job_tx, job_rx) = bounded::<Job>(0);
+        // A socket is queued only when a worker is free for it (or will be, once an
+        // evicted session ends): the acceptor counts that in `Shared::pool`, so a
+        // client never waits in a queue behind busy workers (SPEC 4: never hang a
+        // client silently). The capacity is never reached; it is a safety bound.
+        let (job_tx, job_rx) = bounded::<Job>(workers * 2);
         let (done_tx, done_rx) = bounded::<()>(workers);
         let limits = WireLimits {
             max_line_length: cfg.limits.max_line_length,
@@ -415,10 +529,11 @@ impl Server {
                 ready: ready_tx.clone(),
                 proxy: cfg.server.proxy_protocol.then_some(proxy_timeout),
                 per_ip_max: cfg.server.max_connections_per_ip,
+                guards: self.guards.clone(),
             };
             std::thread::Builder::new()
                 .name(format!("worker-{i}"))
-                .stack_size(256 * 1024)
+                .stack_size(self.stack_size)
                 .spawn(move || w.run())
                 .map_err(ServerError::Thread)?;
         }
@@ -524,6 +639,110 @@ fn loopback_of(addr: SocketAddr) -> SocketAddr {
 }
 
 impl Shared {
+    /// A worker took a queued socket.
+    fn took_job(&self) {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        pool.queued = pool.queued.saturating_sub(1);
+        pool.busy += 1;
+        self.update_stress(&pool);
+    }
+
+    /// A worker's session is over (`evicted`: it had been told to make room): the
+    /// worker counts as free from now on, once. Called before the last reply is
+    /// written, so a client that reconnects on reading it never finds its own old
+    /// session still counted busy.
+    fn release(&self, released: &AtomicBool, evicted: bool) {
+        if released.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        pool.busy = pool.busy.saturating_sub(1);
+        if evicted {
+            pool.evicting = pool.evicting.saturating_sub(1);
+        }
+        self.update_stress(&pool);
+    }
+
+    /// Stress begins when more than 80 % of the workers are busy and ends at 70 % or
+    /// less: the gap keeps one episode from being logged many times when the count
+    /// hovers around the threshold.
+    fn update_stress(&self, pool: &Pool) {
+        let (busy, n) = (pool.busy, pool.workers);
+        let was = self.stressed.load(Ordering::SeqCst);
+        if !was && busy * 5 > n * 4 {
+            self.stressed.store(true, Ordering::SeqCst);
+            log::warn!(
+                "entering stress: {busy} of {n} workers busy; sessions waiting for a command get {}s, and when all are busy the longest waiting one is closed for a new client",
+                STRESS_COMMAND_TIMEOUT.as_secs()
+            );
+        } else if was && busy * 10 <= n * 7 {
+            self.stressed.store(false, Ordering::SeqCst);
+            log::warn!("leaving stress: {busy} of {n} workers busy");
+        }
+    }
+
+    /// The deadline for a command: shorter while under stress.
+    fn command_timeout(&self, normal: Duration) -> Duration {
+        if self.stressed.load(Ordering::SeqCst) {
+            normal.min(STRESS_COMMAND_TIMEOUT)
+        } else {
+            normal
+        }
+    }
+
+    /// Decides at once what happens to a new socket: queued for a free worker, queued
+    /// for the worker of the session that has waited longest for a command (which is
+    /// told to close), or refused (every session is working or inside a message).
+    fn admit(&self, tx: &Sender<Job>, job: Job) -> Result<(), Job> {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.available() == 0 {
+            if !self.evict_one(job.peer) {
+                return Err(job);
+            }
+            pool.evicting += 1;
+        }
+        match tx.try_send(job) {
+            Ok(()) => {
+                pool.queued += 1;
+                Ok(())
+            }
+            Err(e) => Err(e.into_inner()),
+        }
+    }
+
+    /// Tells the session that has waited longest at a command prompt to close (its
+    /// read side is shut, as at shutdown); false when no session waits for a command.
+    fn evict_one(&self, newcomer: SocketAddr) -> bool {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let mut best: Option<(Instant, u64, &Arc<Slot>)> = None;
+            for (id, slot) in slots.iter() {
+                if let Phase::Prompt(since) = *slot.phase() {
+                    if best.is_none_or(|(b, _, _)| since < b) {
+                        best = Some((since, *id, slot));
+                    }
+                }
+            }
+            let Some((since, id, slot)) = best else {
+                return false;
+            };
+            let mut phase = slot.phase();
+            // It may have received a command since it was looked at: then it is
+            // working, and the next longest waiting session is the one.
+            if *phase != Phase::Prompt(since) {
+                continue;
+            }
+            *phase = Phase::Evicted;
+            let _ = slot.tcp.set_write_timeout(Some(EVICT_WRITE_WAIT));
+            let _ = slot.tcp.shutdown(Shutdown::Read);
+            log::warn!(
+                "all workers busy: closing session {id} (waited {}s for a command) to serve {newcomer}",
+                since.elapsed().as_secs()
+            );
+            return true;
+        }
+    }
+
     /// Shuts the read side of every session that is not inside a message, so its
     /// blocked read returns and it answers 421 4.3.2.
     fn close_idle(&self) {
@@ -535,8 +754,8 @@ impl Shared {
             .cloned()
             .collect();
         for s in slots {
-            let busy = s.in_message.lock().unwrap_or_else(|p| p.into_inner());
-            if !*busy {
+            let phase = s.phase();
+            if *phase != Phase::Message {
                 let _ = s.tcp.shutdown(Shutdown::Read);
             }
         }
@@ -553,9 +772,6 @@ impl Shared {
         }
     }
 }
-
-/// How long a new connection may wait for an idle worker before it gets 421 4.7.0.
-const HANDOFF_WAIT: Duration = Duration::from_millis(200);
 
 struct Acceptor {
     listener: TcpListener,
@@ -606,18 +822,13 @@ impl Acceptor {
                 implicit_tls: self.implicit_tls,
                 ip,
             };
-            // A short wait covers a worker that is between two sessions (or still
-            // starting); past it, every worker is truly busy.
-            match self.tx.send_timeout(job, HANDOFF_WAIT) {
-                Ok(()) => {}
-                Err(SendTimeoutError::Timeout(job)) | Err(SendTimeoutError::Disconnected(job)) => {
-                    self.shared.refuse(
-                        job.tcp,
-                        peer,
-                        self.implicit_tls,
-                        "Error: server busy, try again later",
-                    );
-                }
+            if let Err(job) = self.shared.admit(&self.tx, job) {
+                self.shared.refuse(
+                    job.tcp,
+                    peer,
+                    self.implicit_tls,
+                    "Error: server busy, try again later",
+                );
             }
         }
     }
@@ -638,6 +849,7 @@ struct Worker {
     /// `Some(timeout)` when a PROXY header must come first.
     proxy: Option<Duration>,
     per_ip_max: usize,
+    guards: Guards,
 }
 
 /// The worker's view of the server lifecycle for one connection.
@@ -651,23 +863,39 @@ impl Lifecycle for Life<'_> {
         self.shared.stopping.load(Ordering::SeqCst)
     }
     fn enter_message(&self) -> bool {
-        let mut busy = self
-            .slot
-            .in_message
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if self.stopping() {
+        let mut phase = self.slot.phase();
+        if self.stopping() || *phase == Phase::Evicted {
             return false;
         }
-        *busy = true;
+        *phase = Phase::Message;
         true
     }
     fn leave_message(&self) {
-        *self
-            .slot
-            .in_message
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = false;
+        let mut phase = self.slot.phase();
+        if *phase == Phase::Message {
+            *phase = Phase::Working;
+        }
+    }
+    fn command_timeout(&self, normal: Duration) -> Duration {
+        self.shared.command_timeout(normal)
+    }
+    fn at_prompt(&self) {
+        let mut phase = self.slot.phase();
+        if *phase == Phase::Working {
+            *phase = Phase::Prompt(Instant::now());
+        }
+    }
+    fn got_command(&self) -> bool {
+        let mut phase = self.slot.phase();
+        if *phase == Phase::Evicted {
+            return false;
+        }
+        *phase = Phase::Working;
+        true
+    }
+    fn closing(&self) {
+        let evicted = *self.slot.phase() == Phase::Evicted;
+        self.shared.release(&self.slot.released, evicted);
     }
 }
 
@@ -675,16 +903,23 @@ impl Worker {
     fn run(self) {
         let _ = self.ready.send(());
         while let Ok(job) = self.rx.recv() {
+            self.shared.took_job();
             let peer = job.peer;
+            let evicted = Cell::new(false);
+            let released = Arc::new(AtomicBool::new(false));
             // A panic in one session must not end the worker or the server (invariant 5).
-            if catch_unwind(AssertUnwindSafe(|| self.serve(job))).is_err() {
+            let served = catch_unwind(AssertUnwindSafe(|| {
+                self.serve(job, &evicted, Arc::clone(&released))
+            }));
+            if served.is_err() {
                 log::error!("session with {peer} panicked; worker continues");
             }
+            self.shared.release(&released, evicted.get());
         }
         let _ = self.done.send(());
     }
 
-    fn serve(&self, job: Job) {
+    fn serve(&self, job: Job, evicted: &Cell<bool>, released: Arc<AtomicBool>) {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let stats = &self.shared.stats;
         stats.connections_total.fetch_add(1, Ordering::Relaxed);
@@ -696,14 +931,19 @@ impl Worker {
         let Ok(clone) = tcp.try_clone() else { return };
         let slot = Arc::new(Slot {
             tcp: clone,
-            in_message: Mutex::new(false),
+            phase: Mutex::new(Phase::Working),
+            released,
         });
         self.shared
             .slots
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, Arc::clone(&slot));
-        let _unregister = Unregister(&self.shared, id);
+        let _unregister = Unregister {
+            shared: &self.shared,
+            id,
+            evicted,
+        };
         let mut peer = job.peer;
         let mut _ip = job.ip;
         if let Some(timeout) = self.proxy {
@@ -737,7 +977,24 @@ impl Worker {
         };
         let stream = if job.implicit_tls {
             let Some(cfg) = &self.tls else { return };
-            match Stream::accept_tls(tcp, Arc::clone(cfg), self.limits.command_timeout) {
+            // A client that connects and stays silent holds a worker like one silent at
+            // a command prompt: it may be closed for a new client, and under stress it
+            // gets the short deadline.
+            *slot.phase() = Phase::Prompt(Instant::now());
+            let timeout = self.shared.command_timeout(self.limits.command_timeout);
+            let accepted = Stream::accept_tls(tcp, Arc::clone(cfg), timeout);
+            {
+                let mut phase = slot.phase();
+                if *phase == Phase::Evicted {
+                    log::warn!(
+                        "session {id}: closed during the TLS handshake for a new client, client {}",
+                        peer.ip()
+                    );
+                    return;
+                }
+                *phase = Phase::Working;
+            }
+            match accepted {
                 Ok((s, tls)) => {
                     log::info!(
                         "session {id}: TLS established, {} {}",
@@ -758,7 +1015,8 @@ impl Worker {
                 tls: self.tls.clone(),
             }
         };
-        let session = Session::new(Arc::clone(&self.settings), Arc::clone(&self.hooks), info);
+        let mut session = Session::new(Arc::clone(&self.settings), Arc::clone(&self.hooks), info);
+        session.set_guards(self.guards.clone());
         let life = Life {
             shared: &self.shared,
             slot: &slot,
@@ -773,22 +1031,55 @@ impl Worker {
             self.wants_data,
         );
         let end = conn.run();
+        // The stream goes first (a TLS session sends close_notify as it is dropped).
+        drop(conn);
+        linger(&slot.tcp);
+        let ip = peer.ip();
         match end {
             End::Quit | End::Eof | End::ShuttingDown => {
-                log::info!("session {id}: disconnect ({end:?})")
+                log::info!("session {id}: disconnect ({end:?}), client {ip}")
             }
-            other => log::info!("session {id}: closed ({other:?})"),
+            other => log::info!("session {id}: closed ({other:?}), client {ip}"),
         }
     }
 }
 
-struct Unregister<'a>(&'a Shared, u64);
+/// Closes like a web server's lingering close, without waiting: FIN goes out behind
+/// the last reply, then what the client sent and the session did not read (pipelined
+/// commands after a 421, a dripping attacker's bytes) is read and dropped. Closing a
+/// socket with unread input makes the kernel send RST and drop replies not yet on the
+/// wire, so the client could miss the 421 that says why it was closed.
+fn linger(tcp: &TcpStream) {
+    if tcp.shutdown(Shutdown::Write).is_err() || tcp.set_nonblocking(true).is_err() {
+        return;
+    }
+    let mut scratch = [0u8; 4096];
+    let mut reader = tcp;
+    for _ in 0..16 {
+        if !matches!(reader.read(&mut scratch), Ok(n) if n > 0) {
+            break;
+        }
+    }
+}
+
+/// Removes a session's slot when it ends (a panic included) and notes whether it had
+/// been evicted, for the pool's count.
+struct Unregister<'a> {
+    shared: &'a Shared,
+    id: u64,
+    evicted: &'a Cell<bool>,
+}
+
 impl Drop for Unregister<'_> {
     fn drop(&mut self) {
-        self.0
+        let slot = self
+            .shared
             .slots
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.1);
+            .remove(&self.id);
+        if let Some(slot) = slot {
+            self.evicted.set(*slot.phase() == Phase::Evicted);
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! lines and returns the next [`Step`]; it never touches a socket or a file. The
 //! connection driver (`connection.rs`) does the I/O around it.
 
-use crate::auth::{self, AuthStep, Authenticator, Exchange};
+use crate::auth::{self, AuthStep, Authenticator, Exchange, RateLimit};
 use crate::hooks::{Envelope, Hooks, SessionError, SessionInfo, TlsInfo};
 use crate::protocol::address::ReversePath;
 use crate::protocol::command::{self, Command};
@@ -10,7 +10,7 @@ use crate::protocol::reply::{Enhanced, Reply};
 use crate::protocol::trace::{self, Trace};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 /// The per-server settings a session needs.
 pub struct Settings {
@@ -29,6 +29,29 @@ pub struct Settings {
 pub struct AuthSettings {
     pub allow_plaintext: bool,
     pub authenticator: Arc<dyn Authenticator>,
+}
+
+/// Bounds on what one session may spend beyond single commands (SPEC invariant 8).
+/// Set with [`Session::set_guards`]; the defaults are the shipped config's.
+#[derive(Clone)]
+pub struct Guards {
+    /// NOOP, RSET, VRFY, EXPN and HELP beyond this many each count as an error, as
+    /// Postfix's `smtpd_junk_command_limit` does.
+    pub max_junk_commands: u32,
+    /// The whole session's lifetime: the first command after it gets 421 4.4.2.
+    pub lifetime: Duration,
+    /// Failed AUTH attempts per client address, shared by all sessions.
+    pub auth_rate: Option<Arc<RateLimit>>,
+}
+
+impl Default for Guards {
+    fn default() -> Guards {
+        Guards {
+            max_junk_commands: 100,
+            lifetime: Duration::from_secs(3600),
+            auth_rate: None,
+        }
+    }
 }
 
 /// The mail transaction (RFC 5321 §3.3). Recipients live in the envelope; DATA needs
@@ -99,6 +122,12 @@ pub struct Session {
     /// Set when a hook panicked: the driver sends these replies after the current one
     /// and closes (see [`Session::take_close`]).
     closing: Option<Vec<Reply>>,
+    guards: Guards,
+    started: Instant,
+    /// Junk commands (NOOP, RSET, VRFY, EXPN, HELP) since the last stored message.
+    junk: u32,
+    /// The current command was junk beyond the limit: it counts as an error.
+    junk_over: bool,
 }
 
 fn r(code: u16, e: (u8, u16, u16), text: impl Into<String>) -> Reply {
@@ -120,7 +149,59 @@ impl Session {
             errors: 0,
             auth: None,
             closing: None,
+            guards: Guards::default(),
+            started: Instant::now(),
+            junk: 0,
+            junk_over: false,
         }
+    }
+
+    /// Replaces the default [`Guards`] (the server sets them from its config).
+    pub fn set_guards(&mut self, guards: Guards) {
+        self.guards = guards;
+    }
+
+    /// How long this session may still wait for commands before its lifetime ends.
+    pub fn lifetime_left(&self) -> Duration {
+        self.guards.lifetime.saturating_sub(self.started.elapsed())
+    }
+
+    /// 421 4.4.2 once the session lifetime has passed (`session_timeout_secs`).
+    pub fn lifetime_over(&mut self) -> Reply {
+        log::info!(
+            "session {}: session lifetime of {}s exceeded, client {}; closing",
+            self.info.id,
+            self.guards.lifetime.as_secs(),
+            self.info.peer.ip()
+        );
+        self.notify_error(SessionError::Timeout);
+        r(
+            421,
+            (4, 4, 2),
+            format!(
+                "{} Error: session lifetime exceeded",
+                self.settings.hostname
+            ),
+        )
+    }
+
+    /// 421 4.4.2 for a session whose worker was given to a new client while it waited
+    /// for a command with every worker busy (SPEC invariant 8).
+    pub fn evicted(&mut self) -> Reply {
+        log::warn!(
+            "session {}: all workers busy and this session waited longest for a command; closing it for a new client, client {}",
+            self.info.id,
+            self.info.peer.ip()
+        );
+        self.notify_error(SessionError::Timeout);
+        r(
+            421,
+            (4, 4, 2),
+            format!(
+                "{} Error: timeout exceeded, server busy",
+                self.settings.hostname
+            ),
+        )
     }
 
     /// `Some(replies)` once a hook has panicked: send them (after the reply already
@@ -161,6 +242,12 @@ impl Session {
 
     /// Handles one command line (without CRLF), or one AUTH response line.
     pub fn command(&mut self, line: &[u8]) -> Step {
+        if self.started.elapsed() >= self.guards.lifetime {
+            // A message in transfer was allowed to finish; no new command starts.
+            self.auth = None;
+            return Step::Close(vec![self.lifetime_over()]);
+        }
+        self.junk_over = false;
         let step = match self.auth.take() {
             Some(ex) => self.auth_response(&ex, line),
             None => match command::parse(line) {
@@ -180,18 +267,28 @@ impl Session {
     /// RFC 5321 §4.2.5: every failed command counts; when the count reaches
     /// `max_errors`, the reply is followed by 421 and the connection closes.
     fn count_errors(&mut self, step: Step) -> Step {
-        let failed = match &step {
+        let refused = match &step {
             Step::Reply(rep) | Step::Discard { reply: rep, .. } => {
                 rep.code >= 500 || rep.code == 421
             }
             _ => false,
         };
-        if !failed {
+        let junk = std::mem::take(&mut self.junk_over);
+        if !refused && !junk {
             return step;
         }
-        if let Step::Reply(rep) | Step::Discard { reply: rep, .. } = &step {
-            log::info!("session {}: refused: {rep}", self.info.id);
-            self.notify_error(SessionError::Protocol(rep.clone()));
+        if refused {
+            if let Step::Reply(rep) | Step::Discard { reply: rep, .. } = &step {
+                log::info!("session {}: refused: {rep}", self.info.id);
+                self.notify_error(SessionError::Protocol(rep.clone()));
+            }
+        } else {
+            log::info!(
+                "session {}: more than {} NOOP/RSET/VRFY/EXPN/HELP; counted as an error, client {}",
+                self.info.id,
+                self.guards.max_junk_commands,
+                self.info.peer.ip()
+            );
         }
         self.errors += 1;
         if self.errors < self.settings.max_errors {
@@ -216,6 +313,13 @@ impl Session {
     }
 
     fn dispatch(&mut self, cmd: Command) -> Step {
+        if matches!(
+            cmd,
+            Command::Noop | Command::Rset | Command::Vrfy | Command::Expn | Command::Help
+        ) {
+            self.junk = self.junk.saturating_add(1);
+            self.junk_over = self.junk > self.guards.max_junk_commands;
+        }
         let s = &self.settings;
         match cmd {
             Command::Helo(name) => self.helo(name, false),
@@ -495,6 +599,8 @@ impl Session {
             .map_or((String::new(), 0), |e| (e.from.to_string(), e.rcpts.len()));
         let reply = match outcome {
             MessageOutcome::Stored(id) => {
+                // A session that delivers mail is doing work: its junk allowance starts over.
+                self.junk = 0;
                 log::info!(
                     "session {}: stored {id}: {size} bytes from <{from}> to {rcpts} recipient(s)",
                     self.info.id
@@ -561,6 +667,12 @@ impl Session {
     }
 
     fn auth_start(&mut self, mechanism: &str, initial: Option<&str>) -> Step {
+        if self.settings.auth.is_none() {
+            return Step::Reply(bad_sequence("authentication not enabled"));
+        }
+        if let Some(step) = self.auth_rate_exceeded() {
+            return step;
+        }
         let Some(auth) = &self.settings.auth else {
             return Step::Reply(bad_sequence("authentication not enabled"));
         };
@@ -588,6 +700,30 @@ impl Session {
         self.auth_step(step)
     }
 
+    /// 421 4.7.0 and close when this client has failed AUTH `auth.rate_limit` times in
+    /// the window (SPEC 4).
+    fn auth_rate_exceeded(&mut self) -> Option<Step> {
+        let rl = self.guards.auth_rate.as_ref()?;
+        let ip = self.info.peer.ip();
+        if !rl.blocked(ip) {
+            return None;
+        }
+        log::warn!(
+            "session {}: AUTH refused for client {ip}: too many failed attempts in the last {}s; closing",
+            self.info.id,
+            auth::RATE_WINDOW.as_secs()
+        );
+        self.auth = None;
+        Some(Step::Close(vec![r(
+            421,
+            (4, 7, 0),
+            format!(
+                "{} Error: too many failed authentications, try again later",
+                self.settings.hostname
+            ),
+        )]))
+    }
+
     fn auth_response(&mut self, ex: &Exchange, line: &[u8]) -> Step {
         match std::str::from_utf8(line) {
             Ok(l) => {
@@ -610,6 +746,11 @@ impl Session {
                 Step::Reply(r(504, (5, 5, 4), "Unsupported authentication mechanism"))
             }
             AuthStep::Verify { user, password } => {
+                // Checked again here: other sessions of this client may have failed
+                // since this exchange began. Nothing is hashed past the limit.
+                if let Some(step) = self.auth_rate_exceeded() {
+                    return step;
+                }
                 let ok = match &self.settings.auth {
                     Some(a) => !user.is_empty() && a.authenticator.verify(&user, &password),
                     None => false,
@@ -622,6 +763,18 @@ impl Session {
                     self.info.auth_user = Some(user);
                     Step::Reply(r(235, (2, 7, 0), "Authentication successful"))
                 } else {
+                    let ip = self.info.peer.ip();
+                    match &self.guards.auth_rate {
+                        Some(rl) => {
+                            let n = rl.failed(ip);
+                            log::warn!(
+                                "session {}: AUTH failed for client {ip} ({n} failure(s) in the last {}s)",
+                                self.info.id,
+                                auth::RATE_WINDOW.as_secs()
+                            );
+                        }
+                        None => log::warn!("session {}: AUTH failed for client {ip}", self.info.id),
+                    }
                     Step::Reply(r(535, (5, 7, 8), "Authentication credentials invalid"))
                 }
             }

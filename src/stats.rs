@@ -283,6 +283,9 @@ impl<T: Transport> Transport for CountReplies<'_, T> {
     fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
         self.inner.set_read_timeout(timeout)
     }
+    fn set_write_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        self.inner.set_write_timeout(timeout)
+    }
     fn start_tls(&mut self) -> io::Result<TlsInfo> {
         self.inner.start_tls()
     }
