@@ -380,7 +380,8 @@ impl<'a, T: Transport> Connection<'a, T> {
             // session blocked on reading may be chosen to make room for a new client.
             self.flush_bounded()?;
             self.life.at_prompt();
-            let wake = deadline.min(now + life_left).min(now + RECHECK);
+            let life_end = now.checked_add(life_left).unwrap_or(deadline);
+            let wake = deadline.min(life_end).min(now + RECHECK);
             match self.fill(wake) {
                 Ok(0) => return Ok(Read1::Eof),
                 Ok(_) => {}

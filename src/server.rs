@@ -1083,3 +1083,42 @@ impl Drop for Unregister<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clients_are_counted_by_ipv4_address_or_ipv6_prefix() {
+        let key = |ip: &str, prefix| client_key(ip.parse().unwrap(), prefix).to_string();
+        assert_eq!(key("192.0.2.1", 64), "192.0.2.1");
+        assert_eq!(key("::ffff:192.0.2.1", 64), "192.0.2.1");
+        assert_eq!(key("2001:db8:1:2:3:4:5:6", 64), "2001:db8:1:2::");
+        assert_eq!(key("2001:db8:1:2:3:4:5:6", 48), "2001:db8:1::");
+        assert_eq!(key("2001:db8:1:2:3:4:5:6", 128), "2001:db8:1:2:3:4:5:6");
+        assert_eq!(key("2001:db8:1:2:3:4:5:6", 1), "::");
+    }
+
+    #[test]
+    fn the_pool_counts_evicted_workers_as_promised() {
+        let mut p = Pool {
+            workers: 2,
+            busy: 2,
+            queued: 0,
+            evicting: 0,
+        };
+        assert_eq!(p.available(), 0);
+        // One session told to close, its worker promised to one queued socket.
+        p.evicting = 1;
+        assert_eq!(p.available(), 1);
+        p.queued = 1;
+        assert_eq!(p.available(), 0);
+        // The evicted session ends, the worker takes the socket: still nothing free.
+        p.evicting = 0;
+        p.busy = 1;
+        assert_eq!(p.available(), 0);
+        p.queued = 0;
+        p.busy = 2;
+        assert_eq!(p.available(), 0);
+    }
+}

@@ -162,7 +162,12 @@ impl Session {
     }
 
     /// How long this session may still wait for commands before its lifetime ends.
+    /// A BDAT transaction in progress may finish (its size is bounded by
+    /// `max_message_size`), so between its chunks the lifetime does not count.
     pub fn lifetime_left(&self) -> Duration {
+        if self.is_chunking() {
+            return Duration::MAX;
+        }
         self.guards.lifetime.saturating_sub(self.started.elapsed())
     }
 
@@ -242,7 +247,7 @@ impl Session {
 
     /// Handles one command line (without CRLF), or one AUTH response line.
     pub fn command(&mut self, line: &[u8]) -> Step {
-        if self.started.elapsed() >= self.guards.lifetime {
+        if self.lifetime_left().is_zero() {
             // A message in transfer was allowed to finish; no new command starts.
             self.auth = None;
             return Step::Close(vec![self.lifetime_over()]);

@@ -323,6 +323,21 @@ fn the_session_lifetime_ends_at_the_next_command_and_a_message_in_transfer_finis
     assert!(began.elapsed() >= Duration::from_secs(1));
     assert_eq!(s.stored().len(), 1);
 
+    // So may a BDAT transaction, across its chunks.
+    let mut c = s.ehlo();
+    c.ok("MAIL FROM:<a@x.test>", 250);
+    c.ok("RCPT TO:<b@y.test>", 250);
+    c.send_raw(b"BDAT 14\r\nSubject: t\r\n\r\n");
+    assert_eq!(c.reply().1, "250 2.0.0 14 octets received\r\n");
+    thread::sleep(Duration::from_millis(1200));
+    c.send_raw(b"BDAT 4 LAST\r\nhi\r\n");
+    let (code, text) = c.reply();
+    assert_eq!(code, 250, "{text}");
+    c.send("NOOP");
+    assert_eq!(c.reply().1, LIFETIME);
+    assert!(c.is_closed());
+    assert_eq!(s.stored().len(), 2);
+
     // A session that sends nothing is closed when the lifetime ends.
     let began = Instant::now();
     let c = s.ehlo();
