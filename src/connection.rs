@@ -621,7 +621,9 @@ impl<'a, T: Transport> Connection<'a, T> {
         if let Err(e) = self.flush() {
             return Err(End::Io(e.kind()));
         }
-        if let Err(e) = self.io.set_read_timeout(Some(self.limits.command_timeout)) {
+        // The handshake is bounded like a command (shorter under stress).
+        let timeout = self.life.command_timeout(self.limits.command_timeout);
+        if let Err(e) = self.io.set_read_timeout(Some(timeout)) {
             return Err(End::Io(e.kind()));
         }
         match self.io.start_tls() {
