@@ -136,6 +136,8 @@ pub struct Connection<'a, T: Transport> {
     chunked: Option<Box<dyn MessageWriter>>,
     chunk_copy: Vec<u8>,
     chunk_write_error: Option<StoreError>,
+    /// The write timeout last set on the transport (saves a syscall per reply).
+    write_timeout: Option<Duration>,
 }
 
 impl<'a, T: Transport> Connection<'a, T> {
@@ -162,6 +164,7 @@ impl<'a, T: Transport> Connection<'a, T> {
             chunked: None,
             chunk_copy: Vec::new(),
             chunk_write_error: None,
+            write_timeout: None,
         }
     }
 
@@ -285,8 +288,11 @@ impl<'a, T: Transport> Connection<'a, T> {
         if self.out.is_empty() {
             return Ok(());
         }
-        let t = self.life.command_timeout(self.limits.command_timeout);
-        self.io.set_write_timeout(Some(t))?;
+        let t = Some(self.life.command_timeout(self.limits.command_timeout));
+        if self.write_timeout != t {
+            self.io.set_write_timeout(t)?;
+            self.write_timeout = t;
+        }
         self.flush()
     }
 
