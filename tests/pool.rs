@@ -502,9 +502,16 @@ fn replies_a_client_does_not_read_are_not_buffered_without_bound() {
             t
         })
         .collect();
+    // One EHLO reply, to know how many bytes 16384 of them make.
+    (&conns[0]).write_all(b"EHLO c.test\r\n").unwrap();
+    let mut one = String::new();
+    while !one.ends_with("250 HELP\r\n") {
+        one.push_str(&line(&conns[0]));
+    }
     let before = status_kib(child.pid(), "VmRSS:");
     // Each connection pipelines 16384 EHLOs (about 2 MB of replies) and reads none.
-    let ehlos = b"EHLO c.test\r\n".repeat(16384);
+    let n = 16384;
+    let ehlos = b"EHLO c.test\r\n".repeat(n);
     let writers: Vec<_> = conns
         .iter()
         .map(|t| {
@@ -512,12 +519,29 @@ fn replies_a_client_does_not_read_are_not_buffered_without_bound() {
             let ehlos = ehlos.clone();
             thread::spawn(move || {
                 // The server stops reading once its replies back up, so the write may
-                // stall: bounded, and a stall is the expected outcome.
-                t.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
-                let _ = t.write_all(&ehlos);
+                // stall until the replies are read below.
+                t.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
+                t.write_all(&ehlos)
+                    .expect("the server reads on as replies are taken");
             })
         })
         .collect();
+    // Only now are the replies read, one connection after the other: every reply has
+    // been made by the end, so the server's peak RSS has seen the worst.
+    let want = one.len() * n;
+    for t in &conns {
+        t.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut got = 0;
+        let mut buf = vec![0u8; 1 << 16];
+        while got < want {
+            match (&*t).read(&mut buf) {
+                Ok(0) => panic!("closed after {got} of {want} bytes"),
+                Ok(k) => got += k,
+                Err(e) => panic!("after {got} of {want} bytes: {e}"),
+            }
+        }
+        assert_eq!(got, want);
+    }
     for w in writers {
         w.join().unwrap();
     }
@@ -526,11 +550,14 @@ fn replies_a_client_does_not_read_are_not_buffered_without_bound() {
     eprintln!(
         "server RSS {before} KiB with 64 sessions; peak {peak} KiB after the flood (+{grown} KiB)"
     );
-    // Before backpressure this grew by about 80 MB.
+    // Without backpressure (the binary before issue 13) it grew by about 42 MB here.
     assert!(grown < 24 * 1024, "grew by {grown} KiB");
     drop(conns);
-    let (status, _) = child.stop();
+    let (status, log) = child.stop();
     assert!(status.success());
+    // 64 of 64 workers busy was one stress episode, logged once each way.
+    assert_eq!(log.matches("entering stress: ").count(), 1, "{log}");
+    assert_eq!(log.matches("leaving stress: ").count(), 1, "{log}");
 }
 
 #[test]
