@@ -384,8 +384,11 @@ impl<'a, T: Transport> Connection<'a, T> {
             }
             // Replies go out before the session counts as waiting at a prompt: only a
             // session blocked on reading may be chosen to make room for a new client.
+            // Between BDAT chunks a message is in transfer: that session never is.
             self.flush_bounded()?;
-            self.life.at_prompt();
+            if !self.session.is_chunking() {
+                self.life.at_prompt();
+            }
             let life_end = now.checked_add(life_left).unwrap_or(deadline);
             let wake = deadline.min(life_end).min(now + RECHECK);
             match self.fill(wake) {

@@ -154,8 +154,14 @@ fn sixty_four_silent_sockets_from_four_addresses_do_not_keep_an_honest_client_ou
 }
 
 #[test]
-fn the_longest_idle_session_goes_first_and_a_session_in_data_never() {
-    let s = server("workers = 3\n", "");
+fn the_longest_idle_session_goes_first_and_a_message_in_transfer_never() {
+    let s = server("workers = 4\n", "");
+    // Between two BDAT chunks a message is in transfer too.
+    let mut chunking = s.ehlo();
+    chunking.ok("MAIL FROM:<a@x.test>", 250);
+    chunking.ok("RCPT TO:<b@y.test>", 250);
+    chunking.send_raw(b"BDAT 14\r\nSubject: t\r\n\r\n");
+    assert_eq!(chunking.reply().1, "250 2.0.0 14 octets received\r\n");
     let a = s.ehlo();
     let b = s.ehlo();
     let mut d = in_data(&s);
@@ -171,7 +177,10 @@ fn the_longest_idle_session_goes_first_and_a_session_in_data_never() {
     d.send_raw(b"second half\r\n.\r\n");
     let (code, text) = d.reply();
     assert_eq!(code, 250, "{text}");
-    assert_eq!(s.stored().len(), 1);
+    chunking.send_raw(b"BDAT 4 LAST\r\nhi\r\n");
+    let (code, text) = chunking.reply();
+    assert_eq!(code, 250, "{text}");
+    assert_eq!(s.stored().len(), 2);
     f.ok("NOOP", 250);
     g.ok("NOOP", 250);
 }
