@@ -62,6 +62,44 @@ pub struct Config {
     pub spool: SpoolConfig,
     pub policy: PolicyConfig,
     pub auth: Option<AuthConfig>,
+    /// `[[milter]]` tables, called in this order (SPEC 9).
+    pub milter: Vec<MilterConfig>,
+}
+
+/// One `[[milter]]` table; the timeouts are Postfix's milter_*_timeout.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MilterConfig {
+    /// `inet:host:port` or `unix:/path` (Postfix syntax).
+    pub address: String,
+    pub connect_timeout_secs: u64,
+    pub command_timeout_secs: u64,
+    pub content_timeout_secs: u64,
+    pub default_action: DefaultAction,
+}
+
+/// What a milter that is down, slow or malformed costs the client (SPEC 9).
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultAction {
+    /// 451 4.7.1
+    Tempfail,
+    /// The milter is skipped.
+    Accept,
+    /// 550 5.7.1
+    Reject,
+}
+
+impl Default for MilterConfig {
+    fn default() -> MilterConfig {
+        MilterConfig {
+            address: String::new(),
+            connect_timeout_secs: 30,
+            command_timeout_secs: 30,
+            content_timeout_secs: 300,
+            default_action: DefaultAction::Tempfail,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -151,6 +189,7 @@ impl Default for Config {
             spool: SpoolConfig::default(),
             policy: PolicyConfig::default(),
             auth: None,
+            milter: Vec::new(),
         }
     }
 }
@@ -311,6 +350,20 @@ impl Config {
                 }
             }
         }
+        for (i, m) in self.milter.iter().enumerate() {
+            if let Err(e) = crate::milter::MilterAddress::parse(&m.address) {
+                return err(&format!("milter[{i}].address"), e);
+            }
+            for (k, v) in [
+                ("connect_timeout_secs", m.connect_timeout_secs),
+                ("command_timeout_secs", m.command_timeout_secs),
+                ("content_timeout_secs", m.content_timeout_secs),
+            ] {
+                if !(1..=3600).contains(&v) {
+                    return err(&format!("milter[{i}].{k}"), "must be 1 to 3600".into());
+                }
+            }
+        }
         Ok(())
     }
 
@@ -445,6 +498,34 @@ mod tests {
         .unwrap();
         assert!(c.tls.unwrap().require_tls);
         assert_eq!(c.auth.unwrap().users[0].name, "alice");
+    }
+
+    #[test]
+    fn milter_tables() {
+        let c = parse(
+            "[[milter]]\naddress = \"inet:127.0.0.1:8891\"\n\
+             [[milter]]\naddress = \"unix:/run/m.sock\"\ndefault_action = \"accept\"\n\
+             command_timeout_secs = 5\n",
+        )
+        .unwrap();
+        assert_eq!(c.milter.len(), 2);
+        assert_eq!(c.milter[0].content_timeout_secs, 300);
+        assert_eq!(c.milter[0].default_action, DefaultAction::Tempfail);
+        assert_eq!(c.milter[1].default_action, DefaultAction::Accept);
+        assert_eq!(c.milter[1].command_timeout_secs, 5);
+        assert!(c.to_toml().contains("[[milter]]"));
+        let e = parse("[[milter]]\naddress = \"tcp:x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("milter[0].address"), "{e}");
+        let e = parse("[[milter]]\naddress = \"inet:h:1\"\ncontent_timeout_secs = 3601\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("milter[0].content_timeout_secs"), "{e}");
+        let e = parse("[[milter]]\naddress = \"inet:h:1\"\ndefault_action = \"maybe\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("maybe") || e.contains("default_action"), "{e}");
     }
 
     #[test]

@@ -32,6 +32,7 @@ pub mod client;
 pub mod config;
 pub mod connection;
 pub mod hooks;
+pub mod milter;
 pub mod preflight;
 pub mod protocol;
 pub mod server;
