@@ -4,6 +4,7 @@
 use crate::auth::{AuthError, Users};
 use crate::config::Config;
 use crate::connection::{Connection, End, Lifecycle, WireLimits};
+use crate::delivery::Router;
 use crate::hooks::{Chain, Hooks, NoHooks, Policy, SessionInfo};
 use crate::protocol::proxy::{self, Parse};
 use crate::protocol::reply::{Enhanced, Reply};
@@ -108,9 +109,17 @@ pub struct ServerBuilder {
     config: Config,
     hooks: Option<Arc<dyn Hooks>>,
     faults: Option<Arc<dyn Faults>>,
+    router: Option<Arc<dyn Router>>,
 }
 
 impl ServerBuilder {
+    /// Delivers recipients to mailboxes (SPEC 8): each distinct mailbox gets its own
+    /// copy; recipients the router does not know go to `spool.dir`.
+    pub fn router(mut self, router: Arc<dyn Router>) -> Self {
+        self.router = Some(router);
+        self
+    }
+
     /// User hooks; the config's `[policy]` runs first, then these.
     pub fn hooks(mut self, hooks: impl Hooks + 'static) -> Self {
         self.hooks = Some(Arc::new(hooks));
@@ -129,6 +138,7 @@ impl ServerBuilder {
         if let Some(f) = self.faults {
             server.faults = f;
         }
+        server.router = self.router;
         Ok(server)
     }
 }
@@ -144,6 +154,7 @@ pub struct Server {
     stop_rx: Receiver<()>,
     handle: Handle,
     faults: Arc<dyn Faults>,
+    router: Option<Arc<dyn Router>>,
 }
 
 struct Job {
@@ -286,6 +297,7 @@ impl Server {
             config,
             hooks: None,
             faults: None,
+            router: None,
         }
     }
 
@@ -350,6 +362,7 @@ impl Server {
             stop_rx,
             handle,
             faults: Arc::new(NoFaults),
+            router: None,
         })
     }
 
@@ -411,6 +424,7 @@ impl Server {
                 tls: self.tls.as_ref().map(|(c, _)| Arc::clone(c)),
                 limits: limits.clone(),
                 wants_data,
+                router: self.router.clone(),
                 done: done_tx.clone(),
                 ready: ready_tx.clone(),
                 proxy: cfg.server.proxy_protocol.then_some(proxy_timeout),
@@ -632,6 +646,7 @@ struct Worker {
     tls: Option<Arc<ServerConfig>>,
     limits: WireLimits,
     wants_data: bool,
+    router: Option<Arc<dyn Router>>,
     done: Sender<()>,
     /// Signalled once, just before the worker first waits for a socket.
     ready: Sender<()>,
@@ -734,6 +749,8 @@ impl Worker {
             tls: None,
             auth_user: None,
             helo: None,
+            local: tcp.local_addr().unwrap_or(job.peer),
+            auth_mechanism: None,
         };
         let stream = if job.implicit_tls {
             let Some(cfg) = &self.tls else { return };
@@ -771,7 +788,8 @@ impl Worker {
             &life,
             self.limits.clone(),
             self.wants_data,
-        );
+        )
+        .with_router(self.router.clone());
         let end = conn.run();
         match end {
             End::Quit | End::Eof | End::ShuttingDown => {
