@@ -117,24 +117,6 @@ impl Header {
     }
 }
 
-/// What the data hooks decide about a stored message beyond accepting it.
-#[derive(Default, Debug, Clone, PartialEq, Eq)]
-pub struct DataVerdict {
-    pub add: Vec<Header>,
-    pub insert: Vec<(usize, Header)>,
-    pub change: Vec<HeaderChange>,
-    pub quarantine: Option<String>,
-    pub discard: bool,
-}
-
-/// A milter's chgheader: the `index`-th (1-based) field called `name`; `None` deletes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HeaderChange {
-    pub name: String,
-    pub index: usize,
-    pub value: Option<String>,
-}
-
 /// TLS parameters of a session once the handshake is done.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TlsInfo {

@@ -17,7 +17,7 @@
 //! most its timeouts.
 
 use crate::config::{DefaultAction, MilterConfig};
-use crate::hooks::{DataVerdict, Envelope, Header, HeaderChange, SessionInfo};
+use crate::hooks::{Content, DataVerdict, Envelope, Header, HeaderChange, Hooks, SessionInfo};
 use crate::protocol::address::{Address, ReversePath};
 use crate::protocol::command::{Body, MailParams};
 use crate::protocol::milter::{
@@ -27,7 +27,7 @@ use crate::protocol::milter::{
 use crate::protocol::reply::{Enhanced, Reply};
 use std::collections::HashMap;
 use std::fmt;
-use std::io::{self, BufRead, BufReader, Read, Seek, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -436,6 +436,8 @@ struct SessionFacts {
 struct SessionMilters {
     conns: Vec<Conn>,
     facts: SessionFacts,
+    /// The queue id of the message in transfer (macro `i`), from `data_start`.
+    queue_id: String,
 }
 
 /// The milters of the configuration, as one hook (SPEC 7, 9).
@@ -731,6 +733,7 @@ impl Milters {
         let sm = SessionMilters {
             conns,
             facts: SessionFacts::default(),
+            queue_id: String::new(),
         };
         self.sessions
             .lock()
@@ -971,15 +974,14 @@ impl Milters {
     pub fn on_data(
         &self,
         s: &SessionInfo,
-        _e: &Envelope,
-        queue_id: &str,
-        content: &mut dyn Read,
+        content: &mut dyn Content,
     ) -> Result<DataVerdict, Reply> {
         let Some(sm) = self.session(s.id) else {
             return Ok(DataVerdict::default());
         };
         let mut sm = sm.lock().unwrap_or_else(|p| p.into_inner());
-        let r = self.data_inner(s, &mut sm, queue_id, content);
+        let queue_id = sm.queue_id.clone();
+        let r = self.data_inner(s, &mut sm, &queue_id, content);
         for conn in sm.conns.iter_mut() {
             if r.is_err() {
                 self.abort_txn(s, conn);
@@ -996,7 +998,7 @@ impl Milters {
         s: &SessionInfo,
         sm: &mut SessionMilters,
         queue_id: &str,
-        content: &mut dyn Read,
+        content: &mut dyn Content,
     ) -> Result<DataVerdict, Reply> {
         let mut verdict = DataVerdict::default();
         if sm.conns.iter().any(|c| c.discard) {
@@ -1028,36 +1030,29 @@ impl Milters {
         if todo.is_empty() {
             return Ok(verdict);
         }
-        let mut reader = BufReader::with_capacity(MAX_CHUNK, content);
-        let (fields, body_start) = read_header_section(&mut reader).map_err(|e| {
-            log::error!("session {}: reading the message for milters: {e}", s.id);
-            Reply::new(451, Enhanced(4, 3, 0), "Error: message content unreadable")
-        })?;
+        let unreadable = |e: io::Error| {
+            log::error!(
+                "session {}: reading the stored message for milters: {e}",
+                s.id
+            );
+            Reply::new(451, Enhanced(4, 3, 0), "Error: queue file read error")
+        };
+        let mut fields: Option<Vec<Field>> = None;
         let mut edits = Edits::default();
-        // With several milters each needs the body again (the content reader runs
-        // once): it goes to an unnamed temporary file first, as Postfix re-reads its
-        // queue file. One milter reads it straight from the content.
-        let mut copy = None;
-        if todo.len() > 1 {
-            let mut f = tempfile_anon().map_err(|e| copy_error(s, e))?;
-            f.write_all(&body_start).map_err(|e| copy_error(s, e))?;
-            io::copy(&mut reader, &mut f).map_err(|e| copy_error(s, e))?;
-            copy = Some(f);
-        }
         for &i in todo.iter() {
             let conn = &mut sm.conns[i];
-            let body: Box<dyn Read + '_> = match copy.as_mut() {
-                Some(f) => {
-                    f.rewind().map_err(|e| copy_error(s, e))?;
-                    Box::new(&*f)
-                }
-                None => Box::new(io::Cursor::new(&body_start).chain(&mut reader)),
-            };
-            let res = self.message_to(s, conn, queue_id, &fields, &edits, body);
+            // Each milter reads the stored content from its first byte, as Postfix
+            // re-reads its queue file for each milter.
+            let raw = content.reader().map_err(unreadable)?;
+            let mut reader = BufReader::with_capacity(MAX_CHUNK, raw);
+            let (f, body_start) = read_header_section(&mut reader).map_err(unreadable)?;
+            let fields = fields.get_or_insert(f);
+            let body = io::Cursor::new(body_start).chain(reader);
+            let res = self.message_to(s, conn, queue_id, fields, &edits, Box::new(body));
             match res {
                 Ok(MsgOutcome::Done(mods)) => {
                     for m in mods {
-                        if let Err(why) = edits.apply(&fields, m) {
+                        if let Err(why) = edits.apply(fields, m) {
                             Self::warn(s, &conn.spec, why);
                         }
                     }
@@ -1081,11 +1076,8 @@ impl Milters {
                 }
             }
         }
-        verdict.add = edits.add;
-        verdict.insert = edits.insert;
-        verdict.change = edits.change;
-        if let Some(q) = edits.quarantine {
-            verdict.quarantine = Some(q);
+        if let Some(fields) = &fields {
+            edits.into_verdict(fields, &mut verdict);
         }
         Ok(verdict)
     }
@@ -1233,32 +1225,6 @@ impl Milters {
     }
 }
 
-fn copy_error(s: &SessionInfo, e: io::Error) -> Reply {
-    log::error!(
-        "session {}: temporary copy of the message for milters: {e}",
-        s.id
-    );
-    Reply::new(451, Enhanced(4, 3, 0), "Error: local error in processing")
-}
-
-/// An unnamed temporary file (deleted at once, so nothing is left behind on a crash).
-fn tempfile_anon() -> io::Result<std::fs::File> {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    let path = std::env::temp_dir().join(format!(
-        "mailer-milter-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&path)?;
-    std::fs::remove_file(&path)?;
-    Ok(f)
-}
-
 fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
@@ -1380,6 +1346,54 @@ struct Edits {
     insert: Vec<(usize, Header)>,
     change: Vec<HeaderChange>,
     quarantine: Option<String>,
+}
+
+impl Edits {
+    /// The edits in the form the delivery applies them (`delivery::edit_header_section`:
+    /// changes one after the other, then insertions one after the other, each index
+    /// counted in the header as it stands then). Our model keeps every position relative
+    /// to the content's own fields, so: value changes first (they shift nothing),
+    /// deletions from the last occurrence of a name back (so earlier occurrences keep
+    /// their number), then each insertion at its field's position among the fields
+    /// left, after the insertions already made.
+    fn into_verdict(self, fields: &[Field], verdict: &mut DataVerdict) {
+        let mut deleted = vec![false; fields.len()];
+        let mut changes: Vec<HeaderChange> = Vec::with_capacity(self.change.len());
+        let mut deletions: Vec<HeaderChange> = Vec::new();
+        for c in self.change {
+            match c.value {
+                Some(_) => changes.push(c),
+                None => {
+                    let at = fields
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, f)| eq_name(&f.name, c.name.as_bytes()))
+                        .nth(c.index.saturating_sub(1))
+                        .map(|(i, _)| i);
+                    if let Some(at) = at {
+                        deleted[at] = true;
+                    }
+                    deletions.push(c);
+                }
+            }
+        }
+        deletions.sort_by_key(|c| std::cmp::Reverse(c.index));
+        changes.extend(deletions);
+        let mut insert = Vec::with_capacity(self.insert.len());
+        for (k, (at, h)) in self.insert.into_iter().enumerate() {
+            let kept = deleted[..at.min(fields.len())]
+                .iter()
+                .filter(|d| !**d)
+                .count();
+            insert.push((kept + k, h));
+        }
+        verdict.add = self.add;
+        verdict.insert = insert;
+        verdict.change = changes;
+        if self.quarantine.is_some() {
+            verdict.quarantine = self.quarantine;
+        }
+    }
 }
 
 fn eq_name(a: &[u8], b: &[u8]) -> bool {
@@ -1560,13 +1574,73 @@ impl Edits {
 }
 
 /// `{daemon_addr}`: the address the client reached.
-fn daemon_addr(_s: &SessionInfo) -> String {
-    String::new() // MERGE: s.local.ip().to_string()
+fn daemon_addr(s: &SessionInfo) -> String {
+    s.local.ip().to_string()
 }
 
 /// `{auth_type}`: the SASL mechanism of a successful AUTH.
-fn auth_mechanism(_s: &SessionInfo) -> String {
-    String::new() // MERGE: s.auth_mechanism.clone().unwrap_or_default()
+fn auth_mechanism(s: &SessionInfo) -> String {
+    s.auth_mechanism.clone().unwrap_or_default()
+}
+
+/// A plain reader as [`Content`]: readable once (a second reader is empty). The server
+/// calls [`Hooks::data_from`], which re-reads the stored file for each milter.
+struct Once<'a>(Option<&'a mut dyn Read>);
+
+impl Content for Once<'_> {
+    fn reader(&mut self) -> io::Result<Box<dyn Read + '_>> {
+        match self.0.take() {
+            Some(r) => Ok(Box::new(r)),
+            None => Ok(Box::new(io::empty())),
+        }
+    }
+}
+
+impl Hooks for Milters {
+    /// Never refuses here: a milter's refusal or absence answers HELO and MAIL (SPEC 9).
+    fn connect(&self, s: &SessionInfo) -> Result<(), Reply> {
+        self.on_connect(s);
+        Ok(())
+    }
+    fn helo(&self, s: &SessionInfo, name: &str) -> Result<(), Reply> {
+        self.on_helo(s, name)
+    }
+    fn mail(&self, s: &SessionInfo, from: &ReversePath, params: &MailParams) -> Result<(), Reply> {
+        self.on_mail(s, from, params)
+    }
+    fn rcpt(&self, s: &SessionInfo, _e: &Envelope, to: &Address) -> Result<(), Reply> {
+        self.on_rcpt(s, to)
+    }
+    fn data_start(&self, s: &SessionInfo, _e: &Envelope, queue_id: &str) {
+        if let Some(sm) = self.session(s.id) {
+            sm.lock().unwrap_or_else(|p| p.into_inner()).queue_id = queue_id.to_string();
+        }
+    }
+    fn data(
+        &self,
+        s: &SessionInfo,
+        _e: &Envelope,
+        content: &mut dyn Read,
+    ) -> Result<DataVerdict, Reply> {
+        self.on_data(s, &mut Once(Some(content)))
+    }
+    fn data_from(
+        &self,
+        s: &SessionInfo,
+        _e: &Envelope,
+        content: &mut dyn Content,
+    ) -> Result<DataVerdict, Reply> {
+        self.on_data(s, content)
+    }
+    fn reset(&self, s: &SessionInfo) {
+        self.on_reset(s)
+    }
+    fn close(&self, s: &SessionInfo) {
+        self.on_close(s)
+    }
+    fn wants_data(&self) -> bool {
+        !self.is_empty()
+    }
 }
 
 #[cfg(test)]

@@ -40,12 +40,17 @@ pub enum ServerError {
     Bind { addr: SocketAddr, err: io::Error },
     /// A thread could not be started.
     Thread(io::Error),
+    /// A bad `[[milter]]` address (a configuration error).
+    Milter(String),
 }
 
 impl ServerError {
     /// True for errors in the configuration (exit 2) rather than at run time (exit 1).
     pub fn is_config(&self) -> bool {
-        matches!(self, ServerError::Tls(_) | ServerError::Auth(_))
+        matches!(
+            self,
+            ServerError::Tls(_) | ServerError::Auth(_) | ServerError::Milter(_)
+        )
     }
 }
 
@@ -57,6 +62,7 @@ impl fmt::Display for ServerError {
             ServerError::Spool { dir, err } => write!(f, "spool.dir {dir}: {err}"),
             ServerError::Bind { addr, err } => write!(f, "cannot listen on {addr}: {err}"),
             ServerError::Thread(e) => write!(f, "cannot start a thread: {e}"),
+            ServerError::Milter(e) => write!(f, "milter.address: {e}"),
         }
     }
 }
@@ -322,10 +328,16 @@ impl Server {
             require_tls: config.tls.as_ref().is_some_and(|t| t.require_tls),
             auth,
         });
-        let hooks: Arc<dyn Hooks> = Arc::new(Chain(vec![
-            Arc::new(Policy::new(&config.policy.accept_domains)),
-            user_hooks,
-        ]));
+        let mut chain: Vec<Arc<dyn Hooks>> =
+            vec![Arc::new(Policy::new(&config.policy.accept_domains))];
+        // The milters run after [policy], in configuration order (SPEC 9).
+        if !config.milter.is_empty() {
+            let milters = crate::milter::Milters::new(&config.hostname, &config.milter)
+                .map_err(ServerError::Milter)?;
+            chain.push(Arc::new(milters));
+        }
+        chain.push(user_hooks);
+        let hooks: Arc<dyn Hooks> = Arc::new(Chain(chain));
         let mut listeners = Vec::new();
         let mut addrs = Vec::new();
         for (list, implicit) in [
