@@ -1197,10 +1197,11 @@ impl Milters {
                 Response::AddHeader { .. }
                 | Response::InsHeader { .. }
                 | Response::ChgHeader { .. } => {
-                    let needed = if matches!(r, Response::AddHeader { .. }) {
-                        action::ADDHDRS
-                    } else {
+                    // libmilter checks insheader against ADDHDRS too (smfi_insheader).
+                    let needed = if matches!(r, Response::ChgHeader { .. }) {
                         action::CHGHDRS
+                    } else {
+                        action::ADDHDRS
                     };
                     if client.actions & needed == 0 {
                         return Err(Failure::Protocol(format!("{} not negotiated", r.name())));
