@@ -9,7 +9,7 @@ use crate::hooks::{Chain, Hooks, NoHooks, Policy, SessionInfo};
 use crate::protocol::proxy::{self, Parse};
 use crate::protocol::reply::{Enhanced, Reply};
 use crate::session::{AuthSettings, Session, Settings};
-use crate::spool::{Faults, Maildir, NoFaults};
+use crate::spool::{Faults, Maildir, NoFaults, SpoolOptions};
 use crate::stats::{ActiveGuard, CountReplies, CountingStore, Stats, StatsSnapshot};
 use crate::tls::{self, Stream, TlsError};
 use crossbeam_channel::{bounded, Receiver, SendTimeoutError, Sender};
@@ -386,17 +386,28 @@ impl Server {
     /// Runs until [`Handle::shutdown`]; then stops gracefully and returns.
     pub fn run(self) -> Result<(), ServerError> {
         let cfg = &self.config;
-        let (store, writer) = Maildir::open_with_faults(
-            &cfg.spool.dir,
-            &cfg.hostname,
-            cfg.spool.fsync,
-            Arc::clone(&self.shared.stats.spool),
-            Arc::clone(&self.faults),
-        )
-        .map_err(|err| ServerError::Spool {
-            dir: cfg.spool.dir.display().to_string(),
-            err,
-        })?;
+        let spool_opts = cfg
+            .spool
+            .file_mode()
+            .map(|file_mode| SpoolOptions {
+                fsync: cfg.spool.fsync,
+                file_mode,
+                faults: Arc::clone(&self.faults),
+            })
+            .map_err(|m| io::Error::new(io::ErrorKind::InvalidInput, format!("file_mode {m}")));
+        let (store, writer) = spool_opts
+            .and_then(|opts| {
+                Maildir::open_with(
+                    &cfg.spool.dir,
+                    &cfg.hostname,
+                    opts,
+                    Arc::clone(&self.shared.stats.spool),
+                )
+            })
+            .map_err(|err| ServerError::Spool {
+                dir: cfg.spool.dir.display().to_string(),
+                err,
+            })?;
         let store = Arc::new(CountingStore {
             inner: store,
             stats: Arc::clone(&self.shared.stats),
