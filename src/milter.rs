@@ -274,12 +274,17 @@ impl Client {
                 if !(2..=crate::protocol::milter::VERSION).contains(&version) {
                     return Err(Failure::Protocol(format!("protocol version {version}")));
                 }
+                // Some milters (Rspamd's proxy) ask for every action whatever is
+                // offered. They get what we offer; a reply that needs more (body
+                // replacement, recipient changes) is then a protocol error, so the
+                // message is never passed on half-modified.
                 if actions & !OFFERED_ACTIONS != 0 {
-                    return Err(Failure::Protocol(format!(
-                        "asks for actions {actions:#x}; offered {OFFERED_ACTIONS:#x}"
-                    )));
+                    log::debug!(
+                        "milter {}: asks for actions {actions:#x}; offered {OFFERED_ACTIONS:#x}",
+                        spec.name
+                    );
                 }
-                c.actions = actions;
+                c.actions = actions & OFFERED_ACTIONS;
                 // Flags we did not offer are ignored rather than trusted.
                 c.protocol = protocol & proto::OFFERED;
                 Ok(c)

@@ -602,3 +602,32 @@ fn large_body_goes_in_chunks_of_at_most_64k() {
     assert!(chunks.iter().all(|c| c.len() <= 65535));
     assert_eq!(chunks.concat(), body[b"Subject: big\r\n\r\n".len()..]);
 }
+
+#[test]
+fn a_milter_asking_for_every_action_gets_the_offered_ones() {
+    // Rspamd's proxy asks for all of them (0x3f) whatever is offered.
+    let f = Fake::start(
+        0x3f,
+        0,
+        eom(Act::Send(vec![
+            (b'h', b"X-Spam\0no\0".to_vec()),
+            (b'c', vec![]),
+        ])),
+    );
+    let (s, r) = one_message(&f, "");
+    assert!(r.starts_with("250 2.0.0 "), "{r}");
+    let (_, content) = split_stored(&s.stored()[0].1);
+    assert!(content.starts_with(b"X-Spam: no\r\nFrom: "));
+    // ...but a recipient change (never offered) is refused as malformed.
+    let f = Fake::start(
+        0x3f,
+        0,
+        eom(Act::Send(vec![
+            (b'+', b"<x@y.test>\0".to_vec()),
+            (b'c', vec![]),
+        ])),
+    );
+    let (s, r) = one_message(&f, "");
+    assert_eq!(r, "451 4.7.1 Service unavailable - try again later\r\n");
+    assert!(s.stored().is_empty());
+}

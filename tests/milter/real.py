@@ -183,6 +183,15 @@ def run(d, port):
             check("dmarc=pass" in results, "%s: dmarc=pass in Authentication-Results" % subject)
             check("header.d=%s" % dom in results or "header.from=%s" % dom in results,
                   "%s: results name %s" % (subject, dom))
+    if os.environ.get("RSPAMD_IN_PATH") == "1":
+        text = stored(d, "rsa good") or ""
+        check("\r\nX-Spamd-Result: " in text, "rsa good: Rspamd's X-Spamd-Result stored")
+        gtube = message("none.test", "gtube").replace(
+            b"Hello from none.test.", b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X")
+        reply = send(port, gtube, "alice@none.test")
+        print("  gtube: %s" % reply)
+        check(reply.startswith("554 5.7.1"), "gtube: refused by Rspamd (got %r)" % reply)
+        check(stored(d, "gtube") is None, "gtube: nothing stored")
     if FAILED:
         print("%d check(s) failed" % len(FAILED))
         sys.exit(1)
