@@ -287,6 +287,12 @@ impl Client {
                 c.actions = actions & OFFERED_ACTIONS;
                 // Flags we did not offer are ignored rather than trusted.
                 c.protocol = protocol & proto::OFFERED;
+                log::debug!(
+                    "milter {}: version {version}, actions {:#x}, protocol {:#x}",
+                    spec.name,
+                    c.actions,
+                    c.protocol
+                );
                 Ok(c)
             }
             other => Err(Failure::Protocol(format!(
