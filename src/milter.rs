@@ -212,6 +212,9 @@ pub struct Client {
     /// The milter's protocol flags: stages it declined, replies it will not send.
     pub protocol: u32,
     out: Vec<u8>,
+    /// While a message is sent: no exchange may end after this (content_timeout for the
+    /// whole message), however the milter paces its reads and replies.
+    cap: Option<Instant>,
 }
 
 impl Client {
@@ -256,6 +259,7 @@ impl Client {
             actions: 0,
             protocol: 0,
             out: Vec::with_capacity(1024),
+            cap: None,
         };
         c.queue(&Command::OptNeg {
             version: crate::protocol::milter::VERSION,
@@ -320,12 +324,35 @@ impl Client {
         if self.out.is_empty() {
             return Ok(());
         }
-        self.stream
-            .set_write_timeout(self.spec.command_timeout)
-            .map_err(Failure::Io)?;
-        let r = self.stream.write_all(&self.out);
+        // A deadline for the whole write: a milter that reads a byte now and then
+        // cannot stretch it (each write call gets only the time left).
+        let deadline = self.deadline(self.spec.command_timeout);
+        let mut at = 0;
+        let r = loop {
+            if at == self.out.len() {
+                break Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break Err(Failure::Timeout);
+            }
+            if let Err(e) = self.stream.set_write_timeout(left) {
+                break Err(Failure::Io(e));
+            }
+            match self.stream.write(&self.out[at..]) {
+                Ok(0) => break Err(Failure::Closed),
+                Ok(n) => at += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(io_failure(e)),
+            }
+        };
         self.out.clear();
-        r.map_err(io_failure)
+        r
+    }
+
+    fn deadline(&self, timeout: Duration) -> Instant {
+        let d = Instant::now() + timeout;
+        self.cap.map_or(d, |c| c.min(d))
     }
 
     /// Writes what is queued, then reads one reply within `timeout` (a deadline for the
@@ -333,7 +360,7 @@ impl Client {
     /// not extend it: invariant 10 bounds a milter by its timeouts.
     fn read(&mut self, timeout: Duration) -> Result<Response, Failure> {
         self.flush()?;
-        let deadline = Instant::now() + timeout;
+        let deadline = self.deadline(timeout);
         loop {
             let mut prefix = [0u8; 4];
             self.read_exact_by(&mut prefix, deadline)?;
@@ -1094,7 +1121,8 @@ impl Milters {
     }
 
     /// DATA, the header fields (as the earlier milters left them), EOH, the body in
-    /// chunks, end of message, and the end-of-message replies.
+    /// chunks, end of message, and the end-of-message replies, all within the milter's
+    /// content_timeout (each exchange also within its command_timeout).
     #[allow(clippy::too_many_arguments)]
     fn message_to(
         &self,
@@ -1103,12 +1131,28 @@ impl Milters {
         queue_id: &str,
         fields: &[Field],
         edits: &Edits,
-        mut body: Box<dyn Read + '_>,
+        body: Box<dyn Read + '_>,
     ) -> Result<MsgOutcome, Failure> {
         let spec = Arc::clone(&conn.spec);
         let Some(client) = conn.client.as_mut() else {
             return Ok(MsgOutcome::Accepted);
         };
+        client.cap = Some(Instant::now() + spec.content_timeout);
+        let r = Self::message_stages(s, &spec, client, queue_id, fields, edits, body);
+        client.cap = None;
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn message_stages(
+        s: &SessionInfo,
+        spec: &Arc<MilterSpec>,
+        client: &mut Client,
+        queue_id: &str,
+        fields: &[Field],
+        edits: &Edits,
+        mut body: Box<dyn Read + '_>,
+    ) -> Result<MsgOutcome, Failure> {
         let i_macro = [("i", queue_id)];
         let step = |r: Option<Response>, stage: &str| -> Result<Option<MsgOutcome>, Failure> {
             match r {
@@ -1116,15 +1160,15 @@ impl Milters {
                 Some(Response::Accept) => Ok(Some(MsgOutcome::Accepted)),
                 Some(Response::Discard) => Ok(Some(MsgOutcome::Discard)),
                 Some(Response::Reject) => {
-                    Self::log_verdict(s, &spec, stage, "reject");
+                    Self::log_verdict(s, spec, stage, "reject");
                     Ok(Some(MsgOutcome::Refuse(reject_reply(true))))
                 }
                 Some(Response::Tempfail) => {
-                    Self::log_verdict(s, &spec, stage, "tempfail");
+                    Self::log_verdict(s, spec, stage, "tempfail");
                     Ok(Some(MsgOutcome::Refuse(tempfail_reply())))
                 }
                 Some(Response::ReplyCode(t)) => {
-                    Self::log_verdict(s, &spec, stage, format_args!("replycode {t:?}"));
+                    Self::log_verdict(s, spec, stage, format_args!("replycode {t:?}"));
                     Ok(Some(MsgOutcome::Refuse(
                         parse_reply_code(&t).unwrap_or_else(tempfail_reply),
                     )))
@@ -1223,7 +1267,7 @@ impl Milters {
                     if client.actions & action::QUARANTINE == 0 {
                         return Err(Failure::Protocol("quarantine not negotiated".into()));
                     }
-                    Self::log_verdict(s, &spec, "eom", r.name());
+                    Self::log_verdict(s, spec, "eom", r.name());
                     mods.push(r);
                 }
                 Response::Continue | Response::Accept => return Ok(MsgOutcome::Done(mods)),
