@@ -215,6 +215,8 @@ pub struct Client {
     /// While a message is sent: no exchange may end after this (content_timeout for the
     /// whole message), however the milter paces its reads and replies.
     cap: Option<Instant>,
+    /// The milter gave its final answer to the end of the message.
+    eom_answered: bool,
 }
 
 impl Client {
@@ -260,6 +262,7 @@ impl Client {
             protocol: 0,
             out: Vec::with_capacity(1024),
             cap: None,
+            eom_answered: false,
         };
         c.queue(&Command::OptNeg {
             version: crate::protocol::milter::VERSION,
@@ -1020,13 +1023,11 @@ impl Milters {
         let mut sm = sm.lock().unwrap_or_else(|p| p.into_inner());
         let queue_id = sm.queue_id.clone();
         let r = self.data_inner(s, &mut sm, &queue_id, content);
+        // A milter that did not finish the message (it was refused, discarded or
+        // accepted before its end, or another milter refused first) is told to abort
+        // it, as Postfix does; one that answered the end of message is done.
         for conn in sm.conns.iter_mut() {
-            if r.is_err() {
-                self.abort_txn(s, conn);
-            }
-            conn.in_txn = false;
-            conn.msg_done = false;
-            conn.discard = false;
+            self.abort_txn(s, conn);
         }
         r
     }
@@ -1138,8 +1139,12 @@ impl Milters {
             return Ok(MsgOutcome::Accepted);
         };
         client.cap = Some(Instant::now() + spec.content_timeout);
+        client.eom_answered = false;
         let r = Self::message_stages(s, &spec, client, queue_id, fields, edits, body);
         client.cap = None;
+        if client.eom_answered {
+            conn.in_txn = false;
+        }
         r
     }
 
@@ -1248,6 +1253,15 @@ impl Milters {
                 return Err(Failure::Timeout);
             }
             let r = client.read(left)?;
+            if !matches!(
+                r,
+                Response::AddHeader { .. }
+                    | Response::InsHeader { .. }
+                    | Response::ChgHeader { .. }
+                    | Response::Quarantine(_)
+            ) {
+                client.eom_answered = true;
+            }
             match r {
                 Response::AddHeader { .. }
                 | Response::InsHeader { .. }

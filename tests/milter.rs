@@ -24,6 +24,8 @@ enum Act {
     Raw(Vec<u8>),
     /// Never answer (but keep reading).
     Hang,
+    /// Stop reading (and answering) for a long while: writes to it block.
+    Stall,
     /// Close the connection.
     Close,
     /// No reply (a packet the milter said it would not answer).
@@ -147,6 +149,10 @@ fn serve(
                 // Keep the socket open and silent until the client gives up.
                 let mut sink = Vec::new();
                 let _ = s.read_to_end(&mut sink);
+                return;
+            }
+            Act::Stall => {
+                std::thread::sleep(Duration::from_secs(30));
                 return;
             }
             Act::Close => return,
@@ -630,4 +636,51 @@ fn a_milter_asking_for_every_action_gets_the_offered_ones() {
     let (s, r) = one_message(&f, "");
     assert_eq!(r, "451 4.7.1 Service unavailable - try again later\r\n");
     assert!(s.stored().is_empty());
+}
+
+#[test]
+fn milter_that_stops_reading_the_body_costs_only_content_timeout() {
+    // The milter stops reading at the first body chunk: the socket buffers fill up and
+    // our writes block. The whole message exchange is bounded by content_timeout.
+    let f = Fake::start(0, 0, |c, _| if c == b'B' { Act::Stall } else { cont() });
+    let s = server_with(&[(
+        &f.address(),
+        "command_timeout_secs = 30\ncontent_timeout_secs = 2\n",
+    )]);
+    let mut c = s.ehlo();
+    let mut wire = b"Subject: big\r\n\r\n".to_vec();
+    let line = [b'y'; 998];
+    while wire.len() < 20 << 20 {
+        wire.extend_from_slice(&line);
+        wire.extend_from_slice(b"\r\n");
+    }
+    wire.extend_from_slice(b".\r\n");
+    c.ok("MAIL FROM:<a@x.test>", 250);
+    c.ok("RCPT TO:<b@y.test>", 250);
+    c.ok("DATA", 354);
+    c.send_raw(&wire);
+    // Timed from the end of the data: the milter is only asked then.
+    let t = Instant::now();
+    let r = c.reply().1;
+    assert_eq!(r, "451 4.7.1 Service unavailable - try again later\r\n");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(s.stored().is_empty());
+}
+
+#[test]
+fn discard_at_rcpt_discards_the_message_and_skips_the_content() {
+    let f = Fake::start(0, 0, |c, _| {
+        if c == b'R' {
+            Act::Send(vec![(b'd', vec![])])
+        } else {
+            cont()
+        }
+    });
+    let (s, r) = one_message(&f, "");
+    assert!(r.starts_with("250 "), "{r}");
+    assert!(s.stored().is_empty());
+    wait_until("quit", || f.cmds(0).ends_with('Q'));
+    // No content after RCPT: the milter is told the message is over (ABORT), as
+    // Postfix does.
+    assert_eq!(f.cmds(0), "ODCHDMDRAQ");
 }
