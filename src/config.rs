@@ -160,6 +160,19 @@ pub struct SpoolConfig {
     /// Octal permissions of stored files, e.g. "0640"; directories get the same bits
     /// plus x (see [`SpoolConfig::file_mode`]).
     pub file_mode: String,
+    /// How message data is made durable (with `fsync`): "file", one fdatasync per
+    /// message by its session, or "batch", one syncfs per batch by the spool writer
+    /// (for a spool on a filesystem of its own; see `spool::DataSync`).
+    pub data_sync: DataSyncPolicy,
+}
+
+/// `[spool] data_sync`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataSyncPolicy {
+    #[default]
+    File,
+    Batch,
 }
 
 impl SpoolConfig {
@@ -266,6 +279,7 @@ impl Default for SpoolConfig {
             dir: "spool".into(),
             fsync: true,
             file_mode: "0600".into(),
+            data_sync: DataSyncPolicy::File,
         }
     }
 }

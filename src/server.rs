@@ -3,13 +3,14 @@
 
 use crate::auth::{AuthError, Users};
 use crate::config::Config;
+use crate::config::DataSyncPolicy;
 use crate::connection::{Connection, End, Lifecycle, WireLimits};
 use crate::delivery::Router;
 use crate::hooks::{Chain, Hooks, NoHooks, Policy, SessionInfo};
 use crate::protocol::proxy::{self, Parse};
 use crate::protocol::reply::{Enhanced, Reply};
 use crate::session::{AuthSettings, Session, Settings};
-use crate::spool::{Faults, Maildir, NoFaults, SpoolOptions};
+use crate::spool::{DataSync, Faults, Maildir, NoFaults, SpoolOptions};
 use crate::stats::{ActiveGuard, CountReplies, CountingStore, Stats, StatsSnapshot};
 use crate::tls::{self, Stream, TlsError};
 use crossbeam_channel::{bounded, Receiver, SendTimeoutError, Sender};
@@ -391,6 +392,10 @@ impl Server {
             .file_mode()
             .map(|file_mode| SpoolOptions {
                 fsync: cfg.spool.fsync,
+                data_sync: match cfg.spool.data_sync {
+                    DataSyncPolicy::File => DataSync::PerFile,
+                    DataSyncPolicy::Batch => DataSync::Batch,
+                },
                 file_mode,
                 faults: Arc::clone(&self.faults),
             })

@@ -86,6 +86,13 @@ impl std::error::Error for StoreError {}
 /// durable. Tests substitute their own store.
 pub trait Store: Send + Sync {
     fn begin(&self) -> Result<Box<dyn MessageWriter>, StoreError>;
+    /// Opens a message directly in another Maildir (a mailbox, created on first use),
+    /// for a message that has exactly one copy there: its [`commit`](MessageWriter::commit)
+    /// delivers into that Maildir's `new/`. `None`: this store cannot, and the caller
+    /// stages the message instead.
+    fn begin_in(&self, _maildir: &Path) -> Option<Result<Box<dyn MessageWriter>, StoreError>> {
+        None
+    }
 }
 
 /// One stored copy of a staged message (see [`MessageWriter::commit_copies`]).
@@ -186,11 +193,26 @@ pub struct Maildir {
     tx: Sender<Commit>,
 }
 
+/// How message data is made durable before the renames into `new/` (with `fsync`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DataSync {
+    /// Each session fdatasyncs its own file before handing it to the writer: many
+    /// fdatasyncs in parallel, which the filesystem folds into journal commits as it
+    /// can. Costs nothing beyond the spool's own files.
+    #[default]
+    PerFile,
+    /// The writer makes a whole batch durable with one syncfs(2) per filesystem, then
+    /// renames. Fewer journal commits per message, but it also flushes whatever else is
+    /// dirty on that filesystem: for a spool on a filesystem of its own.
+    Batch,
+}
+
 /// How a spool stores files.
 #[derive(Clone)]
 pub struct SpoolOptions {
     /// fsync files and directories (invariant 1); off only for throwaway sinks.
     pub fsync: bool,
+    pub data_sync: DataSync,
     /// Permission bits of stored files (`spool.file_mode`); directories the spool
     /// creates get the same bits plus x. Applied whatever the umask.
     pub file_mode: u32,
@@ -201,6 +223,7 @@ impl Default for SpoolOptions {
     fn default() -> Self {
         SpoolOptions {
             fsync: true,
+            data_sync: DataSync::PerFile,
             file_mode: 0o600,
             faults: Arc::new(NoFaults),
         }
@@ -222,7 +245,8 @@ pub fn dir_mode(file_mode: u32) -> u32 {
 struct Shared {
     dir: PathBuf,
     host: String,
-    fsync: bool,
+    /// Sessions fsync their own files (else the writer syncs whole batches).
+    sync_each: bool,
     file_mode: u32,
     dir_mode: u32,
     pid: u32,
@@ -296,9 +320,10 @@ impl Maildir {
         let (tx, rx) = bounded::<Commit>(1024);
         let writer_faults = Arc::clone(&opts.faults);
         let fsync = opts.fsync;
+        let sync_batch = fsync && opts.data_sync == DataSync::Batch;
         let handle = std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || writer(rx, fsync, stats, writer_faults))?;
+            .spawn(move || writer(rx, fsync, sync_batch, stats, writer_faults))?;
         let mut known = HashSet::new();
         known.insert(dir.to_path_buf());
         Ok((
@@ -306,7 +331,7 @@ impl Maildir {
                 shared: Arc::new(Shared {
                     dir: dir.to_path_buf(),
                     host,
-                    fsync,
+                    sync_each: fsync && opts.data_sync == DataSync::PerFile,
                     file_mode: opts.file_mode,
                     dir_mode: dmode,
                     pid: std::process::id(),
@@ -456,6 +481,22 @@ fn create_dir_durably(path: &Path, mode: u32) -> io::Result<()> {
 
 impl Store for Maildir {
     fn begin(&self) -> Result<Box<dyn MessageWriter>, StoreError> {
+        self.begin_at(self.shared.dir.clone())
+    }
+
+    fn begin_in(&self, maildir: &Path) -> Option<Result<Box<dyn MessageWriter>, StoreError>> {
+        let sh = &self.shared;
+        let dir = match ensure_maildir(sh, maildir.to_path_buf()) {
+            Ok(d) => d,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(self.begin_at(dir))
+    }
+}
+
+impl Maildir {
+    /// A new message file in `<maildir>/tmp/`, to be committed into `<maildir>/new/`.
+    fn begin_at(&self, maildir: PathBuf) -> Result<Box<dyn MessageWriter>, StoreError> {
         let sh = &self.shared;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -469,7 +510,7 @@ impl Store for Maildir {
             seq
         );
         let name = format!("{}.{}.{}", now.as_secs(), queue_id, sh.host);
-        let tmp = sh.dir.join("tmp").join(&name);
+        let tmp = maildir.join("tmp").join(&name);
         let file = sh
             .faults
             .before(Op::Create)
@@ -488,15 +529,35 @@ impl Store for Maildir {
             tmp,
             name,
             queue_id,
+            maildir,
             tx: self.tx.clone(),
             shared: Arc::clone(&self.shared),
         }))
     }
 }
 
+/// Creates a Maildir on first use (remembered, so later messages pay nothing).
+fn ensure_maildir(sh: &Shared, dir: PathBuf) -> Result<PathBuf, StoreError> {
+    let mut known = sh.known.lock().unwrap_or_else(|p| p.into_inner());
+    if !known.contains(&dir) {
+        create_maildir(&dir, sh.dir_mode)
+            .map_err(|e| StoreError::from_io(&dir.display().to_string(), &e))?;
+        // No tmp/ clearing here: a mailbox is shared with its reader (Dovecot writes
+        // its own files in tmp/); mailboxes::clear_debris removes only our own dead
+        // files, at start.
+        if known.len() >= KNOWN_DIRS_MAX {
+            known.clear();
+        }
+        known.insert(dir.clone());
+    }
+    Ok(dir)
+}
+
 struct MaildirMessage {
     /// `None` once handed to the writer thread.
     out: Option<BufWriter<File>>,
+    /// The Maildir whose tmp/ holds the file (and whose new/ `commit` delivers into).
+    maildir: PathBuf,
     tmp: PathBuf,
     name: String,
     queue_id: String,
@@ -594,7 +655,7 @@ impl MaildirMessage {
             io::copy(&mut from.take(len - skip), &mut out)?;
             out.flush()?;
             drop(out);
-            if sh.fsync {
+            if sh.sync_each {
                 sh.faults.before(Op::SyncFile)?;
                 file.sync_data()?;
                 #[cfg(test)]
@@ -619,21 +680,7 @@ impl MaildirMessage {
             // A Maildir++ folder (the Courier/Dovecot layout): `.Name` inside the Maildir.
             dir.push(".Quarantine");
         }
-        let mut known = sh.known.lock().unwrap_or_else(|p| p.into_inner());
-        if !known.contains(&dir) {
-            create_maildir(&dir, sh.dir_mode)
-                .map_err(|e| StoreError::from_io(&dir.display().to_string(), &e))?;
-            // Debris of a crash in this mailbox, cleared on first use (as at start for
-            // the spool); failing to clear it costs nothing now.
-            if let Err(e) = clear_tmp(&dir.join("tmp"), &sh.host, SystemTime::now()) {
-                log::warn!("spool: cannot clear {}: {e}", dir.join("tmp").display());
-            }
-            if known.len() >= KNOWN_DIRS_MAX {
-                known.clear();
-            }
-            known.insert(dir.clone());
-        }
-        Ok(dir)
+        ensure_maildir(sh, dir)
     }
 }
 
@@ -651,7 +698,7 @@ impl MessageWriter for MaildirMessage {
             .into_inner()
             .map_err(|e| StoreError::from_io(&what, e.error()))?;
         let sh = Arc::clone(&self.shared);
-        if sh.fsync {
+        if sh.sync_each {
             // Each session syncs its own file, so many fsyncs run in parallel and the
             // filesystem folds them into few journal commits.
             sh.faults
@@ -662,7 +709,11 @@ impl MessageWriter for MaildirMessage {
             probe::record(probe::Event::FileSynced, &self.name);
         }
         drop(file);
-        let files = vec![(self.tmp.clone(), self.name.clone(), sh.dir.join("new"))];
+        let files = vec![(
+            self.tmp.clone(),
+            self.name.clone(),
+            self.maildir.join("new"),
+        )];
         // From the hand-over the writer owns the file: in new/ on success, removed on failure.
         let tmp = std::mem::take(&mut self.tmp);
         let result = self.hand_over(files);
@@ -754,18 +805,38 @@ impl Drop for MaildirMessage {
     }
 }
 
-/// The writer thread: batch, rename, one fsync per touched directory, ack.
-fn writer(rx: Receiver<Commit>, fsync: bool, stats: Arc<SpoolStats>, faults: Arc<dyn Faults>) {
+/// The writer thread: batch, (sync the data,) rename, one fsync per touched
+/// directory, ack.
+fn writer(
+    rx: Receiver<Commit>,
+    fsync: bool,
+    sync_batch: bool,
+    stats: Arc<SpoolStats>,
+    faults: Arc<dyn Faults>,
+) {
     let mut batch: Vec<Commit> = Vec::with_capacity(256);
     // Descriptors kept open: an fsync through any descriptor of a directory makes its
     // entries durable. Dropped after an error; bounded by clearing.
     let mut dirs: HashMap<PathBuf, File> = HashMap::new();
+    let mut filesystems: HashMap<PathBuf, (u64, File)> = HashMap::new();
     while let Ok(first) = rx.recv() {
         batch.push(first);
         while batch.len() < 256 {
             match rx.try_recv() {
                 Ok(c) => batch.push(c),
                 Err(_) => break,
+            }
+        }
+        if sync_batch {
+            if let Err(e) = sync_batch_data(&batch, &mut filesystems, faults.as_ref()) {
+                log::error!("spool: syncfs failed: {e}");
+                for c in batch.drain(..) {
+                    for (tmp, _, _) in &c.files {
+                        let _ = fs::remove_file(tmp);
+                    }
+                    c.ack.send(Err(StoreError::from_io("syncfs", &e)));
+                }
+                continue;
             }
         }
         // Each commit's files go in together: a failed rename takes back the ones
@@ -860,6 +931,59 @@ fn writer(rx: Receiver<Commit>, fsync: bool, stats: Arc<SpoolStats>, faults: Arc
     }
 }
 
+/// [`DataSync::Batch`]: one syncfs(2) per filesystem holding files of the batch.
+///
+/// Why this keeps invariant 1: every file of the batch was written and closed by its
+/// session before it was handed over, so its data is in the page cache (or already on
+/// disk) when the writer starts. syncfs writes back every dirty inode of the filesystem
+/// and waits for it, then commits the journal and flushes the disk cache
+/// (sync_filesystem: writeback, then ->sync_fs with wait), so when it returns the data
+/// of every file of the batch is durable, as one fdatasync per file would have made it.
+/// Only then are the files renamed into new/ and new/ fsynced, so new/ can never name a
+/// file whose data could be lost. Since Linux 5.8 syncfs reports writeback errors on the
+/// filesystem since the descriptor was opened; any error fails the whole batch (the
+/// clients retry), never a silent loss.
+fn sync_batch_data(
+    batch: &[Commit],
+    filesystems: &mut HashMap<PathBuf, (u64, File)>,
+    faults: &dyn Faults,
+) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let mut synced: BTreeSet<u64> = BTreeSet::new();
+    for c in batch {
+        for (tmp, _, _) in &c.files {
+            let Some(dir) = tmp.parent() else { continue };
+            if !filesystems.contains_key(dir) {
+                let f = File::open(dir)?;
+                let dev = f.metadata()?.dev();
+                if filesystems.len() >= KNOWN_DIRS_MAX {
+                    filesystems.clear();
+                }
+                filesystems.insert(dir.to_path_buf(), (dev, f));
+            }
+            let Some((dev, f)) = filesystems.get(dir) else {
+                continue;
+            };
+            if synced.insert(*dev) {
+                faults.before(Op::SyncFile)?;
+                rustix::fs::syncfs(f)?;
+            }
+        }
+    }
+    #[cfg(test)]
+    for c in batch {
+        for (tmp, name, _) in &c.files {
+            let key = if c.files.len() == 1 && tmp.ends_with(name) {
+                name.clone()
+            } else {
+                tmp.display().to_string()
+            };
+            probe::record(probe::Event::FileSynced, &key);
+        }
+    }
+    Ok(())
+}
+
 /// fsync a directory so the renames in it are durable.
 fn sync_dir(cached: &mut HashMap<PathBuf, File>, dir: &Path) -> io::Result<()> {
     #[cfg(test)]
@@ -947,12 +1071,25 @@ mod tests {
     /// end of one fsync of new/, and only then the ack the session answers 250 on.
     #[test]
     fn no_ack_before_file_fsync_rename_and_dir_fsync() {
+        order_probe(DataSync::PerFile, "order-probe.test");
+    }
+
+    /// The same order when the writer syncs whole batches (syncfs, issue 18).
+    #[test]
+    fn no_ack_before_batch_sync_rename_and_dir_fsync() {
+        order_probe(DataSync::Batch, "order-probe-batch.test");
+    }
+
+    fn order_probe(data_sync: DataSync, host: &str) {
         use probe::Event::*;
         let d = tempfile::tempdir().unwrap();
         // A host name of its own: file names end with it, so this test's events can be
         // told from those of tests running at the same time.
-        let host = "order-probe.test";
-        let (md, h) = Maildir::open(d.path(), host, true, Arc::default()).unwrap();
+        let opts = SpoolOptions {
+            data_sync,
+            ..SpoolOptions::default()
+        };
+        let (md, h) = Maildir::open_with(d.path(), host, opts, Arc::default()).unwrap();
         let md = Arc::new(md);
         let threads: Vec<_> = (0..8)
             .map(|t| {

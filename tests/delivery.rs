@@ -206,6 +206,35 @@ fn two_mailboxes_get_two_copies_each_naming_only_its_own_recipient() {
     assert!(s.server.stored().is_empty(), "nothing for the spool");
 }
 
+/// One copy only: the message is written straight into the mailbox (no staging); a
+/// fault there is answered 451 with nothing left in new/ or tmp/.
+#[test]
+fn a_single_mailbox_copy_is_written_in_place() {
+    let faults: Arc<dyn Faults> = Arc::new(FailNth {
+        op: Op::SyncFile,
+        n: 1,
+        seen: Mutex::new(0),
+    });
+    let s = start(None, Some(faults), true);
+    let mut c = s.server.ehlo();
+    let reply = send(&mut c, &["b@m.test"], CONTENT);
+    assert!(reply.starts_with("451 4.3.0 "), "{reply}");
+    let b = s.router.maildir("b");
+    assert_eq!(count_files(&b.join("new")), 0);
+    assert_eq!(count_files(&b.join("tmp")), 0);
+    let reply = send(&mut c, &["b@m.test"], CONTENT);
+    let id = queue_id(&reply);
+    assert_eq!(
+        only(&b, &id),
+        format!(
+            "Delivered-To: b@m.test\r\nReturn-Path: <s@x.test>\r\nX-Original-To: b@m.test\r\n{}Subject: hi\r\n\r\nhello\r\n",
+            received(&id)
+        )
+    );
+    assert_eq!(count_files(&s.server.spool().join("tmp")), 0);
+    assert!(s.server.stored().is_empty());
+}
+
 #[test]
 fn recipients_leading_to_one_mailbox_give_one_copy_naming_them_all() {
     let s = start(None, None, true);
@@ -519,9 +548,12 @@ fn file_modes_follow_the_config_under_umask_022() {
         });
         let mut c = s.ehlo();
         send(&mut c, &["ext@o.test", "a@m.test"], CONTENT);
+        // One copy only: written straight into the mailbox.
+        send(&mut c, &["b@m.test"], CONTENT);
         let quarantined = s.spool().join(".Quarantine");
         let mut dirs = vec![s.spool(), router.root.join("m.test"), router.maildir("a")];
-        for d in [s.spool(), router.maildir("a")] {
+        dirs.push(router.maildir("b"));
+        for d in [s.spool(), router.maildir("a"), router.maildir("b")] {
             for sub in ["tmp", "new", "cur"] {
                 dirs.push(d.join(sub));
             }
@@ -529,7 +561,7 @@ fn file_modes_follow_the_config_under_umask_022() {
         for d in &dirs {
             assert_eq!(mode_of(d), dir, "{} ({toml})", d.display());
         }
-        for d in [s.spool(), router.maildir("a")] {
+        for d in [s.spool(), router.maildir("a"), router.maildir("b")] {
             let files = std::fs::read_dir(d.join("new")).unwrap();
             for f in files {
                 let f = f.unwrap().path();
@@ -620,4 +652,38 @@ fn two_instances_share_one_spool() {
     }
     let (status, log) = first.stop();
     assert!(status.success(), "{log}");
+}
+
+/// `data_sync = "batch"` (issue 18): the writer's syncfs stands for the per-file
+/// fdatasync; a failure of it fails the message everywhere, and the next one is stored.
+#[test]
+fn batch_data_sync_is_all_or_nothing_too() {
+    let faults: Arc<dyn Faults> = Arc::new(FailNth {
+        op: Op::SyncFile,
+        n: 1,
+        seen: Mutex::new(0),
+    });
+    let root = tempfile::tempdir().unwrap().keep();
+    let router = Arc::new(TestRouter { root });
+    let r: Arc<dyn Router> = router.clone();
+    let s = TestServer::start(Opts {
+        toml: "data_sync = \"batch\"\n".into(),
+        hooks: Some(Box::new(move |b| b.router(r).spool_faults(faults))),
+        ..Opts::default()
+    });
+    let mut c = s.ehlo();
+    let reply = send(&mut c, &["a@m.test", "ext@o.test"], CONTENT);
+    assert!(reply.starts_with("451 4.3.0 "), "{reply}");
+    for dir in [s.spool(), router.maildir("a")] {
+        assert_eq!(count_files(&dir.join("new")), 0);
+        assert_eq!(count_files(&dir.join("tmp")), 0);
+    }
+    let reply = send(&mut c, &["a@m.test", "ext@o.test"], CONTENT);
+    let id = queue_id(&reply);
+    only(&s.spool(), &id);
+    only(&router.maildir("a"), &id);
+    // The fast path (no router involved) in batch mode.
+    let reply = send(&mut c, &["b2@o.test"], CONTENT);
+    assert!(reply.starts_with("250 "), "{reply}");
+    assert_eq!(count_files(&s.spool().join("new")), 2);
 }
