@@ -1897,4 +1897,84 @@ mod tests {
             )
             .is_err());
     }
+
+    /// The verdict, applied the way the delivery applies it, gives the header the last
+    /// milter saw (added fields apart: those go above the content's section).
+    #[test]
+    fn verdict_matches_the_delivery_edits() {
+        let f = fl(&[
+            ("From", "a"),
+            ("Subject", "s"),
+            ("To", "b"),
+            ("Subject", "t"),
+            ("Cc", "c"),
+        ]);
+        let section: Vec<u8> = f
+            .iter()
+            .flat_map(|x| [&x.name[..], b": ", &x.value[..], b"\r\n"].concat())
+            .collect();
+        let ins = |index: u32, name: &str| Response::InsHeader {
+            index,
+            name: name.into(),
+            value: "v".into(),
+        };
+        let chg = |index: u32, name: &str, value: &str| Response::ChgHeader {
+            index,
+            name: name.into(),
+            value: value.into(),
+        };
+        let scripts: Vec<Vec<Response>> = vec![
+            vec![
+                chg(1, "Subject", ""),
+                chg(2, "Subject", "T2"),
+                ins(1, "X-1"),
+            ],
+            vec![
+                ins(0, "X-0"),
+                ins(3, "X-3"),
+                chg(1, "To", ""),
+                ins(3, "X-3b"),
+                ins(9, "X-End"),
+            ],
+            vec![
+                chg(2, "subject", ""),
+                chg(1, "Subject", ""),
+                ins(2, "X-2"),
+                chg(1, "Cc", "C"),
+            ],
+            vec![
+                ins(2, "X-A"),
+                ins(2, "X-B"),
+                chg(1, "From", ""),
+                chg(1, "X-A", "changed"),
+            ],
+        ];
+        for script in scripts {
+            let mut e = Edits::default();
+            for m in script.clone() {
+                e.apply(&f, m).unwrap_or_default();
+            }
+            let want: Vec<String> = e
+                .view(&f)
+                .iter()
+                .filter(|v| !matches!(v.origin, Origin::Added(_)))
+                .map(|v| {
+                    format!(
+                        "{}: {}",
+                        String::from_utf8_lossy(v.name),
+                        String::from_utf8_lossy(v.value)
+                    )
+                })
+                .collect();
+            let mut v = DataVerdict::default();
+            e.into_verdict(&f, &mut v);
+            let edited = crate::delivery::edit_header_section(&section, &v.insert, &v.change)
+                .unwrap_or_default();
+            let got: Vec<String> = String::from_utf8_lossy(&edited)
+                .split_terminator("\r\n")
+                .map(str::to_string)
+                .collect();
+            assert_eq!(got, want, "{script:?}");
+        }
+    }
 }
