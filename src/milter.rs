@@ -646,7 +646,8 @@ impl Milters {
         let (v, c) = s
             .tls
             .as_ref()
-            .map(|t| (t.version.clone(), t.cipher.clone()))
+            // Postfix's spelling, "TLSv1.3", which milters match on; rustls says TLSv1_3.
+            .map(|t| (t.version.replace('_', "."), t.cipher.clone()))
             .unwrap_or_default();
         let macros: Vec<(&str, &str)> = if s.tls.is_some() {
             vec![("{tls_version}", &v), ("{cipher}", &c)]

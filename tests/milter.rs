@@ -684,3 +684,37 @@ fn discard_at_rcpt_discards_the_message_and_skips_the_content() {
     // Postfix does.
     assert_eq!(f.cmds(0), "ODCHDMDRAQ");
 }
+
+#[test]
+fn tls_and_auth_macros_after_starttls() {
+    let f = Fake::start(0, 0, eom(cont()));
+    let s = TestServer::start(Opts {
+        tls: true,
+        toml: format!("[[milter]]\naddress = {:?}\n", f.address()),
+        ..Opts::default()
+    });
+    let mut c = s.ehlo();
+    c.ok("STARTTLS", 220);
+    c.upgrade(s.tls_client_config());
+    c.ok("EHLO client.test", 250);
+    assert!(c
+        .transaction("a@x.test", &["b@y.test"], MSG)
+        .starts_with("250 2.0.0 "));
+    c.ok("QUIT", 221);
+    wait_until("quit", || f.cmds(0).ends_with('Q'));
+    // The second HELO carries the TLS macros; STARTTLS reset nothing at the milter,
+    // which had no transaction open.
+    let p = f.packets(0);
+    let helos: Vec<usize> = p
+        .iter()
+        .enumerate()
+        .filter(|(_, (c, _))| *c == b'H')
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(helos.len(), 2);
+    let macros = String::from_utf8_lossy(&p[helos[1] - 1].1).to_string();
+    assert!(
+        macros.starts_with("H{tls_version}\0TLSv1.3\0{cipher}\0TLS13_"),
+        "{macros:?}"
+    );
+}
