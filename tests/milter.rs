@@ -718,3 +718,29 @@ fn tls_and_auth_macros_after_starttls() {
         "{macros:?}"
     );
 }
+
+#[test]
+fn client_address_behind_proxy_is_the_proxied_one() {
+    let f = Fake::start(0, 0, eom(cont()));
+    let s = TestServer::start(Opts {
+        server_extra: "proxy_protocol = true".into(),
+        toml: format!("[[milter]]\naddress = {:?}\n", f.address()),
+        ..Opts::default()
+    });
+    let mut c = Client::connect(s.addr);
+    c.send_raw(b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 25\r\n");
+    assert!(c.reply().1.starts_with("220 "));
+    c.ok("EHLO client.test", 250);
+    c.ok("QUIT", 221);
+    wait_until("quit", || f.cmds(0).ends_with('Q'));
+    let p = f.packets(0);
+    let mut conn = b"[192.0.2.7]\x004".to_vec();
+    conn.extend_from_slice(&40000u16.to_be_bytes());
+    conn.extend_from_slice(b"192.0.2.7\0");
+    assert_eq!(p[2], (b'C', conn));
+    let macros = String::from_utf8_lossy(&p[1].1).to_string();
+    assert!(
+        macros.contains("{client_addr}\x00192.0.2.7\0"),
+        "{macros:?}"
+    );
+}
