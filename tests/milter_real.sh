@@ -135,7 +135,7 @@ command_timeout_secs = 10
 content_timeout_secs = 20
 $rspamd_milter
 CONF
-RUST_LOG=info "$mailer" --config "$work/mailer.toml" >"$work/mailer.out" 2>&1 &
+RUST_LOG=${RUST_LOG:-info} "$mailer" --config "$work/mailer.toml" >"$work/mailer.out" 2>&1 &
 pids+=($!)
 wait_for "mailer" tcp_open "$smtp_port"
 
