@@ -687,3 +687,43 @@ fn batch_data_sync_is_all_or_nothing_too() {
     assert!(reply.starts_with("250 "), "{reply}");
     assert_eq!(count_files(&s.spool().join("new")), 2);
 }
+
+/// The transaction hooks in order: a message refused for its size never reaches
+/// `data` and is reset; a disconnect inside DATA resets too; `close` comes last.
+#[test]
+fn reset_and_close_follow_the_transaction() {
+    use common::memory::Mem;
+    let run = |input: &[u8], max: u64| {
+        let hook = Arc::new(Verdict::default());
+        let r = Mem {
+            hooks: Arc::new(Shared(Arc::clone(&hook))),
+            max_message_size: max,
+            ..Mem::default()
+        }
+        .run(input);
+        let events = hook.events.lock().unwrap().clone();
+        (r.codes(), events)
+    };
+    let (codes, ev) = run(
+        b"EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n0123456789\r\n.\r\nQUIT\r\n",
+        5,
+    );
+    assert_eq!(codes, [220, 250, 250, 250, 354, 552, 221]);
+    assert_eq!(ev, ["start MEM1", "reset", "close"]);
+    let (codes, ev) = run(
+        b"EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\npartial",
+        1000,
+    );
+    assert_eq!(codes, [220, 250, 250, 250, 354]);
+    assert_eq!(ev, ["start MEM1", "reset", "close"]);
+    let (_, ev) = run(
+        b"EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nEHLO c\r\nQUIT\r\n",
+        1000,
+    );
+    assert_eq!(ev, ["reset", "close"]);
+    let (_, ev) = run(
+        b"EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\nx\r\n.\r\nQUIT\r\n",
+        1000,
+    );
+    assert_eq!(ev, ["start MEM1", "data", "close"]);
+}
