@@ -3,12 +3,14 @@
 
 use crate::auth::{AuthError, Users};
 use crate::config::Config;
+use crate::config::DataSyncPolicy;
 use crate::connection::{Connection, End, Lifecycle, WireLimits};
+use crate::delivery::Router;
 use crate::hooks::{Chain, Hooks, NoHooks, Policy, SessionInfo};
 use crate::protocol::proxy::{self, Parse};
 use crate::protocol::reply::{Enhanced, Reply};
 use crate::session::{AuthSettings, Session, Settings};
-use crate::spool::{Faults, Maildir, NoFaults};
+use crate::spool::{DataSync, Faults, Maildir, NoFaults, SpoolOptions};
 use crate::stats::{
     ActiveGuard, CountReplies, CountingStore, SessionStore, SessionTally, Stats, StatsSnapshot,
 };
@@ -44,6 +46,8 @@ pub enum ServerError {
     /// A value [`Config::validate`] refuses (the dotted key and the problem), the same
     /// check `mailer check-config` and the binary's startup make (invariant 12).
     Config { key: String, message: String },
+    /// A bad `[[milter]]` address (a configuration error).
+    Milter(String),
 }
 
 impl ServerError {
@@ -51,7 +55,10 @@ impl ServerError {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            ServerError::Tls(_) | ServerError::Auth(_) | ServerError::Config { .. }
+            ServerError::Tls(_)
+                | ServerError::Auth(_)
+                | ServerError::Config { .. }
+                | ServerError::Milter(_)
         )
     }
 }
@@ -65,6 +72,7 @@ impl fmt::Display for ServerError {
             ServerError::Bind { addr, err } => write!(f, "cannot listen on {addr}: {err}"),
             ServerError::Thread(e) => write!(f, "cannot start a thread: {e}"),
             ServerError::Config { key, message } => write!(f, "key `{key}`: {message}"),
+            ServerError::Milter(e) => write!(f, "milter.address: {e}"),
         }
     }
 }
@@ -221,9 +229,17 @@ pub struct ServerBuilder {
     hooks: Option<Arc<dyn Hooks>>,
     faults: Option<Arc<dyn Faults>>,
     reloaders: Vec<Reloader>,
+    router: Option<Arc<dyn Router>>,
 }
 
 impl ServerBuilder {
+    /// Delivers recipients to mailboxes (SPEC 8): each distinct mailbox gets its own
+    /// copy; recipients the router does not know go to `spool.dir`.
+    pub fn router(mut self, router: Arc<dyn Router>) -> Self {
+        self.router = Some(router);
+        self
+    }
+
     /// User hooks; the config's `[policy]` runs first, then these.
     pub fn hooks(mut self, hooks: impl Hooks + 'static) -> Self {
         self.hooks = Some(Arc::new(hooks));
@@ -253,7 +269,9 @@ impl ServerBuilder {
             .reload
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .reloaders = self.reloaders;
+            .reloaders
+            .extend(self.reloaders);
+        server.router = self.router;
         Ok(server)
     }
 }
@@ -270,6 +288,7 @@ pub struct Server {
     stop_rx: Receiver<()>,
     handle: Handle,
     faults: Arc<dyn Faults>,
+    router: Option<Arc<dyn Router>>,
 }
 
 struct Job {
@@ -411,6 +430,7 @@ impl Server {
             hooks: None,
             faults: None,
             reloaders: Vec::new(),
+            router: None,
         }
     }
 
@@ -446,10 +466,21 @@ impl Server {
             require_tls: config.tls.as_ref().is_some_and(|t| t.require_tls),
             auth,
         });
-        let hooks: Arc<dyn Hooks> = Arc::new(Chain(vec![
-            Arc::new(Policy::new(&config.policy.accept_domains)),
-            user_hooks,
-        ]));
+        let mut chain: Vec<Arc<dyn Hooks>> =
+            vec![Arc::new(Policy::new(&config.policy.accept_domains))];
+        // The milters run after [policy], in configuration order (SPEC 9).
+        let mut reloaders: Vec<Reloader> = Vec::new();
+        if !config.milter.is_empty() {
+            let milters = Arc::new(
+                crate::milter::Milters::new(&config.hostname, &config.milter)
+                    .map_err(ServerError::Milter)?,
+            );
+            let m = Arc::clone(&milters);
+            reloaders.push(Box::new(move |c: &Config| m.reload(c)));
+            chain.push(milters);
+        }
+        chain.push(user_hooks);
+        let hooks: Arc<dyn Hooks> = Arc::new(Chain(chain));
         let mut listeners = Vec::new();
         let mut addrs = Vec::new();
         for (list, implicit) in [
@@ -486,7 +517,7 @@ impl Server {
                 running: config.clone(),
                 applied: config.clone(),
                 tls: tls.as_ref().map(|(_, r)| Arc::clone(r)),
-                reloaders: Vec::new(),
+                reloaders,
             })),
         };
         Ok(Server {
@@ -500,6 +531,7 @@ impl Server {
             stop_rx,
             handle,
             faults: Arc::new(NoFaults),
+            router: None,
         })
     }
 
@@ -511,17 +543,32 @@ impl Server {
     /// Runs until [`Handle::shutdown`]; then stops gracefully and returns.
     pub fn run(self) -> Result<(), ServerError> {
         let cfg = &self.config;
-        let (store, writer) = Maildir::open_with_faults(
-            &cfg.spool.dir,
-            &cfg.hostname,
-            cfg.spool.fsync,
-            Arc::clone(&self.shared.stats.spool),
-            Arc::clone(&self.faults),
-        )
-        .map_err(|err| ServerError::Spool {
-            dir: cfg.spool.dir.display().to_string(),
-            err,
-        })?;
+        let spool_opts = cfg
+            .spool
+            .file_mode()
+            .map(|file_mode| SpoolOptions {
+                fsync: cfg.spool.fsync,
+                data_sync: match cfg.spool.data_sync {
+                    DataSyncPolicy::File => DataSync::PerFile,
+                    DataSyncPolicy::Batch => DataSync::Batch,
+                },
+                file_mode,
+                faults: Arc::clone(&self.faults),
+            })
+            .map_err(|m| io::Error::new(io::ErrorKind::InvalidInput, format!("file_mode {m}")));
+        let (store, writer) = spool_opts
+            .and_then(|opts| {
+                Maildir::open_with(
+                    &cfg.spool.dir,
+                    &cfg.hostname,
+                    opts,
+                    Arc::clone(&self.shared.stats.spool),
+                )
+            })
+            .map_err(|err| ServerError::Spool {
+                dir: cfg.spool.dir.display().to_string(),
+                err,
+            })?;
         let store = Arc::new(CountingStore {
             inner: store,
             stats: Arc::clone(&self.shared.stats),
@@ -561,6 +608,7 @@ impl Server {
                 tls: self.tls.as_ref().map(|(c, _)| Arc::clone(c)),
                 limits: limits.clone(),
                 wants_data,
+                router: self.router.clone(),
                 done: done_tx.clone(),
                 ready: ready_tx.clone(),
                 proxy: cfg.server.proxy_protocol.then_some(proxy_timeout),
@@ -806,6 +854,7 @@ struct Worker {
     tls: Option<Arc<ServerConfig>>,
     limits: WireLimits,
     wants_data: bool,
+    router: Option<Arc<dyn Router>>,
     done: Sender<()>,
     /// Signalled once, just before the worker first waits for a socket.
     ready: Sender<()>,
@@ -913,6 +962,8 @@ impl Worker {
             tls: None,
             auth_user: None,
             helo: None,
+            local: tcp.local_addr().unwrap_or(job.peer),
+            auth_mechanism: None,
         };
         let tally = Arc::new(SessionTally::default());
         let stream = if job.implicit_tls {
@@ -960,7 +1011,8 @@ impl Worker {
             &life,
             self.limits.clone(),
             self.wants_data,
-        );
+        )
+        .with_router(self.router.clone());
         let end = conn.run();
         let reason = match end {
             End::Quit => "quit".to_string(),
