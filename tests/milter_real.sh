@@ -13,6 +13,8 @@
 # setting is never touched. Every daemon runs in the foreground and is stopped by PID.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Debian's python3, where python3-dkim and python3-nacl install (not a pyenv one on PATH).
+python3() { /usr/bin/python3 "$@"; }
 
 pkgs=()
 command -v opendkim >/dev/null || pkgs+=(opendkim)
