@@ -32,6 +32,7 @@ pub mod client;
 pub mod config;
 pub mod connection;
 pub mod hooks;
+pub mod mailboxes;
 pub mod preflight;
 pub mod protocol;
 pub mod server;

@@ -79,7 +79,11 @@ fn check_config(path: &Path) -> ExitCode {
     if findings.iter().any(|f| f.fatal) {
         return ExitCode::from(USAGE_OR_CONFIG);
     }
-    println!("# {}: OK\n{}", path.display(), cfg.to_toml());
+    println!("# {}: OK", path.display());
+    if let Some(summary) = mailer::preflight::mailbox_summary(&cfg) {
+        println!("# {summary}");
+    }
+    println!("{}", cfg.to_toml());
     ExitCode::SUCCESS
 }
 

@@ -53,6 +53,12 @@ pub fn preflight(config: &Config) -> Vec<Finding> {
             fatal("", e.to_string());
         }
     }
+    if let Some(m) = &config.mailboxes {
+        // Syntax, loops, depth and dangling targets, users_file included (SPEC 8).
+        if let Err(e) = crate::mailboxes::Maps::build(m) {
+            fatal("", e);
+        }
+    }
     if let Err(message) = check_spool_dir(&config.spool.dir) {
         fatal("spool.dir", message);
     }
@@ -129,4 +135,12 @@ fn check_spool_dir(dir: &std::path::Path) -> Result<(), String> {
         parent = if last { None } else { p.parent() };
     }
     Err(cannot("no existing parent directory".into()))
+}
+
+/// `mailboxes: N users, N aliases, N domains` for `check-config`, when `[mailboxes]`
+/// is set and its maps build.
+pub fn mailbox_summary(config: &Config) -> Option<String> {
+    let maps = crate::mailboxes::Maps::build(config.mailboxes.as_ref()?).ok()?;
+    let (u, a, d) = maps.counts();
+    Some(format!("mailboxes: {u} users, {a} aliases, {d} domains"))
 }

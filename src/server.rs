@@ -5,6 +5,7 @@ use crate::auth::{AuthError, Users};
 use crate::config::Config;
 use crate::connection::{Connection, End, Lifecycle, WireLimits};
 use crate::hooks::{Chain, Hooks, NoHooks, Policy, SessionInfo};
+use crate::mailboxes::{Mailboxes, RecipientCheck};
 use crate::protocol::proxy::{self, Parse};
 use crate::protocol::reply::{Enhanced, Reply};
 use crate::session::{AuthSettings, Session, Settings};
@@ -33,6 +34,8 @@ pub enum ServerError {
     Tls(TlsError),
     /// Bad `[auth]` users (a configuration error).
     Auth(AuthError),
+    /// Bad `[mailboxes]` maps (a configuration error).
+    Mailboxes(String),
     /// The spool directory cannot be prepared.
     Spool { dir: String, err: io::Error },
     /// A listen address cannot be bound.
@@ -44,7 +47,10 @@ pub enum ServerError {
 impl ServerError {
     /// True for errors in the configuration (exit 2) rather than at run time (exit 1).
     pub fn is_config(&self) -> bool {
-        matches!(self, ServerError::Tls(_) | ServerError::Auth(_))
+        matches!(
+            self,
+            ServerError::Tls(_) | ServerError::Auth(_) | ServerError::Mailboxes(_)
+        )
     }
 }
 
@@ -53,6 +59,7 @@ impl fmt::Display for ServerError {
         match self {
             ServerError::Tls(e) => e.fmt(f),
             ServerError::Auth(e) => e.fmt(f),
+            ServerError::Mailboxes(e) => e.fmt(f),
             ServerError::Spool { dir, err } => write!(f, "spool.dir {dir}: {err}"),
             ServerError::Bind { addr, err } => write!(f, "cannot listen on {addr}: {err}"),
             ServerError::Thread(e) => write!(f, "cannot start a thread: {e}"),
@@ -144,6 +151,7 @@ pub struct Server {
     stop_rx: Receiver<()>,
     handle: Handle,
     faults: Arc<dyn Faults>,
+    mailboxes: Option<Arc<Mailboxes>>,
 }
 
 struct Job {
@@ -310,10 +318,18 @@ impl Server {
             require_tls: config.tls.as_ref().is_some_and(|t| t.require_tls),
             auth,
         });
-        let hooks: Arc<dyn Hooks> = Arc::new(Chain(vec![
-            Arc::new(Policy::new(&config.policy.accept_domains)),
-            user_hooks,
-        ]));
+        let policy = Policy::new(&config.policy.accept_domains);
+        let mailboxes = match &config.mailboxes {
+            Some(m) => Some(Arc::new(Mailboxes::new(m).map_err(ServerError::Mailboxes)?)),
+            None => None,
+        };
+        // With [mailboxes], its RCPT check judges mailbox-domain recipients and leaves
+        // the others to [policy].
+        let first: Arc<dyn Hooks> = match &mailboxes {
+            Some(m) => Arc::new(RecipientCheck::new(Arc::clone(m), Some(policy))),
+            None => Arc::new(policy),
+        };
+        let hooks: Arc<dyn Hooks> = Arc::new(Chain(vec![first, user_hooks]));
         let mut listeners = Vec::new();
         let mut addrs = Vec::new();
         for (list, implicit) in [
@@ -350,7 +366,13 @@ impl Server {
             stop_rx,
             handle,
             faults: Arc::new(NoFaults),
+            mailboxes,
         })
+    }
+
+    /// The live `[mailboxes]` maps, for reloading them (SIGHUP).
+    pub fn mailboxes(&self) -> Option<Arc<Mailboxes>> {
+        self.mailboxes.clone()
     }
 
     /// A handle to stop the server and read its addresses and counters.
@@ -379,6 +401,9 @@ impl Server {
         let reload_stop = Arc::new(AtomicBool::new(false));
         if let Some((_, resolver)) = &self.tls {
             resolver.watch(Duration::from_secs(1), Arc::clone(&reload_stop));
+        }
+        if let Some(m) = &self.mailboxes {
+            m.watch(Duration::from_secs(1), Arc::clone(&reload_stop));
         }
         let workers = cfg.server.workers;
         // A rendezvous channel: a socket is handed over only to an idle worker, so when

@@ -1,0 +1,211 @@
+//! Issue 15 / SPEC 8: `[mailboxes]` over real loopback SMTP. Recipients in a mailbox
+//! domain are resolved at RCPT (users, aliases, catch-all, delimiter, case, IDN) or
+//! refused `550 5.1.1` while the transaction goes on; other recipients keep `[policy]`;
+//! `users_file` is re-read when it changes; `check-config` validates and counts.
+mod common;
+use common::process::run;
+use common::*;
+use std::path::Path;
+
+/// A server with `[mailboxes]` rooted in `dir/mail`; `extra` goes inside the table,
+/// `policy` is appended after it.
+fn server(dir: &Path, extra: &str, policy: &str) -> TestServer {
+    TestServer::with_toml(&format!(
+        "[mailboxes]\nroot = {:?}\n{extra}\n{policy}\n",
+        dir.join("mail").display().to_string()
+    ))
+}
+
+const MAPS: &str = r#"users = ["alice@example.org", "bob@example.org", "jörg@bücher.example"]
+aliases = { "postmaster@example.org" = ["alice@example.org"], "@example.net" = ["bob@example.org"] }
+"#;
+
+#[test]
+fn unknown_user_is_refused_at_rcpt_and_the_transaction_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path(), MAPS, "");
+    let mut c = s.ehlo();
+    // SMTPUTF8 (RFC 6531) for the U-label recipient below.
+    c.ok("MAIL FROM:<sender@remote.test> SMTPUTF8", 250);
+    assert_eq!(
+        c.cmd("RCPT TO:<nobody@example.org>"),
+        "550 5.1.1 <nobody@example.org>: Recipient address rejected: User unknown\r\n"
+    );
+    assert_eq!(
+        c.cmd("RCPT TO:<Nobody+x@EXAMPLE.ORG>"),
+        "550 5.1.1 <Nobody+x@EXAMPLE.ORG>: Recipient address rejected: User unknown\r\n"
+    );
+    // The same transaction goes on with the recipients that exist.
+    for ok in [
+        "alice@example.org",
+        "ALICE+lists@Example.Org",
+        "postmaster@example.org",
+        "anyone@example.net",
+        "jörg@xn--bcher-kva.example",
+        "Jörg@BÜCHER.example",
+        "someone@elsewhere.test",
+    ] {
+        assert_eq!(
+            c.cmd(&format!("RCPT TO:<{ok}>")),
+            "250 2.1.5 Ok\r\n",
+            "{ok}"
+        );
+    }
+    // A path-like local part never resolves, even where a catch-all would match.
+    assert_eq!(
+        c.cmd("RCPT TO:<\"../bob\"@example.net>"),
+        "550 5.1.1 <\"../bob\"@example.net>: Recipient address rejected: User unknown\r\n"
+    );
+    c.ok("DATA", 354);
+    c.send_raw(b"Subject: t\r\n\r\nhello\r\n.\r\n");
+    let (code, _) = c.reply();
+    assert_eq!(code, 250);
+    c.ok("QUIT", 221);
+}
+
+#[test]
+fn mailbox_domains_need_no_accept_domains_and_others_keep_the_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(
+        dir.path(),
+        MAPS,
+        "[policy]\naccept_domains = [\"accepted.test\"]\n",
+    );
+    let mut c = s.ehlo();
+    c.ok("MAIL FROM:<sender@remote.test>", 250);
+    c.ok("RCPT TO:<alice@example.org>", 250);
+    c.ok("RCPT TO:<x@accepted.test>", 250);
+    assert_eq!(
+        c.cmd("RCPT TO:<x@elsewhere.test>"),
+        "550 5.7.1 <x@elsewhere.test>: Relay access denied\r\n"
+    );
+    assert_eq!(
+        c.cmd("RCPT TO:<carol@example.org>"),
+        "550 5.1.1 <carol@example.org>: Recipient address rejected: User unknown\r\n"
+    );
+    c.ok("RSET", 250);
+    c.ok("QUIT", 221);
+}
+
+#[test]
+fn users_file_changes_are_picked_up_and_a_broken_file_keeps_the_old_maps() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users");
+    std::fs::write(&users, "# the users\ndave@example.com\n").unwrap();
+    let s = server(
+        dir.path(),
+        &format!("users_file = {:?}\n", users.display().to_string()),
+        "",
+    );
+    let rcpt = |who: &str| -> String {
+        let mut c = s.ehlo();
+        c.ok("MAIL FROM:<s@remote.test>", 250);
+        let r = c.cmd(&format!("RCPT TO:<{who}>"));
+        c.ok("QUIT", 221);
+        r
+    };
+    assert_eq!(rcpt("dave@example.com"), "250 2.1.5 Ok\r\n");
+    assert!(rcpt("erin@example.com").starts_with("550 5.1.1 "));
+    std::fs::write(&users, "dave@example.com\nerin@example.com # new\n").unwrap();
+    wait_until("erin added", || {
+        rcpt("erin@example.com").starts_with("250 ")
+    });
+    // A broken line: the maps in use stay (dave and erin still exist).
+    std::fs::write(&users, "dave@example.com\nnot an address\n").unwrap();
+    std::fs::write(dir.path().join("probe"), "").unwrap();
+    // No reply changes; poll a while to be sure the watcher saw the file.
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(2500);
+    while std::time::Instant::now() < until {
+        assert_eq!(rcpt("erin@example.com"), "250 2.1.5 Ok\r\n");
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    std::fs::write(&users, "dave@example.com\n").unwrap();
+    wait_until("erin removed", || {
+        rcpt("erin@example.com").starts_with("550 ")
+    });
+}
+
+#[test]
+fn check_config_counts_the_maps_and_refuses_loops_and_unsafe_users() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users");
+    std::fs::write(&users, "carol@example.org\n").unwrap();
+    let write = |maps: &str| {
+        let p = dir.path().join("config.toml");
+        std::fs::write(
+            &p,
+            format!(
+                "[server]\nlisten = [\"127.0.0.1:0\"]\n[spool]\ndir = {:?}\n\
+                 [mailboxes]\nroot = {:?}\n{maps}",
+                dir.path().join("spool").display().to_string(),
+                dir.path().join("mail").display().to_string(),
+            ),
+        )
+        .unwrap();
+        p.display().to_string()
+    };
+    let cfg = write(&format!(
+        "{MAPS}users_file = {:?}\n",
+        users.display().to_string()
+    ));
+    let out = run(&["check-config", "--config", &cfg], b"");
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        out.stdout
+            .contains("\n# mailboxes: 4 users, 2 aliases, 3 domains\n"),
+        "{}",
+        out.stdout
+    );
+
+    let cfg = write(
+        "users = [\"a@x.test\"]\naliases = { \"b@x.test\" = [\"c@x.test\"], \"c@x.test\" = [\"b@x.test\"] }\n",
+    );
+    let out = run(&["check-config", "--config", &cfg], b"");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(out.stderr.contains("alias loop"), "{}", out.stderr);
+
+    let cfg = write("users = [\"a@x.test\"]\naliases = { \"b@x.test\" = [\"typo@x.test\"] }\n");
+    let out = run(&["check-config", "--config", &cfg], b"");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(out.stderr.contains("typo@x.test"), "{}", out.stderr);
+
+    let cfg = write("users = [\"\\\"../etc\\\"@x.test\"]\n");
+    let out = run(&["check-config", "--config", &cfg], b"");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        out.stderr.contains("mailboxes.users") && out.stderr.contains(":7:"),
+        "{}",
+        out.stderr
+    );
+
+    std::fs::write(&users, "carol@example.org\n\nbad line here\n").unwrap();
+    let cfg = write(&format!("users_file = {:?}\n", users.display().to_string()));
+    let out = run(&["check-config", "--config", &cfg], b"");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        out.stderr.contains(&format!("{}:3: ", users.display())),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn the_library_builder_refuses_what_check_config_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = mailer::Config::from_toml(
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n[mailboxes]\nroot = {:?}\n\
+             users_file = {:?}\n",
+            dir.path().join("mail").display().to_string(),
+            dir.path().join("missing").display().to_string(),
+        ),
+        Path::new("t.toml"),
+    )
+    .unwrap();
+    let err = match mailer::Server::builder(cfg).build() {
+        Ok(_) => panic!("built with a missing users_file"),
+        Err(e) => e,
+    };
+    assert!(err.is_config(), "{err}");
+    assert!(err.to_string().contains("missing"), "{err}");
+}
