@@ -31,6 +31,7 @@ pub mod auth;
 pub mod client;
 pub mod config;
 pub mod connection;
+pub mod delivery;
 pub mod hooks;
 pub mod mailboxes;
 pub mod preflight;

@@ -22,10 +22,13 @@
 //! recipients at RCPT.
 //!
 //! An alias target outside the mailbox domains is an external address. mailer does not
-//! relay, so such a target is stored in `spool.dir`, like any recipient outside the
-//! mailbox domains, for whatever program forwards mail from there.
+//! relay, so a copy for it is stored in `spool.dir`, where every recipient outside the
+//! mailbox domains goes, for whatever program forwards mail from there; that copy's
+//! `Delivered-To:` names the external target (the first one, when a message leads to
+//! several: the spool gets one copy per message).
 
 use crate::config::{Config, MailboxesConfig};
+use crate::delivery::{Mailbox, Router};
 use crate::hooks::{Envelope, Hooks, Policy, SessionInfo};
 use crate::protocol::address::Address;
 use crate::protocol::reply::{Enhanced, Reply};
@@ -492,6 +495,8 @@ pub struct Mailboxes {
     maps: RwLock<Arc<Maps>>,
     /// The settings the maps were built from, and `users_file`'s fingerprint then.
     source: Mutex<(MailboxesConfig, Option<u64>)>,
+    /// `spool.dir`: where copies for external alias targets go.
+    spool: PathBuf,
 }
 
 impl std::fmt::Debug for Mailboxes {
@@ -501,14 +506,16 @@ impl std::fmt::Debug for Mailboxes {
 }
 
 impl Mailboxes {
-    /// Builds the maps; an error names the key, or the file and line.
-    pub fn new(cfg: &MailboxesConfig) -> Result<Mailboxes, String> {
+    /// Builds the maps; an error names the key, or the file and line. `spool_dir`
+    /// receives the copies for external alias targets.
+    pub fn new(cfg: &MailboxesConfig, spool_dir: &Path) -> Result<Mailboxes, String> {
         // Taken before the read: a change in between is then seen by the next poll.
         let fp = fingerprint(&cfg.users_file);
         let maps = Maps::build(cfg)?;
         Ok(Mailboxes {
             maps: RwLock::new(Arc::new(maps)),
             source: Mutex::new((cfg.clone(), fp)),
+            spool: spool_dir.to_path_buf(),
         })
     }
 
@@ -579,6 +586,28 @@ impl Mailboxes {
         if let Err(e) = spawned {
             log::error!("mailboxes: cannot start the users_file watcher: {e}");
         }
+    }
+}
+
+/// Delivery routes (SPEC 8), looked up again at the end of the message with the maps
+/// in use then. A recipient outside the mailbox domains, or one that a reload removed
+/// since RCPT, goes to `spool.dir` as in v1: an accepted message is never dropped.
+impl Router for Mailboxes {
+    fn route(&self, rcpt: &Address) -> Option<Vec<Mailbox>> {
+        let Lookup::Found(dests) = self.maps().lookup(rcpt) else {
+            return None;
+        };
+        let boxes = dests
+            .into_iter()
+            .map(|d| match d {
+                Dest::Mailbox { address, maildir } => Mailbox { address, maildir },
+                Dest::External(address) => Mailbox {
+                    address,
+                    maildir: self.spool.clone(),
+                },
+            })
+            .collect();
+        Some(boxes)
     }
 }
 
@@ -907,7 +936,7 @@ mod tests {
         std::fs::write(&f, "bob@example.org\n").unwrap();
         let mut c = cfg(&[], &[]);
         c.users_file = f.clone();
-        let mb = Mailboxes::new(&c).unwrap();
+        let mb = Mailboxes::new(&c, Path::new("/spool")).unwrap();
         assert_eq!(mb.check_file(), None, "unchanged file: nothing to do");
         std::fs::write(&f, "bob@example.org\n\"../x\"@example.org\n").unwrap();
         let e = mb.check_file().unwrap().unwrap_err();
@@ -928,7 +957,7 @@ mod tests {
 
     #[test]
     fn reload_swaps_the_maps_or_keeps_them() {
-        let mb = Mailboxes::new(&cfg(&["a@x.test"], &[])).unwrap();
+        let mb = Mailboxes::new(&cfg(&["a@x.test"], &[]), Path::new("/spool")).unwrap();
         let mut full = Config {
             mailboxes: Some(cfg(&["b@x.test"], &[])),
             ..Config::default()
@@ -944,5 +973,33 @@ mod tests {
         full.mailboxes = None;
         mb.reload(&full).unwrap();
         assert_eq!(mb.maps().lookup(&addr("b@x.test")), Lookup::Outside);
+    }
+
+    #[test]
+    fn router_sends_external_targets_and_outsiders_to_the_spool() {
+        let mb = Mailboxes::new(
+            &cfg(
+                &["alice@example.org"],
+                &[("fwd@example.org", &["alice@example.org", "x@far.test"])],
+            ),
+            Path::new("/spool"),
+        )
+        .unwrap();
+        let boxes = mb.route(&addr("Fwd+a@example.org")).unwrap();
+        assert_eq!(
+            boxes,
+            vec![
+                Mailbox {
+                    address: "alice@example.org".into(),
+                    maildir: "/m/example.org/alice".into()
+                },
+                Mailbox {
+                    address: "x@far.test".into(),
+                    maildir: "/spool".into()
+                },
+            ]
+        );
+        assert_eq!(mb.route(&addr("x@far.test")), None);
+        assert_eq!(mb.route(&addr("nobody@example.org")), None);
     }
 }

@@ -4,6 +4,7 @@
 use crate::auth::{AuthError, Users};
 use crate::config::Config;
 use crate::connection::{Connection, End, Lifecycle, WireLimits};
+use crate::delivery::Router;
 use crate::hooks::{Chain, Hooks, NoHooks, Policy, SessionInfo};
 use crate::mailboxes::{Mailboxes, RecipientCheck};
 use crate::protocol::proxy::{self, Parse};
@@ -115,9 +116,17 @@ pub struct ServerBuilder {
     config: Config,
     hooks: Option<Arc<dyn Hooks>>,
     faults: Option<Arc<dyn Faults>>,
+    router: Option<Arc<dyn Router>>,
 }
 
 impl ServerBuilder {
+    /// Delivers recipients to mailboxes (SPEC 8): each distinct mailbox gets its own
+    /// copy; recipients the router does not know go to `spool.dir`.
+    pub fn router(mut self, router: Arc<dyn Router>) -> Self {
+        self.router = Some(router);
+        self
+    }
+
     /// User hooks; the config's `[policy]` runs first, then these.
     pub fn hooks(mut self, hooks: impl Hooks + 'static) -> Self {
         self.hooks = Some(Arc::new(hooks));
@@ -136,6 +145,9 @@ impl ServerBuilder {
         if let Some(f) = self.faults {
             server.faults = f;
         }
+        if self.router.is_some() {
+            server.router = self.router;
+        }
         Ok(server)
     }
 }
@@ -152,6 +164,7 @@ pub struct Server {
     handle: Handle,
     faults: Arc<dyn Faults>,
     mailboxes: Option<Arc<Mailboxes>>,
+    router: Option<Arc<dyn Router>>,
 }
 
 struct Job {
@@ -294,6 +307,7 @@ impl Server {
             config,
             hooks: None,
             faults: None,
+            router: None,
         }
     }
 
@@ -320,7 +334,9 @@ impl Server {
         });
         let policy = Policy::new(&config.policy.accept_domains);
         let mailboxes = match &config.mailboxes {
-            Some(m) => Some(Arc::new(Mailboxes::new(m).map_err(ServerError::Mailboxes)?)),
+            Some(m) => Some(Arc::new(
+                Mailboxes::new(m, &config.spool.dir).map_err(ServerError::Mailboxes)?,
+            )),
             None => None,
         };
         // With [mailboxes], its RCPT check judges mailbox-domain recipients and leaves
@@ -366,6 +382,8 @@ impl Server {
             stop_rx,
             handle,
             faults: Arc::new(NoFaults),
+            // With [mailboxes] the maps route delivery; an embedder's router wins.
+            router: mailboxes.clone().map(|m| m as Arc<dyn Router>),
             mailboxes,
         })
     }
@@ -436,6 +454,7 @@ impl Server {
                 tls: self.tls.as_ref().map(|(c, _)| Arc::clone(c)),
                 limits: limits.clone(),
                 wants_data,
+                router: self.router.clone(),
                 done: done_tx.clone(),
                 ready: ready_tx.clone(),
                 proxy: cfg.server.proxy_protocol.then_some(proxy_timeout),
@@ -657,6 +676,7 @@ struct Worker {
     tls: Option<Arc<ServerConfig>>,
     limits: WireLimits,
     wants_data: bool,
+    router: Option<Arc<dyn Router>>,
     done: Sender<()>,
     /// Signalled once, just before the worker first waits for a socket.
     ready: Sender<()>,
@@ -759,6 +779,8 @@ impl Worker {
             tls: None,
             auth_user: None,
             helo: None,
+            local: tcp.local_addr().unwrap_or(job.peer),
+            auth_mechanism: None,
         };
         let stream = if job.implicit_tls {
             let Some(cfg) = &self.tls else { return };
@@ -796,7 +818,8 @@ impl Worker {
             &life,
             self.limits.clone(),
             self.wants_data,
-        );
+        )
+        .with_router(self.router.clone());
         let end = conn.run();
         match end {
             End::Quit | End::Eof | End::ShuttingDown => {

@@ -1,12 +1,21 @@
-//! The Maildir spool (SPEC 1, 5; invariant 1): sessions stream each message into its own
-//! file in `tmp/` and fsync it; one writer thread renames finished files into `new/` in
-//! batches, fsyncs `new/` once per batch (group commit) and only then acks each session,
-//! which only then answers 250. A test (`no_ack_before_...`) records the order.
+//! The Maildir spool (SPEC 1, 5, 8; invariant 1): sessions stream each message into its
+//! own file in `tmp/` and fsync it; one writer thread renames finished files into `new/`
+//! in batches, fsyncs each touched `new/` once per batch (group commit) and only then
+//! acks each session, which only then answers 250. A test (`no_ack_before_...`) records
+//! the order.
+//!
+//! A message is written once (trace headers, then content) unless data hooks or
+//! mailboxes need copies that differ in their heads: then the file holds the content
+//! only ("staged"), and [`MessageWriter::commit_copies`] writes each copy (its own head,
+//! then the content) into its Maildir's `tmp/`, fsyncs them all, and the writer moves
+//! them into their `new/` together: all of them or none.
 
 use crossbeam_channel::{bounded, Receiver, Sender};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter, Read, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -79,18 +88,48 @@ pub trait Store: Send + Sync {
     fn begin(&self) -> Result<Box<dyn MessageWriter>, StoreError>;
 }
 
+/// One stored copy of a staged message (see [`MessageWriter::commit_copies`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Copy {
+    /// The Maildir: `None` is the spool's own (`spool.dir`), `Some` a mailbox's
+    /// (created with its `tmp/ new/ cur/` on first delivery).
+    pub maildir: Option<PathBuf>,
+    /// Store in the Maildir++ folder `.Quarantine` of that Maildir instead.
+    pub quarantine: bool,
+    /// The bytes before the content: trace headers and added fields.
+    pub head: Vec<u8>,
+    /// `(n, bytes)`: the content's first `n` bytes (its header section) are replaced by
+    /// `bytes` in this copy.
+    pub headers: Option<(u64, Vec<u8>)>,
+}
+
 /// One message being written. Dropping it without `commit` discards it.
 pub trait MessageWriter: Write + Send {
     /// The queue id, as in the file name and the 250 reply.
     fn queue_id(&self) -> &str;
     /// Blocks until the message is durable in `new/` (or fails and is discarded).
     fn commit(self: Box<Self>) -> Result<(), StoreError>;
+    /// A reader over everything written so far, from the first byte (for data hooks:
+    /// the content is read back from the file, never held in memory).
+    fn content(&mut self) -> io::Result<Box<dyn Read + '_>> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this store cannot read messages back",
+        ))
+    }
+    /// Stores the bytes written so far (the content only) as these copies, each with
+    /// its own head, and blocks until every copy is durable in its `new/`. All or
+    /// nothing: when one copy fails, no copy is delivered. No copies: nothing is
+    /// stored (and that is a success).
+    fn commit_copies(self: Box<Self>, _copies: Vec<Copy>) -> Result<(), StoreError> {
+        Err(StoreError::Io("this store cannot store copies".into()))
+    }
 }
 
-/// A finished tmp file waiting for the writer thread.
+/// Files finished in some `tmp/`, to be renamed into the `new/` beside it, all or none.
 struct Commit {
-    tmp: PathBuf,
-    name: String,
+    /// (file in tmp/, its name in new/, that new/ directory).
+    files: Vec<(PathBuf, String, PathBuf)>,
     ack: AckTx,
 }
 
@@ -142,14 +181,24 @@ impl Ack {
 
 /// A Maildir (`tmp/ new/ cur/`).
 pub struct Maildir {
+    shared: Arc<Shared>,
+    seq: AtomicU64,
+    tx: Sender<Commit>,
+}
+
+/// What every message of one spool needs.
+struct Shared {
     dir: PathBuf,
     host: String,
     fsync: bool,
-    seq: AtomicU64,
     pid: u32,
-    tx: Sender<Commit>,
     faults: Arc<dyn Faults>,
+    /// Maildirs known to exist with their `tmp/ new/ cur/` (mailboxes are created on
+    /// first delivery). Bounded: cleared when it grows past [`KNOWN_DIRS_MAX`].
+    known: Mutex<HashSet<PathBuf>>,
 }
+
+const KNOWN_DIRS_MAX: usize = 4096;
 
 /// Counters the writer thread keeps (for the stats line).
 #[derive(Debug, Default)]
@@ -161,7 +210,7 @@ pub struct SpoolStats {
 }
 
 impl Maildir {
-    /// Opens (creating) the Maildir, clears debris from `tmp/` (invariant 1) and starts
+    /// Opens (creating if needed) the Maildir at `dir`, clears debris from `tmp/` (invariant 1) and starts
     /// the writer thread. Join the handle after dropping every clone of the store.
     pub fn open(
         dir: &Path,
@@ -180,11 +229,8 @@ impl Maildir {
         stats: Arc<SpoolStats>,
         faults: Arc<dyn Faults>,
     ) -> io::Result<(Maildir, JoinHandle<()>)> {
-        for sub in ["tmp", "new", "cur"] {
-            let p = dir.join(sub);
-            fs::create_dir_all(&p)
-                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", p.display())))?;
-        }
+        create_maildir(dir)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
         let tmp = dir.join("tmp");
         let mut cleared = 0;
         for entry in fs::read_dir(&tmp)? {
@@ -202,40 +248,88 @@ impl Maildir {
         }
         // Short queue: sessions block on their ack anyway; the bound just caps memory.
         let (tx, rx) = bounded::<Commit>(1024);
-        let new_dir = dir.join("new");
         let writer_faults = Arc::clone(&faults);
         let handle = std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || writer(rx, new_dir, fsync, stats, writer_faults))?;
+            .spawn(move || writer(rx, fsync, stats, writer_faults))?;
+        let mut known = HashSet::new();
+        known.insert(dir.to_path_buf());
         Ok((
             Maildir {
-                dir: dir.to_path_buf(),
-                // Maildir: '/' and ':' in the host part are written as octal escapes.
-                host: hostname.replace('/', "\\057").replace(':', "\\072"),
-                fsync,
+                shared: Arc::new(Shared {
+                    dir: dir.to_path_buf(),
+                    // Maildir: '/' and ':' in the host part are written as octal escapes.
+                    host: hostname.replace('/', "\\057").replace(':', "\\072"),
+                    fsync,
+                    pid: std::process::id(),
+                    faults,
+                    known: Mutex::new(known),
+                }),
                 seq: AtomicU64::new(0),
-                pid: std::process::id(),
                 tx,
-                faults,
             },
             handle,
         ))
     }
 }
 
+/// Creates a Maildir's `tmp/ new/ cur/` (and missing parents), making each new
+/// directory entry durable: a message acknowledged in a brand-new mailbox must not
+/// vanish with its directory in a crash (invariant 1).
+fn create_maildir(dir: &Path) -> io::Result<()> {
+    for sub in ["tmp", "new", "cur"] {
+        create_dir_durably(&dir.join(sub))?;
+    }
+    Ok(())
+}
+
+/// `mkdir -p`, fsyncing the parent of every directory it creates.
+fn create_dir_durably(path: &Path) -> io::Result<()> {
+    if path.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = path.parent() {
+        if !parent.as_os_str().is_empty() {
+            create_dir_durably(parent)?;
+        }
+    }
+    match fs::create_dir(path) {
+        Ok(()) => {}
+        // Another session (or process) created it meanwhile.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    if let Some(parent) = path.parent() {
+        let parent = if parent.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            parent
+        };
+        File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
 impl Store for Maildir {
     fn begin(&self) -> Result<Box<dyn MessageWriter>, StoreError> {
+        let sh = &self.shared;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        let queue_id = format!("M{}P{}Q{}", now.subsec_micros(), self.pid, seq);
-        let name = format!("{}.{}.{}", now.as_secs(), queue_id, self.host);
-        let tmp = self.dir.join("tmp").join(&name);
-        let file = self
+        let queue_id = format!("M{}P{}Q{}", now.subsec_micros(), sh.pid, seq);
+        let name = format!("{}.{}.{}", now.as_secs(), queue_id, sh.host);
+        let tmp = sh.dir.join("tmp").join(&name);
+        let file = sh
             .faults
             .before(Op::Create)
-            .and_then(|()| OpenOptions::new().write(true).create_new(true).open(&tmp))
+            .and_then(|()| {
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(&tmp)
+            })
             .map_err(|e| StoreError::from_io(&tmp.display().to_string(), &e))?;
         Ok(Box::new(MaildirMessage {
             // Small: the connection hands over content in 32 KiB runs, which bypass the
@@ -244,9 +338,8 @@ impl Store for Maildir {
             tmp,
             name,
             queue_id,
-            fsync: self.fsync,
             tx: self.tx.clone(),
-            faults: Arc::clone(&self.faults),
+            shared: Arc::clone(&self.shared),
         }))
     }
 }
@@ -257,14 +350,13 @@ struct MaildirMessage {
     tmp: PathBuf,
     name: String,
     queue_id: String,
-    fsync: bool,
     tx: Sender<Commit>,
-    faults: Arc<dyn Faults>,
+    shared: Arc<Shared>,
 }
 
 impl Write for MaildirMessage {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.faults.before(Op::Write)?;
+        self.shared.faults.before(Op::Write)?;
         match &mut self.out {
             Some(w) => w.write(buf),
             None => Err(io::Error::other("message already committed")),
@@ -275,6 +367,107 @@ impl Write for MaildirMessage {
             Some(w) => w.flush(),
             None => Ok(()),
         }
+    }
+}
+
+/// Reads a file from a position without moving its shared offset.
+struct ReadAt<'a> {
+    file: &'a File,
+    pos: u64,
+}
+
+impl Read for ReadAt<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl MaildirMessage {
+    /// Sends files to the writer and waits for the verdict. From the send on, the
+    /// writer owns them: in new/ on success, removed on failure.
+    fn hand_over(&self, files: Vec<(PathBuf, String, PathBuf)>) -> Result<(), StoreError> {
+        let ack = Arc::new(Ack::default());
+        let commit = Commit {
+            files,
+            ack: AckTx(Arc::clone(&ack)),
+        };
+        self.tx
+            .send(commit)
+            .map_err(|_| StoreError::Io("spool writer has stopped".into()))?;
+        ack.wait()
+    }
+
+    /// Writes one copy into `<maildir>/tmp/`, fsynced; returns its path.
+    fn write_copy(
+        &self,
+        content: &File,
+        len: u64,
+        copy: &Copy,
+        tmp_name: &str,
+        maildir: &Path,
+    ) -> Result<PathBuf, StoreError> {
+        let sh = &self.shared;
+        let path = maildir.join("tmp").join(tmp_name);
+        let what = path.display().to_string();
+        let io_err = |e: io::Error| StoreError::from_io(&what, &e);
+        let file = sh
+            .faults
+            .before(Op::Create)
+            .and_then(|()| OpenOptions::new().write(true).create_new(true).open(&path))
+            .map_err(io_err)?;
+        // From here a failure must not leave the half-written copy behind.
+        let written = (|| {
+            let mut out = BufWriter::with_capacity(8 * 1024, &file);
+            let (skip, section) = match &copy.headers {
+                Some((n, bytes)) => ((*n).min(len), bytes.as_slice()),
+                None => (0, &[][..]),
+            };
+            sh.faults.before(Op::Write)?;
+            out.write_all(&copy.head)?;
+            out.write_all(section)?;
+            // File to file: std copies in the kernel (copy_file_range) where it can.
+            let mut from = content;
+            io::Seek::seek(&mut from, io::SeekFrom::Start(skip))?;
+            io::copy(&mut from.take(len - skip), &mut out)?;
+            out.flush()?;
+            drop(out);
+            if sh.fsync {
+                sh.faults.before(Op::SyncFile)?;
+                file.sync_data()?;
+                #[cfg(test)]
+                probe::record(probe::Event::FileSynced, &path.display().to_string());
+            }
+            Ok(())
+        })();
+        match written {
+            Ok(()) => Ok(path),
+            Err(e) => {
+                let _ = fs::remove_file(&path);
+                Err(io_err(e))
+            }
+        }
+    }
+
+    /// The Maildir a copy goes to, created on first use.
+    fn target(&self, copy: &Copy) -> Result<PathBuf, StoreError> {
+        let sh = &self.shared;
+        let mut dir = copy.maildir.clone().unwrap_or_else(|| sh.dir.clone());
+        if copy.quarantine {
+            // A Maildir++ folder (the Courier/Dovecot layout): `.Name` inside the Maildir.
+            dir.push(".Quarantine");
+        }
+        let mut known = sh.known.lock().unwrap_or_else(|p| p.into_inner());
+        if !known.contains(&dir) {
+            create_maildir(&dir)
+                .map_err(|e| StoreError::from_io(&dir.display().to_string(), &e))?;
+            if known.len() >= KNOWN_DIRS_MAX {
+                known.clear();
+            }
+            known.insert(dir.clone());
+        }
+        Ok(dir)
     }
 }
 
@@ -291,10 +484,11 @@ impl MessageWriter for MaildirMessage {
         let file = out
             .into_inner()
             .map_err(|e| StoreError::from_io(&what, e.error()))?;
-        if self.fsync {
+        let sh = Arc::clone(&self.shared);
+        if sh.fsync {
             // Each session syncs its own file, so many fsyncs run in parallel and the
             // filesystem folds them into few journal commits.
-            self.faults
+            sh.faults
                 .before(Op::SyncFile)
                 .and_then(|()| file.sync_data())
                 .map_err(|e| StoreError::from_io(&what, &e))?;
@@ -302,20 +496,85 @@ impl MessageWriter for MaildirMessage {
             probe::record(probe::Event::FileSynced, &self.name);
         }
         drop(file);
-        let ack = Arc::new(Ack::default());
-        let commit = Commit {
-            tmp: self.tmp.clone(),
-            name: self.name.clone(),
-            ack: AckTx(Arc::clone(&ack)),
-        };
-        self.tx
-            .send(commit)
-            .map_err(|_| StoreError::Io("spool writer has stopped".into()))?;
-        let result = ack.wait();
+        let files = vec![(self.tmp.clone(), self.name.clone(), sh.dir.join("new"))];
+        // From the hand-over the writer owns the file: in new/ on success, removed on failure.
+        let tmp = std::mem::take(&mut self.tmp);
+        let result = self.hand_over(files);
+        if matches!(&result, Err(StoreError::Io(m)) if m == "spool writer has stopped") {
+            let _ = fs::remove_file(&tmp);
+        }
         #[cfg(test)]
         probe::record(probe::Event::Acked, &self.name);
-        // From here the writer owns the file: in new/ on success, removed on failure.
+        result
+    }
+
+    fn content(&mut self) -> io::Result<Box<dyn Read + '_>> {
+        match &mut self.out {
+            Some(w) => {
+                w.flush()?;
+                Ok(Box::new(ReadAt {
+                    file: w.get_ref(),
+                    pos: 0,
+                }))
+            }
+            None => Err(io::Error::other("message already committed")),
+        }
+    }
+
+    fn commit_copies(mut self: Box<Self>, copies: Vec<Copy>) -> Result<(), StoreError> {
+        let what = self.tmp.display().to_string();
+        let Some(out) = self.out.take() else {
+            return Err(StoreError::Io(format!("{what}: committed twice")));
+        };
+        let content = out
+            .into_inner()
+            .map_err(|e| StoreError::from_io(&what, e.error()))?;
+        let len = content
+            .metadata()
+            .map_err(|e| StoreError::from_io(&what, &e))?
+            .len();
+        let mut files = Vec::with_capacity(copies.len());
+        let mut failed = None;
+        for (i, copy) in copies.iter().enumerate() {
+            // The tmp name differs from the staged content's (both may be in spool tmp/);
+            // the name in new/ is the message's, with the queue id of the 250.
+            let tmp_name = self
+                .name
+                .replacen(&self.queue_id, &format!("{}C{i}", self.queue_id), 1);
+            let written = self
+                .target(copy)
+                .and_then(|dir| Ok((self.write_copy(&content, len, copy, &tmp_name, &dir)?, dir)));
+            match written {
+                Ok((path, dir)) => files.push((path, self.name.clone(), dir.join("new"))),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(content);
+        // The staged content is no longer needed, whatever happens next.
+        let _ = fs::remove_file(&self.tmp);
         self.tmp = PathBuf::new();
+        if let Some(e) = failed {
+            log::error!("spool: {e}");
+            for (path, _, _) in &files {
+                let _ = fs::remove_file(path);
+            }
+            return Err(e);
+        }
+        if files.is_empty() {
+            return Ok(());
+        }
+        let tmps: Vec<PathBuf> = files.iter().map(|f| f.0.clone()).collect();
+        let result = self.hand_over(files);
+        if matches!(&result, Err(StoreError::Io(m)) if m == "spool writer has stopped") {
+            for t in &tmps {
+                let _ = fs::remove_file(t);
+            }
+        }
+        #[cfg(test)]
+        probe::record(probe::Event::Acked, &self.name);
         result
     }
 }
@@ -329,18 +588,12 @@ impl Drop for MaildirMessage {
     }
 }
 
-/// The writer thread: batch, rename, one directory fsync, ack.
-fn writer(
-    rx: Receiver<Commit>,
-    new_dir: PathBuf,
-    fsync: bool,
-    stats: Arc<SpoolStats>,
-    faults: Arc<dyn Faults>,
-) {
+/// The writer thread: batch, rename, one fsync per touched directory, ack.
+fn writer(rx: Receiver<Commit>, fsync: bool, stats: Arc<SpoolStats>, faults: Arc<dyn Faults>) {
     let mut batch: Vec<Commit> = Vec::with_capacity(256);
-    // One descriptor for the whole run: an fsync through any descriptor of a directory
-    // makes its entries durable. Reopened after an error.
-    let mut dir: Option<File> = None;
+    // Descriptors kept open: an fsync through any descriptor of a directory makes its
+    // entries durable. Dropped after an error; bounded by clearing.
+    let mut dirs: HashMap<PathBuf, File> = HashMap::new();
     while let Ok(first) = rx.recv() {
         batch.push(first);
         while batch.len() < 256 {
@@ -349,22 +602,47 @@ fn writer(
                 Err(_) => break,
             }
         }
-        let mut renamed = Vec::with_capacity(batch.len());
+        // Each commit's files go in together: a failed rename takes back the ones
+        // already moved (nobody has been told about them), and the rest are removed.
+        let mut renamed: Vec<(Commit, Vec<PathBuf>)> = Vec::with_capacity(batch.len());
         for c in batch.drain(..) {
-            let dest = new_dir.join(&c.name);
-            match faults
-                .before(Op::Rename)
-                .and_then(|()| fs::rename(&c.tmp, &dest))
-            {
-                Ok(()) => {
-                    #[cfg(test)]
-                    probe::record(probe::Event::Renamed, &c.name);
-                    renamed.push((c, dest))
+            let mut done = Vec::with_capacity(c.files.len());
+            let mut error = None;
+            for (tmp, name, new_dir) in &c.files {
+                let dest = new_dir.join(name);
+                match faults
+                    .before(Op::Rename)
+                    .and_then(|()| fs::rename(tmp, &dest))
+                {
+                    Ok(()) => {
+                        #[cfg(test)]
+                        probe::record(
+                            probe::Event::Renamed,
+                            &if c.files.len() == 1 && tmp.ends_with(name) {
+                                name.clone()
+                            } else {
+                                tmp.display().to_string()
+                            },
+                        );
+                        done.push(dest)
+                    }
+                    Err(e) => {
+                        error = Some(StoreError::from_io(&dest.display().to_string(), &e));
+                        break;
+                    }
                 }
-                Err(e) => {
-                    let _ = fs::remove_file(&c.tmp);
-                    c.ack
-                        .send(Err(StoreError::from_io(&dest.display().to_string(), &e)));
+            }
+            match error {
+                None => renamed.push((c, done)),
+                Some(e) => {
+                    log::error!("spool: {e}");
+                    for dest in &done {
+                        let _ = fs::remove_file(dest);
+                    }
+                    for (tmp, _, _) in &c.files {
+                        let _ = fs::remove_file(tmp);
+                    }
+                    c.ack.send(Err(e));
                 }
             }
         }
@@ -372,34 +650,44 @@ fn writer(
             continue;
         }
         let started = Instant::now();
-        let synced = if fsync {
-            faults
-                .before(Op::SyncDir)
-                .and_then(|()| sync_dir(&mut dir, &new_dir))
-        } else {
-            Ok(())
-        };
+        let touched: BTreeSet<&Path> = renamed
+            .iter()
+            .flat_map(|(c, _)| c.files.iter().map(|f| f.2.as_path()))
+            .collect();
+        let mut failed: HashMap<PathBuf, io::Error> = HashMap::new();
+        if fsync {
+            for dir in touched {
+                if let Err(e) = faults
+                    .before(Op::SyncDir)
+                    .and_then(|()| sync_dir(&mut dirs, dir))
+                {
+                    log::error!("spool: fsync of {} failed: {e}", dir.display());
+                    failed.insert(dir.to_path_buf(), e);
+                }
+            }
+        }
         stats
             .dir_fsync_micros
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         stats.batches.fetch_add(1, Ordering::Relaxed);
-        match synced {
-            Ok(()) => {
-                stats
-                    .committed
-                    .fetch_add(renamed.len() as u64, Ordering::Relaxed);
-                for (c, _) in renamed {
+        for (c, dests) in renamed {
+            let bad = c
+                .files
+                .iter()
+                .find_map(|f| failed.get(&f.2).map(|e| (&f.2, e)));
+            match bad {
+                None => {
+                    stats.committed.fetch_add(1, Ordering::Relaxed);
                     c.ack.send(Ok(()));
                 }
-            }
-            Err(e) => {
-                // Not durable: take the files back out so a refused message is never
-                // delivered later (the client will retry it).
-                log::error!("spool: fsync of {} failed: {e}", new_dir.display());
-                for (c, dest) in renamed {
-                    let _ = fs::remove_file(&dest);
+                Some((dir, e)) => {
+                    // Not durable: take the files back out so a refused message is
+                    // never delivered later (the client will retry it).
+                    for dest in &dests {
+                        let _ = fs::remove_file(dest);
+                    }
                     c.ack
-                        .send(Err(StoreError::from_io(&new_dir.display().to_string(), &e)));
+                        .send(Err(StoreError::from_io(&dir.display().to_string(), e)));
                 }
             }
         }
@@ -407,20 +695,23 @@ fn writer(
 }
 
 /// fsync a directory so the renames in it are durable.
-fn sync_dir(cached: &mut Option<File>, dir: &Path) -> io::Result<()> {
+fn sync_dir(cached: &mut HashMap<PathBuf, File>, dir: &Path) -> io::Result<()> {
     #[cfg(test)]
     probe::record(probe::Event::DirSyncStart, &dir.display().to_string());
-    let result = match cached {
+    let result = match cached.get(dir) {
         Some(f) => f.sync_all(),
         None => {
             let f = File::open(dir)?;
             let r = f.sync_all();
-            *cached = Some(f);
+            if cached.len() >= KNOWN_DIRS_MAX {
+                cached.clear();
+            }
+            cached.insert(dir.to_path_buf(), f);
             r
         }
     };
     if result.is_err() {
-        *cached = None;
+        cached.remove(dir);
     }
     #[cfg(test)]
     probe::record(probe::Event::DirSyncEnd, &dir.display().to_string());

@@ -4,7 +4,7 @@
 
 use crate::connection::Transport;
 use crate::hooks::TlsInfo;
-use crate::spool::{Maildir, MessageWriter, SpoolStats, Store, StoreError};
+use crate::spool::{Copy, Maildir, MessageWriter, SpoolStats, Store, StoreError};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -199,10 +199,31 @@ impl MessageWriter for CountingMessage {
     }
 
     fn commit(self: Box<Self>) -> Result<(), StoreError> {
-        let stats = &self.stats;
+        (*self).counted(|m| m.commit())
+    }
+
+    fn content(&mut self) -> io::Result<Box<dyn Read + '_>> {
+        self.inner.content()
+    }
+
+    fn commit_copies(self: Box<Self>, copies: Vec<Copy>) -> Result<(), StoreError> {
+        (*self).counted(|m| m.commit_copies(copies))
+    }
+}
+
+impl CountingMessage {
+    fn counted(
+        self,
+        commit: impl FnOnce(Box<dyn MessageWriter>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let CountingMessage {
+            inner,
+            bytes,
+            stats,
+        } = self;
         stats.queue_depth.fetch_add(1, Ordering::Relaxed);
         let began = Instant::now();
-        let result = self.inner.commit();
+        let result = commit(inner);
         stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
         stats
             .commit_micros
@@ -210,9 +231,7 @@ impl MessageWriter for CountingMessage {
         stats.commits.fetch_add(1, Ordering::Relaxed);
         if result.is_ok() {
             stats.messages_accepted.fetch_add(1, Ordering::Relaxed);
-            stats
-                .bytes_accepted
-                .fetch_add(self.bytes, Ordering::Relaxed);
+            stats.bytes_accepted.fetch_add(bytes, Ordering::Relaxed);
         }
         result
     }

@@ -209,3 +209,134 @@ fn the_library_builder_refuses_what_check_config_refuses() {
     assert!(err.is_config(), "{err}");
     assert!(err.to_string().contains("missing"), "{err}");
 }
+
+/// The files in a mailbox's `new/` (sorted by name).
+fn mailbox(dir: &Path, domain: &str, local: &str) -> Vec<Vec<u8>> {
+    read_maildir(&dir.join("mail").join(domain).join(local))
+        .into_iter()
+        .map(|(_, b)| b)
+        .collect()
+}
+
+/// Splits off everything up to and including the `Received:` field (two lines).
+fn head_and_body(file: &[u8]) -> (String, Vec<u8>) {
+    let text = String::from_utf8_lossy(file);
+    let at = text.find("Received: ").expect("Received:");
+    let id_line = text[at..].find("\r\n").unwrap() + 2;
+    let end = at + id_line + text[at + id_line..].find("\r\n").unwrap() + 2;
+    (text[..end].to_string(), file[end..].to_vec())
+}
+
+const BODY: &[u8] =
+    b"Subject: privacy\r\nTo: undisclosed-recipients:;\r\n\r\nfor your eyes only\r\n";
+
+/// One message with [`BODY`] to `rcpts` (each must be accepted); the final reply.
+fn deliver(s: &TestServer, rcpts: &[&str]) -> String {
+    let mut c = s.ehlo();
+    let utf8 = rcpts.iter().any(|r| !r.is_ascii());
+    // SMTPUTF8 (RFC 6531) only when needed: it changes the Received: protocol.
+    let params = if utf8 { " SMTPUTF8" } else { "" };
+    c.ok(&format!("MAIL FROM:<sender@remote.test>{params}"), 250);
+    for r in rcpts {
+        c.ok(&format!("RCPT TO:<{r}>"), 250);
+    }
+    c.ok("DATA", 354);
+    c.send_raw(BODY);
+    c.send_raw(b".\r\n");
+    let r = c.reply().1;
+    c.ok("QUIT", 221);
+    r
+}
+
+#[test]
+fn two_mailboxes_get_two_copies_each_naming_only_its_own_recipient() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path(), MAPS, "");
+    let r = deliver(&s, &["alice@example.org", "Bob+x@example.org"]);
+    assert!(r.starts_with("250 2.0.0 "), "{r}");
+    let id = queue_id(&r);
+    for (local, rcpt) in [("alice", "alice@example.org"), ("bob", "Bob+x@example.org")] {
+        let files = mailbox(dir.path(), "example.org", local);
+        assert_eq!(files.len(), 1, "{local}");
+        let (head, body) = head_and_body(&files[0]);
+        assert!(
+            head.starts_with(&format!(
+                "Delivered-To: {local}@example.org\r\nReturn-Path: <sender@remote.test>\r\n\
+                 X-Original-To: {rcpt}\r\nReceived: from client.test ([127.0.0.1]) by mx.test with ESMTP\r\n"
+            )),
+            "{head}"
+        );
+        assert!(head.contains(&format!(" id {id} ; ")), "{head}");
+        // Invariant 9: the other recipient appears nowhere in this copy.
+        let other = if local == "alice" { "bob" } else { "alice" };
+        assert!(!head.to_ascii_lowercase().contains(other), "{head}");
+        assert_eq!(body, BODY);
+    }
+    assert!(s.stored().is_empty(), "nothing for spool.dir");
+}
+
+#[test]
+fn an_alias_and_a_direct_recipient_of_one_mailbox_give_one_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path(), MAPS, "");
+    let r = deliver(
+        &s,
+        &[
+            "postmaster@example.org",
+            "alice@example.org",
+            "ALICE+tag@example.org",
+        ],
+    );
+    assert!(r.starts_with("250 2.0.0 "), "{r}");
+    let files = mailbox(dir.path(), "example.org", "alice");
+    assert_eq!(files.len(), 1);
+    let (head, body) = head_and_body(&files[0]);
+    assert!(
+        head.starts_with(
+            "Delivered-To: alice@example.org\r\nReturn-Path: <sender@remote.test>\r\n\
+             X-Original-To: postmaster@example.org\r\nX-Original-To: alice@example.org\r\n\
+             X-Original-To: ALICE+tag@example.org\r\nReceived: "
+        ),
+        "{head}"
+    );
+    assert_eq!(body, BODY);
+    assert!(mailbox(dir.path(), "example.org", "bob").is_empty());
+}
+
+#[test]
+fn mailbox_and_spool_recipients_are_stored_in_each_with_their_own_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path(), &format!("{MAPS}\n"), "");
+    let r = deliver(
+        &s,
+        &[
+            "outside@elsewhere.test",
+            "anyone@example.net",
+            "jörg@bücher.example",
+        ],
+    );
+    assert!(r.starts_with("250 2.0.0 "), "{r}");
+    let spool = s.stored();
+    assert_eq!(spool.len(), 1);
+    let (head, body) = head_and_body(&spool[0].1);
+    assert!(
+        head.starts_with(
+            "Return-Path: <sender@remote.test>\r\nX-Original-To: outside@elsewhere.test\r\nReceived: "
+        ),
+        "{head}"
+    );
+    assert_eq!(body, BODY);
+    // The catch-all of example.net leads to bob.
+    let bob = mailbox(dir.path(), "example.org", "bob");
+    assert_eq!(bob.len(), 1);
+    let (head, _) = head_and_body(&bob[0]);
+    assert!(
+        head.contains("X-Original-To: anyone@example.net\r\n") && !head.contains("outside"),
+        "{head}"
+    );
+    // An IDN domain's Maildir is named in its xn-- form.
+    assert_eq!(
+        mailbox(dir.path(), "xn--bcher-kva.example", "jörg").len(),
+        1
+    );
+}
