@@ -589,6 +589,76 @@ impl Mailboxes {
     }
 }
 
+/// Clears the debris a crashed mailer left in the mailboxes' `tmp/` directories under
+/// `root` (invariant 1, as the spool does at start), and returns how many files went.
+/// Only files named the way mailer names them (`<secs>.M<usec>P<pid>Q<seq>C<n>.<host>`,
+/// SPEC 5) with this host name and a process id that is not running are removed: the
+/// Maildirs are shared with Dovecot, whose own files in `tmp/` (named without `Q`) and
+/// those of a live mailer instance are left alone.
+pub fn clear_debris(root: &Path, hostname: &str) -> usize {
+    let host = hostname.replace('/', "\\057").replace(':', "\\072");
+    let ours_and_dead = |name: &str| -> bool {
+        let Some(rest) = name.strip_suffix(host.as_str()) else {
+            return false;
+        };
+        let mut parts = rest.splitn(3, '.');
+        let (Some(secs), Some(unique), Some("")) = (parts.next(), parts.next(), parts.next())
+        else {
+            return false;
+        };
+        let Some(pid) = unique
+            .strip_prefix('M')
+            .and_then(|u| u.split_once('P'))
+            .and_then(|(usec, r)| usec.parse::<u64>().ok().and(r.split_once('Q')))
+            .filter(|(_, q)| q.split('C').all(|n| n.parse::<u64>().is_ok()))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            return false;
+        };
+        secs.parse::<u64>().is_ok()
+            && pid != std::process::id()
+            && !Path::new(&format!("/proc/{pid}")).exists()
+    };
+    let mut removed = 0;
+    let dirs = |p: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(p)
+            .map(|rd| {
+                rd.filter_map(Result::ok)
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for domain in dirs(root) {
+        for mailbox in dirs(&domain) {
+            let tmp = mailbox.join("tmp");
+            let Ok(rd) = std::fs::read_dir(&tmp) else {
+                continue;
+            };
+            for e in rd.filter_map(Result::ok) {
+                let name = e.file_name();
+                if name.to_str().is_some_and(ours_and_dead) {
+                    match std::fs::remove_file(e.path()) {
+                        Ok(()) => removed += 1,
+                        Err(err) => log::error!(
+                            "mailboxes: cannot remove debris {}: {err}",
+                            e.path().display()
+                        ),
+                    }
+                }
+            }
+        }
+    }
+    if removed > 0 {
+        log::warn!(
+            "mailboxes: removed {removed} unfinished file(s) from tmp/ under {}",
+            root.display()
+        );
+    }
+    removed
+}
+
 /// Delivery routes (SPEC 8), looked up again at the end of the message with the maps
 /// in use then. A recipient outside the mailbox domains, or one that a reload removed
 /// since RCPT, goes to `spool.dir` as in v1: an accepted message is never dropped.
@@ -1001,5 +1071,31 @@ mod tests {
         );
         assert_eq!(mb.route(&addr("x@far.test")), None);
         assert_eq!(mb.route(&addr("nobody@example.org")), None);
+    }
+
+    #[test]
+    fn only_our_dead_debris_is_cleared_from_mailbox_tmp() {
+        let root = tempfile::tempdir().unwrap();
+        let tmp = root.path().join("example.org/alice/tmp");
+        std::fs::create_dir_all(&tmp).unwrap();
+        let me = std::process::id();
+        // pid_max is at most 2^22 on Linux: this process cannot exist.
+        let dead = "1700000000.M12P4294967295Q7C1.mx.test";
+        let keep = [
+            format!("1700000000.M12P{me}Q7C0.mx.test"), // a live process
+            "1700000000.M12P4294967295Q7C1.other.host".to_string(), // another host
+            "1700000000.M12P4294967295.mx.test".to_string(), // Dovecot's form
+            "dovecot.index.tmp".to_string(),
+        ];
+        std::fs::write(tmp.join(dead), b"partial").unwrap();
+        for k in &keep {
+            std::fs::write(tmp.join(k), b"x").unwrap();
+        }
+        assert_eq!(clear_debris(root.path(), "mx.test"), 1);
+        assert!(!tmp.join(dead).exists());
+        for k in &keep {
+            assert!(tmp.join(k).exists(), "{k}");
+        }
+        assert_eq!(clear_debris(&root.path().join("missing"), "mx.test"), 0);
     }
 }

@@ -420,6 +420,9 @@ impl Server {
         if let Some((_, resolver)) = &self.tls {
             resolver.watch(Duration::from_secs(1), Arc::clone(&reload_stop));
         }
+        if let Some(m) = &cfg.mailboxes {
+            crate::mailboxes::clear_debris(&m.root, &cfg.hostname);
+        }
         if let Some(m) = &self.mailboxes {
             m.watch(Duration::from_secs(1), Arc::clone(&reload_stop));
         }

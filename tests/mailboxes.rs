@@ -1,11 +1,19 @@
 //! Issue 15 / SPEC 8: `[mailboxes]` over real loopback SMTP. Recipients in a mailbox
 //! domain are resolved at RCPT (users, aliases, catch-all, delimiter, case, IDN) or
 //! refused `550 5.1.1` while the transaction goes on; other recipients keep `[policy]`;
-//! `users_file` is re-read when it changes; `check-config` validates and counts.
+//! `users_file` is re-read when it changes; `check-config` validates and counts; each
+//! mailbox gets its own copy naming only its recipients (invariant 9); and a SIGKILL
+//! during multi-mailbox delivery loses no acknowledged copy (invariant 1).
 mod common;
-use common::process::run;
+use common::process::{free_port, run, write_config, ChildServer};
 use common::*;
-use std::path::Path;
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// A server with `[mailboxes]` rooted in `dir/mail`; `extra` goes inside the table,
 /// `policy` is appended after it.
@@ -338,5 +346,193 @@ fn mailbox_and_spool_recipients_are_stored_in_each_with_their_own_names() {
     assert_eq!(
         mailbox(dir.path(), "xn--bcher-kva.example", "jörg").len(),
         1
+    );
+}
+
+/// Message `idx` for the crash test: its index in the Subject, then lines derived from
+/// it (1–12 KB), so a truncation or a mix-up shows.
+fn crash_content(idx: u64) -> Vec<u8> {
+    let mut v = format!("Subject: crash {idx}\r\n\r\n").into_bytes();
+    for j in 0..(10 + idx.wrapping_mul(7919) % 300) {
+        let pad = "y".repeat((j % 31) as usize);
+        v.extend_from_slice(format!("message {idx} line {j} {pad}\r\n").as_bytes());
+    }
+    v
+}
+
+/// Three mailboxes and one recipient for `spool.dir`: one message, four directories.
+const CRASH_RCPTS: [&str; 4] = ["a@m.test", "b@m.test", "c@m.test", "r@elsewhere.test"];
+
+/// One reply's code and last line; an error once the server is gone.
+fn raw_reply(r: &mut BufReader<TcpStream>) -> std::io::Result<(u16, String)> {
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if line.len() < 4 {
+            return Err(std::io::Error::other(format!("bad reply {line:?}")));
+        }
+        if line.as_bytes()[3] == b' ' {
+            let code = line[..3].parse().map_err(std::io::Error::other)?;
+            return Ok((code, line.trim_end().to_string()));
+        }
+    }
+}
+
+/// Sends messages to all of [`CRASH_RCPTS`] until the connection breaks; records the
+/// index of each message that got 250.
+fn crash_stream(
+    addr: SocketAddr,
+    next: &AtomicU64,
+    acked: &Mutex<Vec<u64>>,
+) -> std::io::Result<()> {
+    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut w = tcp.try_clone()?;
+    let mut r = BufReader::new(tcp);
+    raw_reply(&mut r)?;
+    w.write_all(b"EHLO crash.test\r\n")?;
+    raw_reply(&mut r)?;
+    let mut envelope = String::from("MAIL FROM:<s@x.test>\r\n");
+    for rc in CRASH_RCPTS {
+        envelope.push_str(&format!("RCPT TO:<{rc}>\r\n"));
+    }
+    envelope.push_str("DATA\r\n");
+    loop {
+        let idx = next.fetch_add(1, Ordering::SeqCst);
+        w.write_all(envelope.as_bytes())?;
+        for want in [250, 250, 250, 250, 250, 354] {
+            let (code, text) = raw_reply(&mut r)?;
+            if code != want {
+                return Err(std::io::Error::other(text));
+            }
+        }
+        let mut wire = crash_content(idx);
+        wire.extend_from_slice(b".\r\n");
+        w.write_all(&wire)?;
+        if raw_reply(&mut r)?.0 != 250 {
+            return Ok(());
+        }
+        acked.lock().unwrap().push(idx);
+    }
+}
+
+/// The indexes stored whole in `maildir/new`; panics on a file that is not a whole
+/// message for exactly `rcpt`.
+fn whole_messages(maildir: &Path, rcpt: &str, when: &str) -> BTreeSet<u64> {
+    let mut seen = BTreeSet::new();
+    for (name, bytes) in read_maildir(maildir) {
+        let (head, body) = head_and_body(&bytes);
+        assert!(
+            head.contains(&format!("X-Original-To: {rcpt}\r\nReceived: ")),
+            "{when}: {name}: {head}"
+        );
+        assert_eq!(
+            head.matches("X-Original-To:").count(),
+            1,
+            "{when}: {name}: {head}"
+        );
+        let text = String::from_utf8_lossy(&body);
+        let idx: u64 = text
+            .strip_prefix("Subject: crash ")
+            .and_then(|t| t[..t.find("\r\n")?].parse().ok())
+            .unwrap_or_else(|| panic!("{when}: {name} is not a whole message"));
+        assert!(
+            body == crash_content(idx),
+            "{when}: {name}: message {idx} is partial"
+        );
+        assert!(
+            seen.insert(idx),
+            "{when}: message {idx} twice in {}",
+            maildir.display()
+        );
+    }
+    seen
+}
+
+#[test]
+fn sigkill_during_multi_mailbox_delivery_loses_no_acknowledged_copy() {
+    const ROUNDS: usize = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let root = dir.path().join("mail");
+    let maps = format!(
+        "[mailboxes]\nroot = {:?}\nusers = [\"a@m.test\", \"b@m.test\", \"c@m.test\"]\n",
+        root.display().to_string()
+    );
+    let dirs: Vec<(PathBuf, &str)> = vec![
+        (root.join("m.test/a"), CRASH_RCPTS[0]),
+        (root.join("m.test/b"), CRASH_RCPTS[1]),
+        (root.join("m.test/c"), CRASH_RCPTS[2]),
+        (spool.clone(), CRASH_RCPTS[3]),
+    ];
+    let next = Arc::new(AtomicU64::new(0));
+    let acked = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let mut rng = 0xC0FFEE_u64;
+    for round in 0..=ROUNDS {
+        let cfg = write_config(dir.path(), free_port(), &spool, "", &maps);
+        let mut p = ChildServer::start(&cfg, &[]);
+        let addr = p.ready(1)[0];
+        let check = |when: &str| {
+            for (d, rcpt) in &dirs {
+                let stored = whole_messages(d, rcpt, when);
+                for idx in acked.lock().unwrap().iter() {
+                    assert!(
+                        stored.contains(idx),
+                        "{when}: message {idx} got 250 but is not in {}",
+                        d.display()
+                    );
+                }
+            }
+        };
+        check(&format!("after restart {round}"));
+        // A greeting means the start is over: debris in every tmp/ is gone.
+        for (d, _) in &dirs {
+            let left: Vec<_> = std::fs::read_dir(d.join("tmp"))
+                .map(|rd| rd.filter_map(Result::ok).map(|e| e.file_name()).collect())
+                .unwrap_or_default();
+            assert!(
+                left.is_empty(),
+                "round {round}: debris in {}: {left:?}",
+                d.display()
+            );
+        }
+        if round == ROUNDS {
+            p.signal("TERM");
+            assert!(p
+                .wait_exit(Duration::from_secs(10))
+                .expect("stop")
+                .success());
+            break;
+        }
+        let clients: Vec<_> = (0..3)
+            .map(|_| {
+                let (next, acked) = (Arc::clone(&next), Arc::clone(&acked));
+                std::thread::spawn(move || {
+                    let _ = crash_stream(addr, &next, &acked);
+                })
+            })
+            .collect();
+        // xorshift: a different, reproducible moment each round (100–800 ms in).
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        std::thread::sleep(Duration::from_millis(100 + rng % 700));
+        p.signal("KILL");
+        assert!(!p
+            .wait_exit(Duration::from_secs(10))
+            .expect("killed")
+            .success());
+        for c in clients {
+            c.join().unwrap();
+        }
+        check(&format!("after kill {round}"));
+    }
+    let total = acked.lock().unwrap().len();
+    eprintln!("{total} four-copy messages acknowledged over {ROUNDS} crashes");
+    assert!(
+        total >= ROUNDS,
+        "too few messages got through to mean anything"
     );
 }
