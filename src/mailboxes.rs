@@ -347,6 +347,22 @@ impl Maps {
         (self.users.len(), self.aliases.len(), self.domains.len())
     }
 
+    /// Mailbox domains where `postmaster@` leads nowhere, although RFC 5321 §4.5.1
+    /// requires every domain to accept it (`check-config` warns).
+    pub fn without_postmaster(&self) -> Vec<String> {
+        self.domains
+            .iter()
+            .filter(|d| {
+                let k = Key {
+                    local: "postmaster".into(),
+                    domain: d.to_string(),
+                };
+                matches!(self.find(&k), Entry::Nothing)
+            })
+            .cloned()
+            .collect()
+    }
+
     /// The mailbox domains, in lower-case `xn--` form.
     pub fn domains(&self) -> impl Iterator<Item = &str> {
         self.domains.iter().map(String::as_str)
@@ -854,6 +870,8 @@ mod tests {
         );
         assert_eq!(m.lookup(&addr("x@example.org")), Lookup::Unknown);
         assert_eq!(m.counts(), (2, 1, 2));
+        // example.net has its postmaster through the catch-all; example.org has none.
+        assert_eq!(m.without_postmaster(), vec!["example.org".to_string()]);
     }
 
     #[test]

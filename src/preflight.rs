@@ -53,15 +53,28 @@ pub fn preflight(config: &Config) -> Vec<Finding> {
             fatal("", e.to_string());
         }
     }
+    let mut mailbox_warnings = Vec::new();
     if let Some(m) = &config.mailboxes {
         // Syntax, loops, depth and dangling targets, users_file included (SPEC 8).
-        if let Err(e) = crate::mailboxes::Maps::build(m) {
-            fatal("", e);
+        match crate::mailboxes::Maps::build(m) {
+            Ok(maps) => {
+                for d in maps.without_postmaster() {
+                    mailbox_warnings.push(Finding {
+                        fatal: false,
+                        what: "mailboxes".into(),
+                        message: format!(
+                            "postmaster@{d} is neither a user nor an alias (RFC 5321 4.5.1)"
+                        ),
+                    });
+                }
+            }
+            Err(e) => fatal("", e),
         }
     }
     if let Err(message) = check_spool_dir(&config.spool.dir) {
         fatal("spool.dir", message);
     }
+    out.extend(mailbox_warnings);
     for (key, list) in [
         ("server.listen", config.listen_addrs()),
         ("server.tls_listen", config.tls_listen_addrs()),

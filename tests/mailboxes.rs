@@ -164,6 +164,19 @@ fn check_config_counts_the_maps_and_refuses_loops_and_unsafe_users() {
         "{}",
         out.stdout
     );
+    // RFC 5321 4.5.1: a domain without postmaster is worth a warning, not a refusal.
+    assert!(
+        out.stderr.contains(
+            "warning: mailboxes: postmaster@xn--bcher-kva.example is neither a user nor an alias"
+        ),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        !out.stderr.contains("postmaster@example.org"),
+        "{}",
+        out.stderr
+    );
 
     let cfg = write(
         "users = [\"a@x.test\"]\naliases = { \"b@x.test\" = [\"c@x.test\"], \"c@x.test\" = [\"b@x.test\"] }\n",
