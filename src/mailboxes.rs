@@ -509,7 +509,8 @@ pub fn user_unknown(rcpt: &Address) -> Reply {
 /// `users_file` changes; a build that fails keeps the maps in use.
 pub struct Mailboxes {
     maps: RwLock<Arc<Maps>>,
-    /// The settings the maps were built from, and `users_file`'s fingerprint then.
+    /// The settings the maps in use were built from, and the fingerprint of
+    /// `users_file` when it was last read (successfully or not).
     source: Mutex<(MailboxesConfig, Option<u64>)>,
     /// `spool.dir`: where copies for external alias targets go.
     spool: PathBuf,
@@ -556,16 +557,18 @@ impl Mailboxes {
     fn rebuild(&self, cfg: MailboxesConfig) -> Result<(), String> {
         let mut source = self.source.lock().unwrap_or_else(|p| p.into_inner());
         let fp = fingerprint(&cfg.users_file);
-        // Remember what was tried, good or bad, so a broken file is reported once.
-        *source = (cfg.clone(), fp);
         match Maps::build(&cfg) {
             Ok(maps) => {
                 let (u, a, d) = maps.counts();
                 *self.maps.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(maps);
+                *source = (cfg, fp);
                 log::info!("mailboxes: loaded {u} users, {a} aliases, {d} domains");
                 Ok(())
             }
             Err(e) => {
+                // The settings of the maps in use stay; the file's state as tried is
+                // remembered, so a broken file is reported once, not every second.
+                source.1 = fp;
                 log::error!("mailboxes: reload failed, keeping the maps in use: {e}");
                 Err(e)
             }
@@ -1034,6 +1037,16 @@ mod tests {
             Lookup::Found(_)
         ));
         assert_eq!(mb.check_file(), None, "a broken file is reported once");
+        // A SIGHUP reload naming a broken file fails and leaves the settings in use.
+        let broken = dir.path().join("broken");
+        std::fs::write(&broken, "no address\n").unwrap();
+        let mut other = c.clone();
+        other.users_file = broken;
+        let full = Config {
+            mailboxes: Some(other),
+            ..Config::default()
+        };
+        assert!(mb.reload(&full).is_err());
         std::fs::write(&f, "carol@example.org\n").unwrap();
         mb.check_file().unwrap().unwrap();
         assert_eq!(mb.maps().lookup(&addr("bob@example.org")), Lookup::Unknown);
