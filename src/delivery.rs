@@ -364,7 +364,9 @@ pub fn edit_header_section(
         });
         match (at, &c.value) {
             (Some(at), Some(v)) => {
-                list[at] = Header::new(c.name.as_str(), v.as_str()).to_bytes()?
+                // The field keeps its name as the message spelled it.
+                let name = String::from_utf8_lossy(field_name(&list[at])).into_owned();
+                list[at] = Header::new(name, v.as_str()).to_bytes()?
             }
             (Some(at), None) => {
                 list.remove(at);
@@ -562,7 +564,7 @@ mod tests {
         );
         let (len, section) = copies[0].headers.clone().unwrap();
         assert_eq!(len, 28);
-        assert_eq!(section, b"DKIM-Signature: v=1\r\nX-A: 1\r\nx-a: two\r\n");
+        assert_eq!(section, b"DKIM-Signature: v=1\r\nX-A: 1\r\nX-A: two\r\n");
         let discard = DataVerdict {
             discard: true,
             ..v.clone()

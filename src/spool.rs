@@ -847,6 +847,110 @@ mod tests {
         assert!((1..=80).contains(&batches), "{batches} directory fsyncs");
     }
 
+    /// Invariant 1 for copies in several Maildirs (SPEC 8): every copy's fsync, then
+    /// its rename, then a fsync of its new/ that begins after that rename and ends
+    /// before the session's ack; one new/ fsync per directory per batch at most.
+    #[test]
+    fn copies_in_several_maildirs_are_durable_before_the_ack() {
+        use probe::Event::*;
+        let d = tempfile::tempdir().unwrap();
+        let host = "multi-probe.test";
+        let (md, h) = Maildir::open(&d.path().join("spool"), host, true, Arc::default()).unwrap();
+        let md = Arc::new(md);
+        let boxes: Vec<PathBuf> = ["a", "b", "c"].iter().map(|n| d.path().join(n)).collect();
+        let threads: Vec<_> = (0..6)
+            .map(|t| {
+                let md = Arc::clone(&md);
+                let boxes = boxes.clone();
+                std::thread::spawn(move || {
+                    let mut names = Vec::new();
+                    for i in 0..8 {
+                        let mut m = md.begin().unwrap();
+                        write!(m, "content {t}/{i}\r\n").unwrap();
+                        let mut copies = vec![Copy {
+                            maildir: None,
+                            quarantine: false,
+                            head: b"X-Spool: yes\r\n".to_vec(),
+                            headers: None,
+                        }];
+                        for b in &boxes {
+                            copies.push(Copy {
+                                maildir: Some(b.clone()),
+                                quarantine: false,
+                                head: format!("Delivered-To: {}\r\n", b.display()).into_bytes(),
+                                headers: None,
+                            });
+                        }
+                        let name = m.queue_id().to_string();
+                        m.commit_copies(copies).unwrap();
+                        names.push(name);
+                    }
+                    names
+                })
+            })
+            .collect();
+        let ids: Vec<String> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        drop(md);
+        h.join().unwrap();
+        let events: Vec<_> = probe::EVENTS
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, k)| k.contains(host) || k.starts_with(&d.path().display().to_string()))
+            .cloned()
+            .collect();
+        let mut dirs = vec![d.path().join("spool")];
+        dirs.extend(boxes.iter().cloned());
+        let mut per_dir_syncs = 0;
+        for dir in &dirs {
+            let new_dir = dir.join("new");
+            let files: Vec<String> = fs::read_dir(&new_dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            assert_eq!(files.len(), 48, "{}", new_dir.display());
+            assert_eq!(fs::read_dir(dir.join("tmp")).unwrap().count(), 0);
+            let new_key = new_dir.display().to_string();
+            per_dir_syncs += events
+                .iter()
+                .filter(|(e, k)| *e == DirSyncEnd && *k == new_key)
+                .count();
+            for id in &ids {
+                let name = files
+                    .iter()
+                    .find(|f| f.contains(&format!(".{id}.")))
+                    .unwrap();
+                let body = fs::read(new_dir.join(name)).unwrap();
+                assert!(body.ends_with(b"\r\n") && body.windows(8).any(|w| w == b"content "));
+                // The copy's tmp path (events are keyed by it) and the message's ack.
+                let tmp_prefix = dir.join("tmp").display().to_string();
+                let at = |ev: probe::Event, pred: &dyn Fn(&str) -> bool| {
+                    let hits: Vec<usize> = (0..events.len())
+                        .filter(|&i| events[i].0 == ev && pred(&events[i].1))
+                        .collect();
+                    assert_eq!(hits.len(), 1, "{ev:?} for {id} in {}", dir.display());
+                    hits[0]
+                };
+                let is_copy =
+                    |k: &str| k.starts_with(&tmp_prefix) && k.contains(&format!(".{id}C"));
+                let synced = at(FileSynced, &is_copy);
+                let renamed = at(Renamed, &is_copy);
+                let acked = at(Acked, &|k: &str| k.contains(&format!(".{id}.")));
+                assert!(synced < renamed && renamed < acked);
+                let covered = (renamed..acked).any(|s| {
+                    events[s] == (DirSyncStart, new_key.clone())
+                        && (s..acked).any(|e| events[e] == (DirSyncEnd, new_key.clone()))
+                });
+                assert!(covered, "{id} acked before {new_key} was synced");
+            }
+        }
+        // Group commit: at most one fsync per directory per message, usually fewer.
+        assert!(per_dir_syncs <= 4 * 48, "{per_dir_syncs}");
+    }
+
     #[test]
     fn dropped_message_leaves_nothing() {
         let d = tempfile::tempdir().unwrap();
