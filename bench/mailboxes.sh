@@ -47,6 +47,7 @@ run_cell() {
         echo "[server]"
         echo "listen = [\"127.0.0.1:$port\"]"
         echo "workers = 64"
+        echo "max_connections_per_ip = 64"
         echo "stats_interval_secs = 0"
         echo "[spool]"
         echo "dir = \"$dir/spool\""
@@ -86,7 +87,7 @@ declare -A results
 for rep in $(seq 1 "$REPS"); do
     for spec in "v1-1 1 0" "mbox-1 1 1" "v1-5 5 0" "mbox-5 5 1"; do
         set -- $spec
-        r=$(run_cell "$1" "$2" "$3")
+        r=$(run_cell "$1" "$2" "$3") || { echo "bench/mailboxes.sh: cell $1 failed" >&2; exit 1; }
         echo "bench/mailboxes.sh: rep $rep $1: $r msg/s" >&2
         results[$1]="${results[$1]:-} $r"
     done
