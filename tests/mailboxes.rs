@@ -549,3 +549,34 @@ fn sigkill_during_multi_mailbox_delivery_loses_no_acknowledged_copy() {
         "too few messages got through to mean anything"
     );
 }
+
+#[test]
+fn an_embedder_can_use_the_check_and_the_router_without_the_config_table() {
+    use mailer::config::MailboxesConfig;
+    use mailer::mailboxes::{Mailboxes, RecipientCheck};
+    let dir = tempfile::tempdir().unwrap();
+    let maps = MailboxesConfig {
+        root: dir.path().join("mail"),
+        users: vec!["carol@example.com".into()],
+        ..MailboxesConfig::default()
+    };
+    let mb = Arc::new(Mailboxes::new(&maps, &dir.path().join("spool")).unwrap());
+    let (check, router) = (RecipientCheck::new(Arc::clone(&mb), None), mb);
+    let s = TestServer::start(Opts {
+        hooks: Some(Box::new(move |b| b.hooks(check).router(router))),
+        ..Opts::default()
+    });
+    let mut c = s.ehlo();
+    c.ok("MAIL FROM:<s@remote.test>", 250);
+    assert_eq!(
+        c.cmd("RCPT TO:<dave@example.com>"),
+        "550 5.1.1 <dave@example.com>: Recipient address rejected: User unknown\r\n"
+    );
+    c.ok("RCPT TO:<Carol@Example.com>", 250);
+    c.ok("DATA", 354);
+    c.send_raw(b"Subject: embedded\r\n\r\nhi\r\n.\r\n");
+    assert_eq!(c.reply().0, 250);
+    let files = mailbox(dir.path(), "example.com", "carol");
+    assert_eq!(files.len(), 1);
+    assert!(files[0].starts_with(b"Delivered-To: carol@example.com\r\n"));
+}
