@@ -120,6 +120,46 @@ impl From<BareLfPolicy> for BareLf {
 pub struct SpoolConfig {
     pub dir: PathBuf,
     pub fsync: bool,
+    /// Octal permissions of stored files, e.g. "0640"; directories get the same bits
+    /// plus x (see [`SpoolConfig::file_mode`]).
+    pub file_mode: String,
+    /// How message data is made durable (with `fsync`): "file", one fdatasync per
+    /// message by its session, or "batch", one syncfs per batch by the spool writer
+    /// (for a spool on a filesystem of its own; see `spool::DataSync`).
+    pub data_sync: DataSyncPolicy,
+}
+
+/// `[spool] data_sync`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataSyncPolicy {
+    #[default]
+    File,
+    Batch,
+}
+
+impl SpoolConfig {
+    /// `file_mode` as bits: owner read and write, group at most read and write, others
+    /// at most read; never x, set-id or sticky bits (stored mail is data, and a
+    /// world-writable spool would let anyone forge messages).
+    pub fn file_mode(&self) -> Result<u32, String> {
+        let s = self.file_mode.trim();
+        let digits = s.strip_prefix("0o").unwrap_or(s);
+        let mode = (!digits.is_empty() && digits.len() <= 4)
+            .then(|| u32::from_str_radix(digits, 8).ok())
+            .flatten()
+            .ok_or_else(|| format!("{:?} is not an octal mode such as \"0640\"", self.file_mode))?;
+        if mode & 0o600 != 0o600 {
+            return Err(format!("{s}: the owner must be able to read and write"));
+        }
+        if mode & !0o666 != 0 {
+            return Err(format!("{s}: no execute, set-id or sticky bits"));
+        }
+        if mode & 0o002 != 0 {
+            return Err(format!("{s}: must not be world-writable"));
+        }
+        Ok(mode)
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -230,6 +270,8 @@ impl Default for SpoolConfig {
         SpoolConfig {
             dir: "spool".into(),
             fsync: true,
+            file_mode: "0600".into(),
+            data_sync: DataSyncPolicy::File,
         }
     }
 }
@@ -330,6 +372,10 @@ impl Config {
         if self.spool.dir.as_os_str().is_empty() {
             return err("spool.dir", "must not be empty".into());
         }
+        self.spool
+            .file_mode()
+            .map(|_| ())
+            .or_else(|m| err("spool.file_mode", m))?;
         for d in &self.policy.accept_domains {
             if crate::protocol::address::check_domain(d).is_err() {
                 return err("policy.accept_domains", format!("{d:?} is not a domain"));

@@ -610,10 +610,12 @@ impl Mailboxes {
 
 /// Clears the debris a crashed mailer left in the mailboxes' `tmp/` directories under
 /// `root` (invariant 1, as the spool does at start), and returns how many files went.
-/// Only files named the way mailer names them (`<secs>.M<usec>P<pid>Q<seq>C<n>.<host>`,
-/// SPEC 5) with this host name and a process id that is not running are removed: the
-/// Maildirs are shared with Dovecot, whose own files in `tmp/` (named without `Q`) and
-/// those of a live mailer instance are left alone.
+/// Call it before the first delivery. Only files named the way mailer names them
+/// (`<secs>.M<usec>P<pid>[R<token>]Q<seq>[C<n>].<host>`, SPEC 5) with this host name
+/// are candidates, and of those only the ones whose process is gone (or has this
+/// process's pid: a restarted container reuses pids, and nothing of ours is being
+/// written yet). The Maildirs are shared with Dovecot, whose own files in `tmp/`
+/// (named without `Q`) and those of a live mailer instance are left alone.
 pub fn clear_debris(root: &Path, hostname: &str) -> usize {
     let host = hostname.replace('/', "\\057").replace(':', "\\072");
     let ours_and_dead = |name: &str| -> bool {
@@ -625,18 +627,12 @@ pub fn clear_debris(root: &Path, hostname: &str) -> usize {
         else {
             return false;
         };
-        let Some(pid) = unique
-            .strip_prefix('M')
-            .and_then(|u| u.split_once('P'))
-            .and_then(|(usec, r)| usec.parse::<u64>().ok().and(r.split_once('Q')))
-            .filter(|(_, q)| q.split('C').all(|n| n.parse::<u64>().is_ok()))
-            .and_then(|(pid, _)| pid.parse::<u32>().ok())
-        else {
-            return false;
-        };
-        secs.parse::<u64>().is_ok()
-            && pid != std::process::id()
-            && !Path::new(&format!("/proc/{pid}")).exists()
+        match our_unique_pid(unique) {
+            Some(pid) if secs.parse::<u64>().is_ok() => {
+                pid == std::process::id() || !Path::new(&format!("/proc/{pid}")).exists()
+            }
+            _ => false,
+        }
     };
     let mut removed = 0;
     let dirs = |p: &Path| -> Vec<PathBuf> {
@@ -676,6 +672,23 @@ pub fn clear_debris(root: &Path, hostname: &str) -> usize {
         );
     }
     removed
+}
+
+/// The pid in the unique part of a mailer file name, `M<usec>P<pid>[R<hex>]Q<seq>[C<n>]`;
+/// `None` for anything else (Dovecot's `M<usec>P<pid>` has no `Q`).
+fn our_unique_pid(unique: &str) -> Option<u32> {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let (usec, rest) = unique.strip_prefix('M')?.split_once('P')?;
+    let (pid_token, seq_copy) = rest.split_once('Q')?;
+    let (pid, token) = pid_token.split_once('R').unwrap_or((pid_token, ""));
+    let (seq, copy) = seq_copy.split_once('C').unwrap_or((seq_copy, "0"));
+    let ok =
+        digits(usec) && digits(seq) && digits(copy) && token.bytes().all(|b| b.is_ascii_hexdigit());
+    if ok && digits(pid) {
+        pid.parse().ok()
+    } else {
+        None
+    }
 }
 
 /// Delivery routes (SPEC 8), looked up again at the end of the message with the maps
@@ -1110,20 +1123,30 @@ mod tests {
         let tmp = root.path().join("example.org/alice/tmp");
         std::fs::create_dir_all(&tmp).unwrap();
         let me = std::process::id();
-        // pid_max is at most 2^22 on Linux: this process cannot exist.
-        let dead = "1700000000.M12P4294967295Q7C1.mx.test";
-        let keep = [
-            format!("1700000000.M12P{me}Q7C0.mx.test"), // a live process
-            "1700000000.M12P4294967295Q7C1.other.host".to_string(), // another host
-            "1700000000.M12P4294967295.mx.test".to_string(), // Dovecot's form
-            "dovecot.index.tmp".to_string(),
+        // pid_max is at most 2^22 on Linux: 4294967295 cannot run; pid 1 always does.
+        let dead = [
+            "1700000000.M12P4294967295Rab12cd34Q7C1.mx.test".to_string(),
+            "1700000000.M12P4294967295Q7.mx.test".to_string(),
+            // This pid, but nothing of ours is written yet: an earlier process's.
+            format!("1700000000.M12P{me}R00ff00ffQ7C0.mx.test"),
         ];
-        std::fs::write(tmp.join(dead), b"partial").unwrap();
+        let keep = [
+            "1700000000.M12P1Rab12cd34Q7C0.mx.test", // a live process
+            "1700000000.M12P4294967295Rab12cd34Q7C1.other.host", // another host
+            "1700000000.M12P4294967295.mx.test",     // Dovecot's form
+            "1700000000.M12P4294967295RxyzQ7.mx.test", // not our form
+            "dovecot.index.tmp",
+        ];
+        for d in &dead {
+            std::fs::write(tmp.join(d), b"partial").unwrap();
+        }
         for k in &keep {
             std::fs::write(tmp.join(k), b"x").unwrap();
         }
-        assert_eq!(clear_debris(root.path(), "mx.test"), 1);
-        assert!(!tmp.join(dead).exists());
+        assert_eq!(clear_debris(root.path(), "mx.test"), dead.len());
+        for d in &dead {
+            assert!(!tmp.join(d).exists(), "{d}");
+        }
         for k in &keep {
             assert!(tmp.join(k).exists(), "{k}");
         }

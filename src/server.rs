@@ -3,6 +3,7 @@
 
 use crate::auth::{AuthError, Users};
 use crate::config::Config;
+use crate::config::DataSyncPolicy;
 use crate::connection::{Connection, End, Lifecycle, WireLimits};
 use crate::delivery::Router;
 use crate::hooks::{Chain, Hooks, NoHooks, Policy, SessionInfo};
@@ -10,7 +11,7 @@ use crate::mailboxes::{Mailboxes, RecipientCheck};
 use crate::protocol::proxy::{self, Parse};
 use crate::protocol::reply::{Enhanced, Reply};
 use crate::session::{AuthSettings, Session, Settings};
-use crate::spool::{Faults, Maildir, NoFaults};
+use crate::spool::{DataSync, Faults, Maildir, NoFaults, SpoolOptions};
 use crate::stats::{ActiveGuard, CountReplies, CountingStore, Stats, StatsSnapshot};
 use crate::tls::{self, Stream, TlsError};
 use crossbeam_channel::{bounded, Receiver, SendTimeoutError, Sender};
@@ -401,17 +402,32 @@ impl Server {
     /// Runs until [`Handle::shutdown`]; then stops gracefully and returns.
     pub fn run(self) -> Result<(), ServerError> {
         let cfg = &self.config;
-        let (store, writer) = Maildir::open_with_faults(
-            &cfg.spool.dir,
-            &cfg.hostname,
-            cfg.spool.fsync,
-            Arc::clone(&self.shared.stats.spool),
-            Arc::clone(&self.faults),
-        )
-        .map_err(|err| ServerError::Spool {
-            dir: cfg.spool.dir.display().to_string(),
-            err,
-        })?;
+        let spool_opts = cfg
+            .spool
+            .file_mode()
+            .map(|file_mode| SpoolOptions {
+                fsync: cfg.spool.fsync,
+                data_sync: match cfg.spool.data_sync {
+                    DataSyncPolicy::File => DataSync::PerFile,
+                    DataSyncPolicy::Batch => DataSync::Batch,
+                },
+                file_mode,
+                faults: Arc::clone(&self.faults),
+            })
+            .map_err(|m| io::Error::new(io::ErrorKind::InvalidInput, format!("file_mode {m}")));
+        let (store, writer) = spool_opts
+            .and_then(|opts| {
+                Maildir::open_with(
+                    &cfg.spool.dir,
+                    &cfg.hostname,
+                    opts,
+                    Arc::clone(&self.shared.stats.spool),
+                )
+            })
+            .map_err(|err| ServerError::Spool {
+                dir: cfg.spool.dir.display().to_string(),
+                err,
+            })?;
         let store = Arc::new(CountingStore {
             inner: store,
             stats: Arc::clone(&self.shared.stats),

@@ -15,12 +15,12 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// A step of storing a message, as seen by [`Faults`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -186,11 +186,62 @@ pub struct Maildir {
     tx: Sender<Commit>,
 }
 
+/// How message data is made durable before the renames into `new/` (with `fsync`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DataSync {
+    /// Each session fdatasyncs its own file before handing it to the writer: many
+    /// fdatasyncs in parallel, which the filesystem folds into journal commits as it
+    /// can. Costs nothing beyond the spool's own files.
+    #[default]
+    PerFile,
+    /// The writer makes a whole batch durable with one syncfs(2) per filesystem, then
+    /// renames. Fewer journal commits per message, but it also flushes whatever else is
+    /// dirty on that filesystem: for a spool on a filesystem of its own.
+    Batch,
+}
+
+/// How a spool stores files.
+#[derive(Clone)]
+pub struct SpoolOptions {
+    /// fsync files and directories (invariant 1); off only for throwaway sinks.
+    pub fsync: bool,
+    pub data_sync: DataSync,
+    /// Permission bits of stored files (`spool.file_mode`); directories the spool
+    /// creates get the same bits plus x. Applied whatever the umask.
+    pub file_mode: u32,
+    pub faults: Arc<dyn Faults>,
+}
+
+impl Default for SpoolOptions {
+    fn default() -> Self {
+        SpoolOptions {
+            fsync: true,
+            data_sync: DataSync::PerFile,
+            file_mode: 0o600,
+            faults: Arc::new(NoFaults),
+        }
+    }
+}
+
+/// The directory mode for a file mode: x wherever a class may read or write.
+pub fn dir_mode(file_mode: u32) -> u32 {
+    let mut m = file_mode & 0o777;
+    for shift in [6, 3, 0] {
+        if (m >> shift) & 0o7 != 0 {
+            m |= 1 << shift;
+        }
+    }
+    m
+}
+
 /// What every message of one spool needs.
 struct Shared {
     dir: PathBuf,
     host: String,
-    fsync: bool,
+    /// Sessions fsync their own files (else the writer syncs whole batches).
+    sync_each: bool,
+    file_mode: u32,
+    dir_mode: u32,
     pid: u32,
     faults: Arc<dyn Faults>,
     /// Maildirs known to exist with their `tmp/ new/ cur/` (mailboxes are created on
@@ -229,17 +280,29 @@ impl Maildir {
         stats: Arc<SpoolStats>,
         faults: Arc<dyn Faults>,
     ) -> io::Result<(Maildir, JoinHandle<()>)> {
-        create_maildir(dir)
+        let opts = SpoolOptions {
+            fsync,
+            faults,
+            ..SpoolOptions::default()
+        };
+        Maildir::open_with(dir, hostname, opts, stats)
+    }
+
+    /// Opens (creating if needed) the Maildir at `dir` with these options, clears
+    /// debris from `tmp/` (SPEC 5) and starts the writer thread.
+    pub fn open_with(
+        dir: &Path,
+        hostname: &str,
+        opts: SpoolOptions,
+        stats: Arc<SpoolStats>,
+    ) -> io::Result<(Maildir, JoinHandle<()>)> {
+        let dmode = dir_mode(opts.file_mode);
+        create_maildir(dir, dmode)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
+        // Maildir: '/' and ':' in the host part are written as octal escapes.
+        let host = hostname.replace('/', "\\057").replace(':', "\\072");
         let tmp = dir.join("tmp");
-        let mut cleared = 0;
-        for entry in fs::read_dir(&tmp)? {
-            let entry = entry?;
-            if entry.file_type()?.is_file() {
-                fs::remove_file(entry.path())?;
-                cleared += 1;
-            }
-        }
+        let cleared = clear_tmp(&tmp, &host, SystemTime::now())?;
         if cleared > 0 {
             log::warn!(
                 "spool: removed {cleared} unfinished file(s) from {}",
@@ -248,21 +311,24 @@ impl Maildir {
         }
         // Short queue: sessions block on their ack anyway; the bound just caps memory.
         let (tx, rx) = bounded::<Commit>(1024);
-        let writer_faults = Arc::clone(&faults);
+        let writer_faults = Arc::clone(&opts.faults);
+        let fsync = opts.fsync;
+        let sync_batch = fsync && opts.data_sync == DataSync::Batch;
         let handle = std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || writer(rx, fsync, stats, writer_faults))?;
+            .spawn(move || writer(rx, fsync, sync_batch, stats, writer_faults))?;
         let mut known = HashSet::new();
         known.insert(dir.to_path_buf());
         Ok((
             Maildir {
                 shared: Arc::new(Shared {
                     dir: dir.to_path_buf(),
-                    // Maildir: '/' and ':' in the host part are written as octal escapes.
-                    host: hostname.replace('/', "\\057").replace(':', "\\072"),
-                    fsync,
+                    host,
+                    sync_each: fsync && opts.data_sync == DataSync::PerFile,
+                    file_mode: opts.file_mode,
+                    dir_mode: dmode,
                     pid: std::process::id(),
-                    faults,
+                    faults: opts.faults,
                     known: Mutex::new(known),
                 }),
                 seq: AtomicU64::new(0),
@@ -273,32 +339,128 @@ impl Maildir {
     }
 }
 
+/// Distinguishes this process from an earlier one that had the same pid (a restarted
+/// container is often pid 1 again): part of every name, so names are unique across
+/// processes and a live process's files can be told from a dead one's.
+fn process_token() -> &'static str {
+    static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TOKEN.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        // RandomState is seeded from the OS's random source once per process.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos(),
+        );
+        format!("{:08x}", h.finish() as u32)
+    })
+}
+
+/// Files in `tmp/` older than this are removed whoever wrote them (Maildir's rule).
+const TMP_MAX_AGE: Duration = Duration::from_secs(36 * 3600);
+
+/// Whether a file in `tmp/` belongs to a live writer: our name form, this host, and a
+/// process that still runs (this one, or a pid with an entry in /proc).
+fn tmp_is_live(name: &str, host: &str) -> bool {
+    let mut parts = name.splitn(3, '.');
+    let (Some(secs), Some(unique), Some(h)) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    if h != host || secs.parse::<u64>().is_err() || !unique.starts_with('M') {
+        return false;
+    }
+    let after = |tag: char| unique.split_once(tag).map(|(_, rest)| rest);
+    let pid: Option<u32> = after('P').and_then(|r| {
+        let digits: String = r.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    });
+    let token = after('R').map(|r| {
+        r.chars()
+            .take_while(char::is_ascii_hexdigit)
+            .collect::<String>()
+    });
+    match (pid, token) {
+        (Some(pid), Some(token)) if pid == std::process::id() => token == process_token(),
+        (Some(pid), Some(_)) => Path::new("/proc").join(pid.to_string()).exists(),
+        _ => false,
+    }
+}
+
+/// Removes from `tmp/` every file no live process is writing (SPEC 5), so that several
+/// instances can share a spool. Returns how many were removed.
+fn clear_tmp(tmp: &Path, host: &str, now: SystemTime) -> io::Result<usize> {
+    let mut cleared = 0;
+    for entry in fs::read_dir(tmp)? {
+        let entry = entry?;
+        if !entry.file_type()?.is_file() {
+            continue;
+        }
+        let name = entry.file_name();
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| now.duration_since(t).ok())
+            .is_some_and(|age| age > TMP_MAX_AGE);
+        let live = name.to_str().is_some_and(|n| tmp_is_live(n, host));
+        if old || !live {
+            match fs::remove_file(entry.path()) {
+                Ok(()) => cleared += 1,
+                // Its writer finished (renamed it) meanwhile.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(cleared)
+}
+
+/// Moves `from` to `to` unless `to` exists: a Maildir name must never replace a
+/// delivered message. RENAME_NOREPLACE where the filesystem has it, else link + unlink
+/// (link(2) fails on an existing name too).
+pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(()),
+        Err(e) if e == rustix::io::Errno::INVAL || e == rustix::io::Errno::NOSYS => {
+            fs::hard_link(from, to)?;
+            fs::remove_file(from)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Creates a Maildir's `tmp/ new/ cur/` (and missing parents), making each new
 /// directory entry durable: a message acknowledged in a brand-new mailbox must not
 /// vanish with its directory in a crash (invariant 1).
-fn create_maildir(dir: &Path) -> io::Result<()> {
+fn create_maildir(dir: &Path, mode: u32) -> io::Result<()> {
     for sub in ["tmp", "new", "cur"] {
-        create_dir_durably(&dir.join(sub))?;
+        create_dir_durably(&dir.join(sub), mode)?;
     }
     Ok(())
 }
 
-/// `mkdir -p`, fsyncing the parent of every directory it creates.
-fn create_dir_durably(path: &Path) -> io::Result<()> {
+/// `mkdir -p` with `mode` (whatever the umask), fsyncing the parent of every directory
+/// it creates.
+fn create_dir_durably(path: &Path, mode: u32) -> io::Result<()> {
     if path.is_dir() {
         return Ok(());
     }
     if let Some(parent) = path.parent() {
         if !parent.as_os_str().is_empty() {
-            create_dir_durably(parent)?;
+            create_dir_durably(parent, mode)?;
         }
     }
-    match fs::create_dir(path) {
+    match fs::DirBuilder::new().mode(mode).create(path) {
         Ok(()) => {}
         // Another session (or process) created it meanwhile.
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => return Ok(()),
         Err(e) => return Err(e),
     }
+    // The umask may have taken bits away: set exactly what the operator asked for.
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
     if let Some(parent) = path.parent() {
         let parent = if parent.as_os_str().is_empty() {
             Path::new(".")
@@ -317,18 +479,24 @@ impl Store for Maildir {
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        let queue_id = format!("M{}P{}Q{}", now.subsec_micros(), sh.pid, seq);
+        let queue_id = format!(
+            "M{}P{}R{}Q{}",
+            now.subsec_micros(),
+            sh.pid,
+            process_token(),
+            seq
+        );
         let name = format!("{}.{}.{}", now.as_secs(), queue_id, sh.host);
         let tmp = sh.dir.join("tmp").join(&name);
         let file = sh
             .faults
             .before(Op::Create)
             .and_then(|()| {
-                OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create_new(true)
-                    .open(&tmp)
+                create_file(
+                    OpenOptions::new().read(true).write(true),
+                    &tmp,
+                    sh.file_mode,
+                )
             })
             .map_err(|e| StoreError::from_io(&tmp.display().to_string(), &e))?;
         Ok(Box::new(MaildirMessage {
@@ -368,6 +536,17 @@ impl Write for MaildirMessage {
             None => Ok(()),
         }
     }
+}
+
+/// Creates a new file with exactly `mode`: the umask may have taken bits away at
+/// creation, so they are set again on the open descriptor (fchmod, no path race).
+fn create_file(opts: &mut OpenOptions, path: &Path, mode: u32) -> io::Result<File> {
+    let file = opts.create_new(true).mode(mode).open(path)?;
+    if let Err(e) = file.set_permissions(fs::Permissions::from_mode(mode)) {
+        let _ = fs::remove_file(path);
+        return Err(e);
+    }
+    Ok(file)
 }
 
 /// Reads a file from a position without moving its shared offset.
@@ -415,7 +594,7 @@ impl MaildirMessage {
         let file = sh
             .faults
             .before(Op::Create)
-            .and_then(|()| OpenOptions::new().write(true).create_new(true).open(&path))
+            .and_then(|()| create_file(OpenOptions::new().write(true), &path, sh.file_mode))
             .map_err(io_err)?;
         // From here a failure must not leave the half-written copy behind.
         let written = (|| {
@@ -433,7 +612,7 @@ impl MaildirMessage {
             io::copy(&mut from.take(len - skip), &mut out)?;
             out.flush()?;
             drop(out);
-            if sh.fsync {
+            if sh.sync_each {
                 sh.faults.before(Op::SyncFile)?;
                 file.sync_data()?;
                 #[cfg(test)]
@@ -460,8 +639,13 @@ impl MaildirMessage {
         }
         let mut known = sh.known.lock().unwrap_or_else(|p| p.into_inner());
         if !known.contains(&dir) {
-            create_maildir(&dir)
+            create_maildir(&dir, sh.dir_mode)
                 .map_err(|e| StoreError::from_io(&dir.display().to_string(), &e))?;
+            // Debris of a crash in this mailbox, cleared on first use (as at start for
+            // the spool); failing to clear it costs nothing now.
+            if let Err(e) = clear_tmp(&dir.join("tmp"), &sh.host, SystemTime::now()) {
+                log::warn!("spool: cannot clear {}: {e}", dir.join("tmp").display());
+            }
             if known.len() >= KNOWN_DIRS_MAX {
                 known.clear();
             }
@@ -485,7 +669,7 @@ impl MessageWriter for MaildirMessage {
             .into_inner()
             .map_err(|e| StoreError::from_io(&what, e.error()))?;
         let sh = Arc::clone(&self.shared);
-        if sh.fsync {
+        if sh.sync_each {
             // Each session syncs its own file, so many fsyncs run in parallel and the
             // filesystem folds them into few journal commits.
             sh.faults
@@ -588,18 +772,38 @@ impl Drop for MaildirMessage {
     }
 }
 
-/// The writer thread: batch, rename, one fsync per touched directory, ack.
-fn writer(rx: Receiver<Commit>, fsync: bool, stats: Arc<SpoolStats>, faults: Arc<dyn Faults>) {
+/// The writer thread: batch, (sync the data,) rename, one fsync per touched
+/// directory, ack.
+fn writer(
+    rx: Receiver<Commit>,
+    fsync: bool,
+    sync_batch: bool,
+    stats: Arc<SpoolStats>,
+    faults: Arc<dyn Faults>,
+) {
     let mut batch: Vec<Commit> = Vec::with_capacity(256);
     // Descriptors kept open: an fsync through any descriptor of a directory makes its
     // entries durable. Dropped after an error; bounded by clearing.
     let mut dirs: HashMap<PathBuf, File> = HashMap::new();
+    let mut filesystems: HashMap<PathBuf, (u64, File)> = HashMap::new();
     while let Ok(first) = rx.recv() {
         batch.push(first);
         while batch.len() < 256 {
             match rx.try_recv() {
                 Ok(c) => batch.push(c),
                 Err(_) => break,
+            }
+        }
+        if sync_batch {
+            if let Err(e) = sync_batch_data(&batch, &mut filesystems, faults.as_ref()) {
+                log::error!("spool: syncfs failed: {e}");
+                for c in batch.drain(..) {
+                    for (tmp, _, _) in &c.files {
+                        let _ = fs::remove_file(tmp);
+                    }
+                    c.ack.send(Err(StoreError::from_io("syncfs", &e)));
+                }
+                continue;
             }
         }
         // Each commit's files go in together: a failed rename takes back the ones
@@ -612,7 +816,7 @@ fn writer(rx: Receiver<Commit>, fsync: bool, stats: Arc<SpoolStats>, faults: Arc
                 let dest = new_dir.join(name);
                 match faults
                     .before(Op::Rename)
-                    .and_then(|()| fs::rename(tmp, &dest))
+                    .and_then(|()| rename_noreplace(tmp, &dest))
                 {
                     Ok(()) => {
                         #[cfg(test)]
@@ -692,6 +896,59 @@ fn writer(rx: Receiver<Commit>, fsync: bool, stats: Arc<SpoolStats>, faults: Arc
             }
         }
     }
+}
+
+/// [`DataSync::Batch`]: one syncfs(2) per filesystem holding files of the batch.
+///
+/// Why this keeps invariant 1: every file of the batch was written and closed by its
+/// session before it was handed over, so its data is in the page cache (or already on
+/// disk) when the writer starts. syncfs writes back every dirty inode of the filesystem
+/// and waits for it, then commits the journal and flushes the disk cache
+/// (sync_filesystem: writeback, then ->sync_fs with wait), so when it returns the data
+/// of every file of the batch is durable, as one fdatasync per file would have made it.
+/// Only then are the files renamed into new/ and new/ fsynced, so new/ can never name a
+/// file whose data could be lost. Since Linux 5.8 syncfs reports writeback errors on the
+/// filesystem since the descriptor was opened; any error fails the whole batch (the
+/// clients retry), never a silent loss.
+fn sync_batch_data(
+    batch: &[Commit],
+    filesystems: &mut HashMap<PathBuf, (u64, File)>,
+    faults: &dyn Faults,
+) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let mut synced: BTreeSet<u64> = BTreeSet::new();
+    for c in batch {
+        for (tmp, _, _) in &c.files {
+            let Some(dir) = tmp.parent() else { continue };
+            if !filesystems.contains_key(dir) {
+                let f = File::open(dir)?;
+                let dev = f.metadata()?.dev();
+                if filesystems.len() >= KNOWN_DIRS_MAX {
+                    filesystems.clear();
+                }
+                filesystems.insert(dir.to_path_buf(), (dev, f));
+            }
+            let Some((dev, f)) = filesystems.get(dir) else {
+                continue;
+            };
+            if synced.insert(*dev) {
+                faults.before(Op::SyncFile)?;
+                rustix::fs::syncfs(f)?;
+            }
+        }
+    }
+    #[cfg(test)]
+    for c in batch {
+        for (tmp, name, _) in &c.files {
+            let key = if c.files.len() == 1 && tmp.ends_with(name) {
+                name.clone()
+            } else {
+                tmp.display().to_string()
+            };
+            probe::record(probe::Event::FileSynced, &key);
+        }
+    }
+    Ok(())
 }
 
 /// fsync a directory so the renames in it are durable.
@@ -781,12 +1038,25 @@ mod tests {
     /// end of one fsync of new/, and only then the ack the session answers 250 on.
     #[test]
     fn no_ack_before_file_fsync_rename_and_dir_fsync() {
+        order_probe(DataSync::PerFile, "order-probe.test");
+    }
+
+    /// The same order when the writer syncs whole batches (syncfs, issue 18).
+    #[test]
+    fn no_ack_before_batch_sync_rename_and_dir_fsync() {
+        order_probe(DataSync::Batch, "order-probe-batch.test");
+    }
+
+    fn order_probe(data_sync: DataSync, host: &str) {
         use probe::Event::*;
         let d = tempfile::tempdir().unwrap();
         // A host name of its own: file names end with it, so this test's events can be
         // told from those of tests running at the same time.
-        let host = "order-probe.test";
-        let (md, h) = Maildir::open(d.path(), host, true, Arc::default()).unwrap();
+        let opts = SpoolOptions {
+            data_sync,
+            ..SpoolOptions::default()
+        };
+        let (md, h) = Maildir::open_with(d.path(), host, opts, Arc::default()).unwrap();
         let md = Arc::new(md);
         let threads: Vec<_> = (0..8)
             .map(|t| {
@@ -949,6 +1219,112 @@ mod tests {
         }
         // Group commit: at most one fsync per directory per message, usually fewer.
         assert!(per_dir_syncs <= 4 * 48, "{per_dir_syncs}");
+    }
+
+    #[test]
+    fn a_name_clash_never_replaces_a_delivered_file() {
+        let d = tempfile::tempdir().unwrap();
+        let (from, to) = (d.path().join("from"), d.path().join("to"));
+        fs::write(&from, b"new").unwrap();
+        fs::write(&to, b"delivered").unwrap();
+        let e = rename_noreplace(&from, &to).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(fs::read(&to).unwrap(), b"delivered");
+        assert_eq!(fs::read(&from).unwrap(), b"new");
+        let free = d.path().join("free");
+        rename_noreplace(&from, &free).unwrap();
+        assert_eq!(fs::read(&free).unwrap(), b"new");
+        assert!(!from.exists());
+    }
+
+    /// The writer refuses a commit whose name is taken in new/: the client gets an
+    /// error (and retries under a new id), the delivered file stays as it was.
+    #[test]
+    fn a_commit_clashing_with_new_fails_and_keeps_the_old_file() {
+        let d = tempfile::tempdir().unwrap();
+        let (md, h) = Maildir::open(d.path(), "clash.test", true, Arc::default()).unwrap();
+        let mut m = md.begin().unwrap();
+        m.write_all(b"second\r\n").unwrap();
+        let new_dir = d.path().join("new");
+        // The exact name the message will get in new/.
+        let name = fs::read_dir(d.path().join("tmp"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .file_name();
+        let taken = new_dir.join(name);
+        fs::write(&taken, b"first\r\n").unwrap();
+        assert!(m.commit().is_err());
+        assert_eq!(fs::read(&taken).unwrap(), b"first\r\n");
+        assert_eq!(fs::read_dir(d.path().join("tmp")).unwrap().count(), 0);
+        drop(md);
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn names_are_unique_across_processes_and_tell_who_writes_them() {
+        let d = tempfile::tempdir().unwrap();
+        let (md, h) = Maildir::open(d.path(), "mx.test", false, Arc::default()).unwrap();
+        let m = md.begin().unwrap();
+        let id = m.queue_id().to_string();
+        let me = std::process::id();
+        assert!(id.contains(&format!("P{me}R{}Q", process_token())), "{id}");
+        let name = format!("1700000000.{id}.mx.test");
+        assert!(tmp_is_live(&name, "mx.test"));
+        assert!(!tmp_is_live(&name, "other.test"), "another host's name");
+        // The same pid with another token: an earlier process (a restarted container).
+        let earlier = format!("1700000000.M1P{me}R00000000Q0.mx.test");
+        assert!(process_token() == "00000000" || !tmp_is_live(&earlier, "mx.test"));
+        drop(m);
+        drop(md);
+        h.join().unwrap();
+    }
+
+    /// SPEC 5: at start, tmp/ keeps what a live process of this host is writing and
+    /// loses the rest (a dead pid, foreign names, anything older than 36 hours).
+    #[test]
+    fn tmp_cleanup_keeps_live_writers_only() {
+        let d = tempfile::tempdir().unwrap();
+        let tmp = d.path().join("tmp");
+        fs::create_dir_all(&tmp).unwrap();
+        let pid_max: u64 = fs::read_to_string("/proc/sys/kernel/pid_max")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let dead = pid_max + 1;
+        let init_live = "1700000000.M5P1Rabcdef01Q3.mx.test";
+        let files = [
+            (init_live, true),
+            ("1700000000.M5P1Rabcdef01Q3C0.mx.test", true),
+            ("1700000000.M5P1Rabcdef01Q4.other.host", false),
+            (&*format!("1700000000.M5P{dead}Rabcdef01Q3.mx.test"), false),
+            ("debris", false),
+            ("1700000000.nonsense.mx.test", false),
+        ];
+        for (name, _) in &files {
+            fs::write(tmp.join(name), b"x").unwrap();
+        }
+        let old = tmp.join("1700000000.M6P1Rabcdef01Q9.mx.test");
+        let f = File::create(&old).unwrap();
+        f.set_modified(SystemTime::now() - Duration::from_secs(37 * 3600))
+            .unwrap();
+        drop(f);
+        let removed = clear_tmp(&tmp, "mx.test", SystemTime::now()).unwrap();
+        assert_eq!(removed, 5);
+        for (name, kept) in &files {
+            assert_eq!(tmp.join(name).exists(), *kept, "{name}");
+        }
+        assert!(!old.exists());
+    }
+
+    #[test]
+    fn dir_modes_add_x_where_a_class_has_access() {
+        assert_eq!(dir_mode(0o600), 0o700);
+        assert_eq!(dir_mode(0o640), 0o750);
+        assert_eq!(dir_mode(0o660), 0o770);
+        assert_eq!(dir_mode(0o644), 0o755);
     }
 
     #[test]

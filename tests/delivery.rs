@@ -494,3 +494,164 @@ fn mailbox_copies_are_only_where_they_belong() {
     }
     assert_eq!(per_dir, HashMap::from([("a".into(), 1), ("b".into(), 1)]));
 }
+
+fn mode_of(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+/// Issue 13 / invariant 9: stored files get exactly `spool.file_mode` and the
+/// directories the server creates the same bits plus x, whatever the umask.
+#[test]
+fn file_modes_follow_the_config_under_umask_022() {
+    use rustix::fs::Mode;
+    // The usual umask of a service; it would give 0644 files and 0755 directories.
+    rustix::process::umask(Mode::from_raw_mode(0o022));
+    for (toml, file, dir) in [("", 0o600, 0o700), ("file_mode = \"0640\"\n", 0o640, 0o750)] {
+        let root = tempfile::tempdir().unwrap().keep();
+        let router = Arc::new(TestRouter { root });
+        let r: Arc<dyn Router> = router.clone();
+        let s = TestServer::start(Opts {
+            // Lands inside [spool], which the harness writes last.
+            toml: toml.into(),
+            hooks: Some(Box::new(move |b| b.router(r))),
+            ..Opts::default()
+        });
+        let mut c = s.ehlo();
+        send(&mut c, &["ext@o.test", "a@m.test"], CONTENT);
+        let quarantined = s.spool().join(".Quarantine");
+        let mut dirs = vec![s.spool(), router.root.join("m.test"), router.maildir("a")];
+        for d in [s.spool(), router.maildir("a")] {
+            for sub in ["tmp", "new", "cur"] {
+                dirs.push(d.join(sub));
+            }
+        }
+        for d in &dirs {
+            assert_eq!(mode_of(d), dir, "{} ({toml})", d.display());
+        }
+        for d in [s.spool(), router.maildir("a")] {
+            let files = std::fs::read_dir(d.join("new")).unwrap();
+            for f in files {
+                let f = f.unwrap().path();
+                assert_eq!(mode_of(&f), file, "{} ({toml})", f.display());
+            }
+        }
+        assert!(!quarantined.exists());
+    }
+}
+
+#[test]
+fn a_bad_file_mode_is_a_config_error() {
+    for bad in ["0666", "0700", "0755", "0400", "rw", "04600", "0602"] {
+        let toml = format!("[spool]\ndir = \"/tmp/x\"\nfile_mode = \"{bad}\"\n");
+        let e = mailer::Config::from_toml(&toml, Path::new("t.toml")).unwrap_err();
+        assert!(e.to_string().contains("spool.file_mode"), "{bad}: {e}");
+    }
+    for good in ["0600", "0640", "0660", "0644", "640"] {
+        let toml = format!("[spool]\nfile_mode = \"{good}\"\n");
+        assert!(
+            mailer::Config::from_toml(&toml, Path::new("t.toml")).is_ok(),
+            "{good}"
+        );
+    }
+}
+
+/// SPEC 5: a second instance starting on a spool leaves alone the tmp/ file the
+/// first one (another process) is writing, clears the dead one's debris, and both
+/// deliver into the same new/.
+#[test]
+fn two_instances_share_one_spool() {
+    use common::process::{free_port, write_config, ChildServer};
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let port = free_port();
+    let cfg = write_config(dir.path(), port, &spool, "", "");
+    let mut first = ChildServer::start(&cfg, &[]);
+    let addr = first.ready(1)[0];
+    let mut c = Client::connect(addr);
+    assert_eq!(c.reply().0, 220);
+    c.ok("EHLO client.test", 250);
+    c.ok("MAIL FROM:<s@x.test>", 250);
+    c.ok("RCPT TO:<r@o.test>", 250);
+    c.ok("DATA", 354);
+    c.send_raw(b"Subject: in flight\r\n\r\n");
+    let tmp = spool.join("tmp");
+    wait_until("the first instance's file in tmp/", || {
+        count_files(&tmp) == 1
+    });
+    let in_flight: Vec<_> = std::fs::read_dir(&tmp)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let pid_max: u64 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let debris = [
+        tmp.join(format!("1700000000.M1P{}R0badcafeQ0.mx.test", pid_max + 1)),
+        tmp.join("leftover"),
+    ];
+    for d in &debris {
+        std::fs::write(d, b"partial").unwrap();
+    }
+    let second = TestServer::start(Opts {
+        spool: Some(spool.clone()),
+        ..Opts::default()
+    });
+    // A greeting comes from a worker, and workers start once the spool is open.
+    let mut c2 = second.ehlo();
+    for d in &debris {
+        assert!(!d.exists(), "{} was not cleared", d.display());
+    }
+    assert!(in_flight[0].exists(), "the live writer's file was removed");
+    c.send_raw(b"body\r\n.\r\n");
+    let (code, first_reply) = c.reply();
+    assert_eq!(code, 250, "{first_reply}");
+    let second_reply = send(&mut c2, &["r@o.test"], CONTENT);
+    assert!(second_reply.starts_with("250 "), "{second_reply}");
+    let stored = read_maildir(&spool);
+    assert_eq!(stored.len(), 2);
+    for id in [queue_id(&first_reply), queue_id(&second_reply)] {
+        assert!(
+            stored.iter().any(|(n, _)| n.contains(&format!(".{id}."))),
+            "{id}"
+        );
+    }
+    let (status, log) = first.stop();
+    assert!(status.success(), "{log}");
+}
+
+/// `data_sync = "batch"` (issue 18): the writer's syncfs stands for the per-file
+/// fdatasync; a failure of it fails the message everywhere, and the next one is stored.
+#[test]
+fn batch_data_sync_is_all_or_nothing_too() {
+    let faults: Arc<dyn Faults> = Arc::new(FailNth {
+        op: Op::SyncFile,
+        n: 1,
+        seen: Mutex::new(0),
+    });
+    let root = tempfile::tempdir().unwrap().keep();
+    let router = Arc::new(TestRouter { root });
+    let r: Arc<dyn Router> = router.clone();
+    let s = TestServer::start(Opts {
+        toml: "data_sync = \"batch\"\n".into(),
+        hooks: Some(Box::new(move |b| b.router(r).spool_faults(faults))),
+        ..Opts::default()
+    });
+    let mut c = s.ehlo();
+    let reply = send(&mut c, &["a@m.test", "ext@o.test"], CONTENT);
+    assert!(reply.starts_with("451 4.3.0 "), "{reply}");
+    for dir in [s.spool(), router.maildir("a")] {
+        assert_eq!(count_files(&dir.join("new")), 0);
+        assert_eq!(count_files(&dir.join("tmp")), 0);
+    }
+    let reply = send(&mut c, &["a@m.test", "ext@o.test"], CONTENT);
+    let id = queue_id(&reply);
+    only(&s.spool(), &id);
+    only(&router.maildir("a"), &id);
+    // The fast path (no router involved) in batch mode.
+    let reply = send(&mut c, &["b2@o.test"], CONTENT);
+    assert!(reply.starts_with("250 "), "{reply}");
+    assert_eq!(count_files(&s.spool().join("new")), 2);
+}

@@ -141,8 +141,14 @@ timeout 120 python3 tests/dovecot.py "$SMTP_PORT" "$IMAP_PORT" "$ROOT"
 
 # Modes: stored files as file_mode says, nothing for others (SPEC invariant 9).
 bad=""
+stored=$(find "$ROOT" -type f -name '*mx.test*' | wc -l)
+if [ "$stored" -ne 8 ]; then
+    echo "dovecot.sh: FAIL: $stored stored files under $ROOT, expected 8" >&2
+    exit 1
+fi
 if [ "$CHECK_MODES" = 1 ]; then
     bad=$(find "$ROOT" -type f -name '*mx.test*' ! -perm 0640 -print)
+    bad="$bad$(find "$ROOT" -mindepth 1 -type d ! -perm 0750 -print)"
 fi
 if [ -n "$bad" ]; then
     echo "dovecot.sh: FAIL: unexpected modes: $bad" >&2
