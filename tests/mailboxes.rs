@@ -580,3 +580,22 @@ fn an_embedder_can_use_the_check_and_the_router_without_the_config_table() {
     assert_eq!(files.len(), 1);
     assert!(files[0].starts_with(b"Delivered-To: carol@example.com\r\n"));
 }
+
+/// Dovecot writes into a mailbox's `tmp/` too (IMAP APPEND, COPY): its files there,
+/// named `<secs>.M<usec>P<pid>.<host>`, must survive mailer's start and its first
+/// delivery into that mailbox. mailer's own debris there is removed.
+#[test]
+#[ignore = "spool.rs clears a mailbox's whole tmp/ on first use (clear_tmp); see the mailbox report"]
+fn dovecot_files_in_a_mailbox_tmp_survive_mailers_start_and_delivery() {
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path().join("mail/example.org/alice/tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let dovecot = tmp.join("1700000000.M1P1.imap.host");
+    let debris = tmp.join("1700000000.M1P4294967295Rab12cd34Q1C0.mx.test");
+    std::fs::write(&dovecot, b"an APPEND in flight").unwrap();
+    std::fs::write(&debris, b"partial").unwrap();
+    let s = server(dir.path(), MAPS, "");
+    assert!(!debris.exists(), "mailer's debris is cleared at start");
+    assert!(deliver(&s, &["alice@example.org"]).starts_with("250 "));
+    assert!(dovecot.exists(), "Dovecot's file in tmp/ was removed");
+}
