@@ -21,7 +21,8 @@ use std::path::PathBuf;
 pub trait Router: Send + Sync {
     /// `None`: not a mailbox-domain recipient; it is stored in `spool.dir` as in v1.
     /// `Some(list)`: the mailboxes it leads to (duplicates across the recipients of one
-    /// message are merged into one copy per mailbox).
+    /// message are merged into one copy per mailbox). An empty list is treated as
+    /// `None`: a message is never accepted without being stored somewhere.
     fn route(&self, rcpt: &Address) -> Option<Vec<Mailbox>>;
 }
 
@@ -259,7 +260,12 @@ pub fn plan(input: &PlanInput<'_>, verdict: &DataVerdict) -> Result<Vec<Copy>, S
     // Distinct mailboxes in order of first appearance, each with its recipients.
     let mut boxes: Vec<(&Mailbox, Vec<Address>)> = Vec::new();
     for (i, rcpt) in input.rcpts.iter().enumerate() {
-        match input.routes.get(i).and_then(|r| r.as_ref()) {
+        match input
+            .routes
+            .get(i)
+            .and_then(|r| r.as_ref())
+            .filter(|l| !l.is_empty())
+        {
             None => spool_rcpts.push(rcpt.clone()),
             Some(list) => {
                 for mb in list {
@@ -437,6 +443,39 @@ mod tests {
         assert_eq!(filtered(b"Return-Path: x").0, b"");
     }
 
+    proptest::proptest! {
+        /// However the content is cut, the stored bytes and the header length are the
+        /// same; the output never holds an incoming `Return-Path:` field in its header
+        /// section and never starts with white space.
+        #[test]
+        fn any_split_gives_the_same_guarded_bytes(
+            body in proptest::collection::vec(proptest::sample::select(
+                b"Return-Path: \r\n\t ab:".to_vec()), 0..200),
+            cuts in proptest::collection::vec(0usize..200, 0..6),
+        ) {
+            let whole = filter_in_pieces(&body, body.len().max(1));
+            let mut f = ContentFilter::new();
+            let mut out = Vec::new();
+            let mut bounds: Vec<usize> = cuts.iter().map(|c| c % (body.len() + 1)).collect();
+            bounds.extend([0, body.len()]);
+            bounds.sort_unstable();
+            for w in bounds.windows(2) {
+                f.push(&body[w[0]..w[1]], &mut out);
+            }
+            f.finish(&mut out);
+            proptest::prop_assert_eq!(&(out.clone(), f.header_len()), &whole);
+            proptest::prop_assert!(!out.starts_with(b" ") && !out.starts_with(b"\t"));
+            let headers = &out[..f.header_len() as usize];
+            let starts = std::iter::once(0).chain(
+                headers.iter().enumerate().filter(|(_, &b)| b == b'\n').map(|(i, _)| i + 1));
+            for at in starts {
+                let line = &headers[at..];
+                let n = line.len().min(12);
+                proptest::prop_assert!(!line[..n].eq_ignore_ascii_case(&b"return-path:"[..n]) || n < 12);
+            }
+        }
+    }
+
     fn addr(s: &str) -> Address {
         Address::parse(s).unwrap()
     }
@@ -508,6 +547,22 @@ mod tests {
             ]
         );
         assert!(copies.iter().all(|c| !c.quarantine && c.headers.is_none()));
+    }
+
+    #[test]
+    fn a_recipient_routed_nowhere_goes_to_the_spool() {
+        let rcpts = [addr("a@m.test"), addr("lost@m.test")];
+        let routes = [Some(vec![mb("a@m.test")]), Some(Vec::new())];
+        let input = PlanInput {
+            rcpts: &rcpts,
+            routes: &routes,
+            trace: &trace,
+            header_section: None,
+        };
+        let copies = plan(&input, &DataVerdict::default()).unwrap();
+        assert_eq!(copies.len(), 2);
+        assert_eq!(copies[0].maildir, None);
+        assert!(String::from_utf8_lossy(&copies[0].head).contains("X-Original-To: lost@m.test\r\n"));
     }
 
     #[test]

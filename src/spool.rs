@@ -641,11 +641,9 @@ impl MaildirMessage {
         if !known.contains(&dir) {
             create_maildir(&dir, sh.dir_mode)
                 .map_err(|e| StoreError::from_io(&dir.display().to_string(), &e))?;
-            // Debris of a crash in this mailbox, cleared on first use (as at start for
-            // the spool); failing to clear it costs nothing now.
-            if let Err(e) = clear_tmp(&dir.join("tmp"), &sh.host, SystemTime::now()) {
-                log::warn!("spool: cannot clear {}: {e}", dir.join("tmp").display());
-            }
+            // No tmp/ clearing here: a mailbox is shared with its reader (Dovecot
+            // writes its own files in tmp/); mailboxes::clear_debris removes only our
+            // own dead files, at start.
             if known.len() >= KNOWN_DIRS_MAX {
                 known.clear();
             }
