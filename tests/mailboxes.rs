@@ -585,7 +585,6 @@ fn an_embedder_can_use_the_check_and_the_router_without_the_config_table() {
 /// named `<secs>.M<usec>P<pid>.<host>`, must survive mailer's start and its first
 /// delivery into that mailbox. mailer's own debris there is removed.
 #[test]
-#[ignore = "spool.rs clears a mailbox's whole tmp/ on first use (clear_tmp); see the mailbox report"]
 fn dovecot_files_in_a_mailbox_tmp_survive_mailers_start_and_delivery() {
     let dir = tempfile::tempdir().unwrap();
     let tmp = dir.path().join("mail/example.org/alice/tmp");
