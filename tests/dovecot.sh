@@ -12,8 +12,12 @@ cd "$(dirname "$0")/.."
 
 if ! command -v dovecot >/dev/null 2>&1; then
     echo "dovecot.sh: installing dovecot-imapd"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dovecot-imapd >/dev/null
+    if [ -x .ci/install-packages ]; then
+        .ci/install-packages # the project's installer: no system service is started
+    else
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dovecot-imapd >/dev/null
+    fi
 fi
 
 cargo build --quiet --bin mailer
