@@ -3,7 +3,8 @@
 # started in the foreground with a throwaway config, serves them; tests/dovecot.py
 # delivers over SMTP and reads back over IMAP (see its docstring for the checks).
 #
-# Runs as root (as CI does): installs dovecot-imapd when missing. Dovecot refuses mail
+# Runs as root (as CI does): installs dovecot-imapd when missing. `cargo test` runs it
+# through tests/dovecot.rs when Dovecot is installed; by hand: `tests/dovecot.sh`. Dovecot refuses mail
 # access as root, so both mailer and Dovecot's mail processes run as `nobody`, the way
 # docs/mailboxes.md sets up one service user for both. Every process started here is
 # stopped by its own PID.
@@ -20,7 +21,11 @@ if ! command -v dovecot >/dev/null 2>&1; then
     fi
 fi
 
-cargo build --quiet --bin mailer
+# tests/dovecot.rs passes the binary cargo built for the tests; run by hand, build it.
+if [ -z "${MAILER_BIN:-}" ]; then
+    cargo build --quiet --bin mailer
+    MAILER_BIN=target/debug/mailer
+fi
 
 RUN_USER=nobody
 RUN_GROUP=$(id -gn "$RUN_USER")
@@ -64,7 +69,7 @@ SMTP_PORT=$(free_port)
 IMAP_PORT=$(free_port)
 ROOT="$WORK/mail"
 mkdir -p "$ROOT" "$WORK/spool"
-cp target/debug/mailer "$WORK/mailer"
+cp "$MAILER_BIN" "$WORK/mailer"
 chown "$RUN_USER:$RUN_GROUP" "$ROOT" "$WORK/spool"
 
 cat >"$WORK/passwd" <<EOF
