@@ -402,6 +402,11 @@ impl Server {
     /// Runs until [`Handle::shutdown`]; then stops gracefully and returns.
     pub fn run(self) -> Result<(), ServerError> {
         let cfg = &self.config;
+        // Before the spool opens (so before any delivery): a crash's debris in the
+        // mailboxes' tmp/ (invariant 1).
+        if let Some(m) = &cfg.mailboxes {
+            crate::mailboxes::clear_debris(&m.root, &cfg.hostname);
+        }
         let spool_opts = cfg
             .spool
             .file_mode()
@@ -435,9 +440,6 @@ impl Server {
         let reload_stop = Arc::new(AtomicBool::new(false));
         if let Some((_, resolver)) = &self.tls {
             resolver.watch(Duration::from_secs(1), Arc::clone(&reload_stop));
-        }
-        if let Some(m) = &cfg.mailboxes {
-            crate::mailboxes::clear_debris(&m.root, &cfg.hostname);
         }
         if let Some(m) = &self.mailboxes {
             m.watch(Duration::from_secs(1), Arc::clone(&reload_stop));
