@@ -4,8 +4,9 @@
 //!
 //! Generic over [`Transport`] so that tests can run whole sessions in memory.
 
-use crate::delivery::{self, ContentFilter, PlanInput, Router};
+use crate::delivery::{self, ContentFilter, Mailbox, PlanInput, Router};
 use crate::hooks::{Content, DataVerdict, TlsInfo};
+use crate::protocol::address::Address;
 use crate::protocol::data::{BareLf, DataReader, Verdict};
 use crate::protocol::reply::Reply;
 use crate::session::{MessageOutcome, Session, Step};
@@ -109,8 +110,10 @@ struct Incoming {
     /// `None` after a write error (then `error` says why).
     msg: Option<Box<dyn MessageWriter>>,
     /// The file holds the content only; the copies are made at the end (data hooks or
-    /// a router). Otherwise it holds the trace headers, then the content.
+    /// several copies). Otherwise it holds the copy's head, then the content.
     staged: bool,
+    /// The recipients' routes, when looked up at the start.
+    routes: Option<Vec<Option<Vec<Mailbox>>>>,
     filter: ContentFilter,
     error: Option<StoreError>,
     scratch: Vec<u8>,
@@ -401,34 +404,117 @@ impl<'a, T: Transport> Connection<'a, T> {
         }
     }
 
-    /// Opens a message; on the fast path (no data hooks, no router) writes its trace
-    /// headers first.
+    /// Opens a message. Without data hooks the head of every copy is known now: a
+    /// message with one copy (the usual case) is written directly where it belongs,
+    /// head first, and committed as one file. Otherwise it is staged: the file holds
+    /// the content only and the copies are made at the end.
     fn open_message(&mut self) -> Incoming {
-        let staged = self.wants_data || self.router.is_some();
         let mut inc = Incoming {
             msg: None,
-            staged,
+            staged: true,
+            routes: None,
             filter: ContentFilter::new(),
             error: None,
             scratch: Vec::new(),
             queue_id: String::new(),
             now: SystemTime::now(),
         };
-        match self.store.begin() {
-            Ok(mut msg) => {
-                inc.queue_id = msg.queue_id().to_string();
-                if !staged {
-                    let headers = self.session.trace_headers(&inc.queue_id, inc.now);
-                    if let Err(e) = msg.write_all(&headers) {
-                        inc.error = Some(StoreError::from_io("message file", &e));
-                        return inc;
+        // Some(target): one copy, in the spool (None) or in that mailbox's Maildir.
+        let mut direct: Option<Option<std::path::PathBuf>> = None;
+        if !self.wants_data {
+            match &self.router {
+                None => direct = Some(None),
+                Some(router) => {
+                    if let Some(routes) = self.routes(router) {
+                        let no_trace = |_: &[Address]| Vec::new();
+                        let copies = self.plan_copies(&routes, &no_trace, &DataVerdict::default());
+                        if let Ok([one]) = copies.as_deref() {
+                            direct = Some(one.maildir.clone());
+                        }
+                        inc.routes = Some(routes);
                     }
                 }
-                inc.msg = Some(msg);
             }
-            Err(e) => inc.error = Some(e),
         }
+        let begun = match &direct {
+            Some(None) => Some(self.store.begin()),
+            Some(Some(dir)) => self.store.begin_in(dir),
+            None => None,
+        };
+        let begun = match begun {
+            Some(b) => {
+                inc.staged = false;
+                b
+            }
+            None => self.store.begin(),
+        };
+        let mut msg = match begun {
+            Ok(m) => m,
+            Err(e) => {
+                inc.error = Some(e);
+                return inc;
+            }
+        };
+        inc.queue_id = msg.queue_id().to_string();
+        if !inc.staged {
+            let head = match &inc.routes {
+                None => Ok(self.session.trace_headers(&inc.queue_id, inc.now)),
+                Some(routes) => {
+                    let session = &self.session;
+                    let (id, now) = (&inc.queue_id, inc.now);
+                    let trace = |r: &[Address]| session.trace_for(r, id, now);
+                    self.plan_copies(routes, &trace, &DataVerdict::default())
+                        .map(|mut c| c.pop().map(|c| c.head).unwrap_or_default())
+                }
+            };
+            let written = match head {
+                Ok(h) => msg
+                    .write_all(&h)
+                    .map_err(|e| StoreError::from_io("message file", &e)),
+                Err(why) => Err(StoreError::Io(why)),
+            };
+            if let Err(e) = written {
+                inc.error = Some(e);
+                return inc;
+            }
+        }
+        inc.msg = Some(msg);
         inc
+    }
+
+    /// Each recipient's route; `None` if the router panicked (then the message is
+    /// staged and routed again at its end, where a panic refuses it).
+    fn routes(&self, router: &Arc<dyn Router>) -> Option<Vec<Option<Vec<Mailbox>>>> {
+        let rcpts = self
+            .session
+            .envelope()
+            .map(|e| e.rcpts.as_slice())
+            .unwrap_or(&[]);
+        catch_unwind(AssertUnwindSafe(|| {
+            rcpts.iter().map(|a| router.route(a)).collect::<Vec<_>>()
+        }))
+        .ok()
+    }
+
+    /// [`delivery::plan`] for the transaction in progress.
+    fn plan_copies(
+        &self,
+        routes: &[Option<Vec<Mailbox>>],
+        trace: &dyn Fn(&[Address]) -> Vec<u8>,
+        verdict: &DataVerdict,
+    ) -> Result<Vec<crate::spool::Copy>, String> {
+        let rcpts = self
+            .session
+            .envelope()
+            .map(|e| e.rcpts.as_slice())
+            .unwrap_or(&[]);
+        let input = PlanInput {
+            rcpts,
+            routes,
+            trace,
+            header_section: None,
+        };
+        delivery::plan(&input, verdict)
     }
 
     /// DATA: 354, stream until `<CRLF>.<CRLF>`, store, answer.
@@ -524,19 +610,15 @@ impl<'a, T: Transport> Connection<'a, T> {
             .envelope()
             .map(|e| e.rcpts.clone())
             .unwrap_or_default();
-        let routes = match &self.router {
-            Some(router) => {
-                let routed = catch_unwind(AssertUnwindSafe(|| {
-                    rcpts.iter().map(|a| router.route(a)).collect::<Vec<_>>()
-                }));
-                match routed {
-                    Ok(r) => r,
-                    Err(_) => {
-                        return MessageOutcome::Refused(self.session.hook_failed("router panicked"))
-                    }
+        let routes = match (inc.routes.take(), &self.router) {
+            (Some(routes), _) => routes,
+            (None, Some(router)) => match self.routes(router) {
+                Some(r) => r,
+                None => {
+                    return MessageOutcome::Refused(self.session.hook_failed("router panicked"))
                 }
-            }
-            None => Vec::new(),
+            },
+            (None, None) => Vec::new(),
         };
         let section = if verdict.insert.is_empty() && verdict.change.is_empty() {
             None
@@ -553,7 +635,7 @@ impl<'a, T: Transport> Connection<'a, T> {
             Some(section)
         };
         let session = &self.session;
-        let trace = |r: &[crate::protocol::address::Address]| session.trace_for(r, &id, inc.now);
+        let trace = |r: &[Address]| session.trace_for(r, &id, inc.now);
         let input = PlanInput {
             rcpts: &rcpts,
             routes: &routes,

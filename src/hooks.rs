@@ -1,8 +1,8 @@
 //! Server-side event hooks (SPEC 7): plain blocking calls that may refuse with a reply.
 //!
 //! A [`Hooks`] value sees every session event: `connect`, `helo`, `mail`, `rcpt`,
-//! `data` (decisions: each may refuse with any 4xx/5xx [`Reply`]), `error` and `done`
-//! (notifications). Hooks run on the session's worker thread, so a slow hook holds one
+//! `data` (decisions: each may refuse with any 4xx/5xx [`Reply`]), `error`, `done`,
+//! `data_start`, `data_chunk`, `reset` and `close` (notifications). Hooks run on the session's worker thread, so a slow hook holds one
 //! worker; they are shared by all sessions (`Send + Sync`), so state needs a lock.
 //!
 //! The binary's own `[policy]` is the [`Policy`] hook; the server composes it with the
@@ -14,9 +14,13 @@
 //!   `451 4.3.0` instead.
 //! - A `421` refusal closes the connection after the reply (RFC 5321 §3.8).
 //! - A hook that panics is caught. If it was deciding (connect, helo, mail, rcpt, data)
-//!   the client gets `451 4.3.0` and the connection closes; if it was being notified
-//!   (error, done) the reply already due is sent (a stored message is still `250`),
-//!   then `421 4.3.0` and the connection closes. Other sessions and the server go on.
+//!   the client gets `451 4.3.0` and the connection closes; a panic in `data_chunk`
+//!   does the same at the end of that message. If it was being notified (error, done,
+//!   data_start, reset) the reply already due is sent (a stored message is still
+//!   `250`), then `421 4.3.0` and the connection closes; a panic in `close` (or in a
+//!   `reset` at disconnect) is only logged. Other sessions and the server go on.
+//! - A verdict's header fields are checked like a refusal: a malformed one (a line
+//!   break that would forge a field, a bad name) gets `451 4.3.0`, and nothing is stored.
 //!
 //! # Example
 //!

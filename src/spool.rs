@@ -86,6 +86,13 @@ impl std::error::Error for StoreError {}
 /// durable. Tests substitute their own store.
 pub trait Store: Send + Sync {
     fn begin(&self) -> Result<Box<dyn MessageWriter>, StoreError>;
+    /// Opens a message directly in another Maildir (a mailbox, created on first use),
+    /// for a message that has exactly one copy there: its [`commit`](MessageWriter::commit)
+    /// delivers into that Maildir's `new/`. `None`: this store cannot, and the caller
+    /// stages the message instead.
+    fn begin_in(&self, _maildir: &Path) -> Option<Result<Box<dyn MessageWriter>, StoreError>> {
+        None
+    }
 }
 
 /// One stored copy of a staged message (see [`MessageWriter::commit_copies`]).
@@ -474,6 +481,22 @@ fn create_dir_durably(path: &Path, mode: u32) -> io::Result<()> {
 
 impl Store for Maildir {
     fn begin(&self) -> Result<Box<dyn MessageWriter>, StoreError> {
+        self.begin_at(self.shared.dir.clone())
+    }
+
+    fn begin_in(&self, maildir: &Path) -> Option<Result<Box<dyn MessageWriter>, StoreError>> {
+        let sh = &self.shared;
+        let dir = match ensure_maildir(sh, maildir.to_path_buf()) {
+            Ok(d) => d,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(self.begin_at(dir))
+    }
+}
+
+impl Maildir {
+    /// A new message file in `<maildir>/tmp/`, to be committed into `<maildir>/new/`.
+    fn begin_at(&self, maildir: PathBuf) -> Result<Box<dyn MessageWriter>, StoreError> {
         let sh = &self.shared;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -487,7 +510,7 @@ impl Store for Maildir {
             seq
         );
         let name = format!("{}.{}.{}", now.as_secs(), queue_id, sh.host);
-        let tmp = sh.dir.join("tmp").join(&name);
+        let tmp = maildir.join("tmp").join(&name);
         let file = sh
             .faults
             .before(Op::Create)
@@ -506,15 +529,35 @@ impl Store for Maildir {
             tmp,
             name,
             queue_id,
+            maildir,
             tx: self.tx.clone(),
             shared: Arc::clone(&self.shared),
         }))
     }
 }
 
+/// Creates a Maildir on first use (remembered, so later messages pay nothing).
+fn ensure_maildir(sh: &Shared, dir: PathBuf) -> Result<PathBuf, StoreError> {
+    let mut known = sh.known.lock().unwrap_or_else(|p| p.into_inner());
+    if !known.contains(&dir) {
+        create_maildir(&dir, sh.dir_mode)
+            .map_err(|e| StoreError::from_io(&dir.display().to_string(), &e))?;
+        // No tmp/ clearing here: a mailbox is shared with its reader (Dovecot writes
+        // its own files in tmp/); mailboxes::clear_debris removes only our own dead
+        // files, at start.
+        if known.len() >= KNOWN_DIRS_MAX {
+            known.clear();
+        }
+        known.insert(dir.clone());
+    }
+    Ok(dir)
+}
+
 struct MaildirMessage {
     /// `None` once handed to the writer thread.
     out: Option<BufWriter<File>>,
+    /// The Maildir whose tmp/ holds the file (and whose new/ `commit` delivers into).
+    maildir: PathBuf,
     tmp: PathBuf,
     name: String,
     queue_id: String,
@@ -637,19 +680,7 @@ impl MaildirMessage {
             // A Maildir++ folder (the Courier/Dovecot layout): `.Name` inside the Maildir.
             dir.push(".Quarantine");
         }
-        let mut known = sh.known.lock().unwrap_or_else(|p| p.into_inner());
-        if !known.contains(&dir) {
-            create_maildir(&dir, sh.dir_mode)
-                .map_err(|e| StoreError::from_io(&dir.display().to_string(), &e))?;
-            // No tmp/ clearing here: a mailbox is shared with its reader (Dovecot
-            // writes its own files in tmp/); mailboxes::clear_debris removes only our
-            // own dead files, at start.
-            if known.len() >= KNOWN_DIRS_MAX {
-                known.clear();
-            }
-            known.insert(dir.clone());
-        }
-        Ok(dir)
+        ensure_maildir(sh, dir)
     }
 }
 
@@ -678,7 +709,11 @@ impl MessageWriter for MaildirMessage {
             probe::record(probe::Event::FileSynced, &self.name);
         }
         drop(file);
-        let files = vec![(self.tmp.clone(), self.name.clone(), sh.dir.join("new"))];
+        let files = vec![(
+            self.tmp.clone(),
+            self.name.clone(),
+            self.maildir.join("new"),
+        )];
         // From the hand-over the writer owns the file: in new/ on success, removed on failure.
         let tmp = std::mem::take(&mut self.tmp);
         let result = self.hand_over(files);

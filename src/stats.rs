@@ -174,6 +174,21 @@ impl Store for CountingStore {
             stats: Arc::clone(&self.stats),
         }))
     }
+
+    fn begin_in(
+        &self,
+        maildir: &std::path::Path,
+    ) -> Option<Result<Box<dyn MessageWriter>, StoreError>> {
+        let inner = match self.inner.begin_in(maildir)? {
+            Ok(m) => m,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(Ok(Box::new(CountingMessage {
+            inner,
+            bytes: 0,
+            stats: Arc::clone(&self.stats),
+        })))
+    }
 }
 
 pub(crate) struct CountingMessage {

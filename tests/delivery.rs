@@ -206,6 +206,35 @@ fn two_mailboxes_get_two_copies_each_naming_only_its_own_recipient() {
     assert!(s.server.stored().is_empty(), "nothing for the spool");
 }
 
+/// One copy only: the message is written straight into the mailbox (no staging); a
+/// fault there is answered 451 with nothing left in new/ or tmp/.
+#[test]
+fn a_single_mailbox_copy_is_written_in_place() {
+    let faults: Arc<dyn Faults> = Arc::new(FailNth {
+        op: Op::SyncFile,
+        n: 1,
+        seen: Mutex::new(0),
+    });
+    let s = start(None, Some(faults), true);
+    let mut c = s.server.ehlo();
+    let reply = send(&mut c, &["b@m.test"], CONTENT);
+    assert!(reply.starts_with("451 4.3.0 "), "{reply}");
+    let b = s.router.maildir("b");
+    assert_eq!(count_files(&b.join("new")), 0);
+    assert_eq!(count_files(&b.join("tmp")), 0);
+    let reply = send(&mut c, &["b@m.test"], CONTENT);
+    let id = queue_id(&reply);
+    assert_eq!(
+        only(&b, &id),
+        format!(
+            "Delivered-To: b@m.test\r\nReturn-Path: <s@x.test>\r\nX-Original-To: b@m.test\r\n{}Subject: hi\r\n\r\nhello\r\n",
+            received(&id)
+        )
+    );
+    assert_eq!(count_files(&s.server.spool().join("tmp")), 0);
+    assert!(s.server.stored().is_empty());
+}
+
 #[test]
 fn recipients_leading_to_one_mailbox_give_one_copy_naming_them_all() {
     let s = start(None, None, true);
@@ -519,9 +548,12 @@ fn file_modes_follow_the_config_under_umask_022() {
         });
         let mut c = s.ehlo();
         send(&mut c, &["ext@o.test", "a@m.test"], CONTENT);
+        // One copy only: written straight into the mailbox.
+        send(&mut c, &["b@m.test"], CONTENT);
         let quarantined = s.spool().join(".Quarantine");
         let mut dirs = vec![s.spool(), router.root.join("m.test"), router.maildir("a")];
-        for d in [s.spool(), router.maildir("a")] {
+        dirs.push(router.maildir("b"));
+        for d in [s.spool(), router.maildir("a"), router.maildir("b")] {
             for sub in ["tmp", "new", "cur"] {
                 dirs.push(d.join(sub));
             }
@@ -529,7 +561,7 @@ fn file_modes_follow_the_config_under_umask_022() {
         for d in &dirs {
             assert_eq!(mode_of(d), dir, "{} ({toml})", d.display());
         }
-        for d in [s.spool(), router.maildir("a")] {
+        for d in [s.spool(), router.maildir("a"), router.maildir("b")] {
             let files = std::fs::read_dir(d.join("new")).unwrap();
             for f in files {
                 let f = f.unwrap().path();
@@ -654,4 +686,44 @@ fn batch_data_sync_is_all_or_nothing_too() {
     let reply = send(&mut c, &["b2@o.test"], CONTENT);
     assert!(reply.starts_with("250 "), "{reply}");
     assert_eq!(count_files(&s.spool().join("new")), 2);
+}
+
+/// The transaction hooks in order: a message refused for its size never reaches
+/// `data` and is reset; a disconnect inside DATA resets too; `close` comes last.
+#[test]
+fn reset_and_close_follow_the_transaction() {
+    use common::memory::Mem;
+    let run = |input: &[u8], max: u64| {
+        let hook = Arc::new(Verdict::default());
+        let r = Mem {
+            hooks: Arc::new(Shared(Arc::clone(&hook))),
+            max_message_size: max,
+            ..Mem::default()
+        }
+        .run(input);
+        let events = hook.events.lock().unwrap().clone();
+        (r.codes(), events)
+    };
+    let (codes, ev) = run(
+        b"EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n0123456789\r\n.\r\nQUIT\r\n",
+        5,
+    );
+    assert_eq!(codes, [220, 250, 250, 250, 354, 552, 221]);
+    assert_eq!(ev, ["start MEM1", "reset", "close"]);
+    let (codes, ev) = run(
+        b"EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\npartial",
+        1000,
+    );
+    assert_eq!(codes, [220, 250, 250, 250, 354]);
+    assert_eq!(ev, ["start MEM1", "reset", "close"]);
+    let (_, ev) = run(
+        b"EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nEHLO c\r\nQUIT\r\n",
+        1000,
+    );
+    assert_eq!(ev, ["reset", "close"]);
+    let (_, ev) = run(
+        b"EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\nx\r\n.\r\nQUIT\r\n",
+        1000,
+    );
+    assert_eq!(ev, ["start MEM1", "data", "close"]);
 }
