@@ -984,6 +984,18 @@ mod tests {
         assert!(Maps::build(&cfg(&["a@x.test"], &[("@", &["a@x.test"])])).is_err());
         assert!(Maps::build(&cfg(&["a@x.test"], &[("b@x.test", &[])])).is_err());
         assert!(Maps::build(&cfg(&["a@x.test"], &[("b@x.test", &["@x.test"])])).is_err());
+        for bad in ["@", " ", "\"", "a\tb"] {
+            let mut c = cfg(&["a@x.test"], &[]);
+            c.recipient_delimiter = bad.into();
+            let e = Maps::build(&c).unwrap_err();
+            assert!(
+                e.starts_with("mailboxes.recipient_delimiter: "),
+                "{bad:?}: {e}"
+            );
+        }
+        let mut c = cfg(&["a@x.test"], &[]);
+        c.root = PathBuf::new();
+        assert!(Maps::build(&c).unwrap_err().starts_with("mailboxes.root: "));
     }
 
     #[test]
