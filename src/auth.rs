@@ -92,11 +92,26 @@ impl Authenticator for Users {
 
 /// A PHC string that argon2 can verify: any other scheme (or broken parameters) would
 /// make the user unable to log in without a word, so it is a config error instead.
+/// Upper bounds of a configured hash's argon2 parameters: memory in KiB (2 GiB),
+/// passes, lanes.
+const MAX_M_COST_KIB: u32 = 2 * 1024 * 1024;
+const MAX_T_COST: u32 = 64;
+const MAX_P_COST: u32 = 64;
+
 fn check_hash(phc: &str) -> Result<(), String> {
     let h = PasswordHash::new(phc).map_err(|e| e.to_string())?;
     argon2::Algorithm::try_from(h.algorithm)
         .map_err(|_| format!("algorithm {:?} is not argon2", h.algorithm.as_str()))?;
-    argon2::Params::try_from(&h).map_err(|e| format!("bad parameters: {e}"))?;
+    let p = argon2::Params::try_from(&h).map_err(|e| format!("bad parameters: {e}"))?;
+    // Invariant 12: every AUTH runs this hash, so its cost is a size and a duration
+    // like any other. RFC 9106 §4 recommends at most 2 GiB and a few passes; beyond,
+    // a typo in a hash would let each AUTH take the host's memory or minutes of CPU.
+    if p.m_cost() > MAX_M_COST_KIB || p.t_cost() > MAX_T_COST || p.p_cost() > MAX_P_COST {
+        return Err(format!(
+            "parameters over the bounds (m <= {MAX_M_COST_KIB}, t <= {MAX_T_COST}, \
+             p <= {MAX_P_COST})"
+        ));
+    }
     if h.hash.is_none() {
         return Err("no hash value".into());
     }
@@ -330,6 +345,10 @@ mod tests {
             "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ",
             // Memory below the argon2 minimum.
             "$argon2id$v=19$m=1,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA",
+            // Over the bounds (invariant 12): 4 GiB, 1000 passes, 100 lanes.
+            "$argon2id$v=19$m=4194304,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA",
+            "$argon2id$v=19$m=19456,t=1000,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA",
+            "$argon2id$v=19$m=19456,t=2,p=100$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA",
         ] {
             let e = Users::from_config(&users(bad))
                 .err()

@@ -63,6 +63,7 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub auth: Option<AuthConfig>,
     pub mailboxes: Option<MailboxesConfig>,
+    pub metrics: MetricsConfig,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -175,6 +176,14 @@ pub struct AuthConfig {
     pub users: Vec<User>,
 }
 
+/// `[metrics]`: the Prometheus endpoint (SPEC 10).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `address:port` for `GET /metrics`; empty: no endpoint.
+    pub listen: String,
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct User {
@@ -222,6 +231,7 @@ impl Default for Config {
             policy: PolicyConfig::default(),
             auth: None,
             mailboxes: None,
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -314,6 +324,17 @@ impl Config {
                 format!("{:?} is not a valid host name", self.hostname),
             );
         }
+        if !self.hostname.is_ascii() {
+            // It is written into every Received header, and a header of a message
+            // sent without SMTPUTF8 must stay ASCII (invariant 11).
+            return err(
+                "hostname",
+                format!(
+                    "{:?}: write an internationalized name in its xn-- (A-label) form",
+                    self.hostname
+                ),
+            );
+        }
         let s = &self.server;
         if s.listen.is_empty() && s.tls_listen.is_empty() {
             return err("server.listen", "no listen address at all".into());
@@ -331,44 +352,50 @@ impl Config {
                 }
             }
         }
+        if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
+            let a = &self.metrics.listen;
+            return err(
+                "metrics.listen",
+                format!("{a:?} is not an address:port such as \"127.0.0.1:9425\""),
+            );
+        }
         if !s.tls_listen.is_empty() && self.tls.is_none() {
             return err(
                 "server.tls_listen",
                 "implicit TLS listeners need a [tls] section".into(),
             );
         }
-        let positive: [(&str, u64); 9] = [
-            ("server.workers", s.workers as u64),
-            (
-                "server.max_connections_per_ip",
-                s.max_connections_per_ip as u64,
-            ),
-            ("limits.max_message_size", self.limits.max_message_size),
-            ("limits.max_recipients", self.limits.max_recipients as u64),
-            ("limits.max_line_length", self.limits.max_line_length as u64),
-            ("limits.max_errors", u64::from(self.limits.max_errors)),
-            (
-                "limits.command_timeout_secs",
-                self.limits.command_timeout_secs,
-            ),
-            ("limits.data_timeout_secs", self.limits.data_timeout_secs),
-            ("server.shutdown_grace_secs", s.shutdown_grace_secs.max(1)),
-        ];
-        for (key, v) in positive {
-            if v == 0 {
-                return err(key, "must be greater than 0".into());
-            }
-        }
-        if self.limits.max_line_length < 512 {
-            // RFC 5321 §4.5.3.1.4: a command line may be 512 octets.
-            return err(
-                "limits.max_line_length",
-                "must be at least 512 (RFC 5321 4.5.3.1.4)".into(),
-            );
-        }
-        if s.workers > 100_000 {
-            return err("server.workers", "more than 100000 threads".into());
-        }
+        // Invariant 12: every number has a range, so nothing later overflows (an
+        // Instant plus a 2^63-second timeout panics) or starves the host. One line per
+        // key; the ranges and their reasons are in docs/configuration.md.
+        let l = &self.limits;
+        range("server.workers", s.workers as u64, 1, 10_000)?;
+        range(
+            "server.max_connections_per_ip",
+            s.max_connections_per_ip as u64,
+            1,
+            100_000,
+        )?;
+        range("server.shutdown_grace_secs", s.shutdown_grace_secs, 0, HOUR)?;
+        range("server.stats_interval_secs", s.stats_interval_secs, 0, DAY)?;
+        range("limits.max_message_size", l.max_message_size, 1, 4 * GIB)?;
+        range("limits.max_recipients", l.max_recipients as u64, 1, 100_000)?;
+        // RFC 5321 §4.5.3.1.4: a command line may be 512 octets.
+        range(
+            "limits.max_line_length",
+            l.max_line_length as u64,
+            512,
+            65_536,
+        )?;
+        range("limits.max_errors", u64::from(l.max_errors), 1, 1_000_000)?;
+        range(
+            "limits.command_timeout_secs",
+            l.command_timeout_secs,
+            1,
+            DAY,
+        )?;
+        range("limits.data_timeout_secs", l.data_timeout_secs, 1, DAY)?;
+        range("limits.min_data_rate", l.min_data_rate, 0, GIB)?;
         if self.spool.dir.as_os_str().is_empty() {
             return err("spool.dir", "must not be empty".into());
         }
@@ -412,6 +439,11 @@ impl Config {
             .collect()
     }
 
+    /// The metrics endpoint's address, when `[metrics] listen` is set (validated).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.listen.parse().ok()
+    }
+
     /// The effective settings as TOML (for `check-config`).
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
@@ -421,6 +453,55 @@ impl Config {
             }
         }
         toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot print settings: {e}\n"))
+    }
+}
+
+const HOUR: u64 = 3600;
+const DAY: u64 = 24 * HOUR;
+const GIB: u64 = 1 << 30;
+
+/// Checks that `value` of the dotted `key` is within `min..=max` (invariant 12). Other
+/// parts of the configuration call it for their own keys, one line each.
+pub fn range(key: &str, value: u64, min: u64, max: u64) -> Result<(), (String, String)> {
+    let problem = if value < min && min == 1 {
+        "must be greater than 0".to_string()
+    } else if value < min {
+        format!("must be at least {min}, not {value}")
+    } else if value > max {
+        format!("must be at most {}, not {value}", describe(key, max))
+    } else {
+        return Ok(());
+    };
+    Err((key.to_string(), problem))
+}
+
+/// A bound as a reader of the message wants it: `86400 (1 day)`, `4294967296 (4 GiB)`.
+fn describe(key: &str, n: u64) -> String {
+    let unit = if key.ends_with("_secs") {
+        match n {
+            n if n >= DAY && n.is_multiple_of(DAY) => Some(plural(n / DAY, "day")),
+            n if n >= HOUR && n.is_multiple_of(HOUR) => Some(plural(n / HOUR, "hour")),
+            _ => None,
+        }
+    } else if n >= GIB
+        && n.is_multiple_of(GIB)
+        && (key.ends_with("_size") || key.ends_with("_rate"))
+    {
+        Some(format!("{} GiB", n / GIB))
+    } else {
+        None
+    };
+    match unit {
+        Some(u) => format!("{n} ({u})"),
+        None => n.to_string(),
+    }
+}
+
+fn plural(n: u64, unit: &str) -> String {
+    if n == 1 {
+        format!("1 {unit}")
+    } else {
+        format!("{n} {unit}s")
     }
 }
 
@@ -440,25 +521,49 @@ fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
     }
 }
 
-/// The 1-based line of `key` (dotted: `limits.max_errors`) in the file, if it is there.
+/// The 1-based line of `key` in the file, if it is there. `key` is dotted as
+/// `validate` names it: `limits.max_errors` (in `[limits]`, or written
+/// `limits.max_errors = …` at the top), or `milter[1].address` for the second
+/// `[[milter]]` table. Good enough for the files people write; `None` otherwise.
 fn line_of_key(text: &str, dotted: &str) -> Option<usize> {
     let (table, key) = match dotted.rsplit_once('.') {
         Some((t, k)) => (t, k),
         None => ("", dotted),
     };
+    // `name[i]`: the i-th `[[name]]` table.
+    let (table, index) = match table.strip_suffix(']').and_then(|t| t.split_once('[')) {
+        Some((name, i)) => (name, i.parse::<usize>().ok()),
+        None => (table, None),
+    };
     let mut current = String::new();
+    let mut seen: usize = 0;
+    let mut in_wanted = table.is_empty() && index.is_none();
     for (i, raw) in text.lines().enumerate() {
         let l = raw.trim();
-        if let Some(h) = l.strip_prefix('[') {
-            current = h.trim_end_matches(']').trim().to_string();
+        if l.starts_with('[') {
+            let array = l.starts_with("[[");
+            let name = l.trim_start_matches('[');
+            current = name[..name.find(']').unwrap_or(name.len())]
+                .trim()
+                .to_string();
+            in_wanted = current == table
+                && match index {
+                    Some(n) if array => {
+                        seen += 1;
+                        seen == n + 1
+                    }
+                    Some(_) => false,
+                    None => !array,
+                };
             continue;
         }
-        if current == table {
-            if let Some((k, _)) = l.split_once('=') {
-                if k.trim() == key {
-                    return Some(i + 1);
-                }
-            }
+        let Some((k, _)) = l.split_once('=') else {
+            continue;
+        };
+        let k = k.trim();
+        let dotted_at_top = current.is_empty() && index.is_none() && k == dotted;
+        if (in_wanted && k == key) || dotted_at_top {
+            return Some(i + 1);
         }
     }
     None
@@ -516,6 +621,90 @@ mod tests {
         assert!(e.contains("bare_lf") || e.contains("maybe"), "{e}");
     }
 
+    /// Invariant 12: each number is bounded above and below; the message names the
+    /// file, the line, the key, the bound and the value.
+    #[test]
+    fn bounds_name_key_line_and_limit() {
+        let e = parse("[limits]\ncommand_timeout_secs = 9223372036854775807\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "t.toml:2: key `limits.command_timeout_secs`: must be at most 86400 (1 day), \
+             not 9223372036854775807"
+        );
+        for (toml, key) in [
+            ("[server]\nworkers = 10001\n", "server.workers"),
+            (
+                "[server]\nmax_connections_per_ip = 0\n",
+                "server.max_connections_per_ip",
+            ),
+            (
+                "[server]\nshutdown_grace_secs = 3601\n",
+                "server.shutdown_grace_secs",
+            ),
+            (
+                "[server]\nstats_interval_secs = 86401\n",
+                "server.stats_interval_secs",
+            ),
+            (
+                "[limits]\nmax_message_size = 4294967297\n",
+                "limits.max_message_size",
+            ),
+            (
+                "[limits]\nmax_recipients = 100001\n",
+                "limits.max_recipients",
+            ),
+            (
+                "[limits]\nmax_line_length = 65537\n",
+                "limits.max_line_length",
+            ),
+            (
+                "[limits]\nmax_line_length = 511\n",
+                "limits.max_line_length",
+            ),
+            ("[limits]\nmax_errors = 1000001\n", "limits.max_errors"),
+            (
+                "[limits]\ndata_timeout_secs = 86401\n",
+                "limits.data_timeout_secs",
+            ),
+            (
+                "[limits]\nmin_data_rate = 1073741825\n",
+                "limits.min_data_rate",
+            ),
+        ] {
+            let e = parse(toml).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("t.toml:2: key `{key}`: must be")),
+                "{e}"
+            );
+        }
+        // The bounds themselves are allowed.
+        let c = parse(
+            "[server]\nworkers = 10000\nshutdown_grace_secs = 3600\nstats_interval_secs = 86400\n\
+             [limits]\nmax_message_size = 4294967296\nmax_line_length = 65536\n\
+             command_timeout_secs = 86400\ndata_timeout_secs = 86400\nmin_data_rate = 0\n",
+        );
+        assert!(c.is_ok(), "{:?}", c.err());
+        let e = parse("hostname = \"bücher.test\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key `hostname`") && e.contains("xn--"), "{e}");
+    }
+
+    #[test]
+    fn lines_of_keys() {
+        let text = "hostname = \"a\"\nlimits.max_errors = 3\n[server] # main\nworkers = 1\n\
+                    [[milter]]\naddress = \"x\"\n[[milter]]\n  address = \"y\"\n[limits]\nmax_errors = 4\n";
+        assert_eq!(line_of_key(text, "hostname"), Some(1));
+        assert_eq!(line_of_key(text, "limits.max_errors"), Some(2));
+        assert_eq!(line_of_key(text, "server.workers"), Some(4));
+        assert_eq!(line_of_key(text, "milter[0].address"), Some(6));
+        assert_eq!(line_of_key(text, "milter[1].address"), Some(8));
+        assert_eq!(line_of_key(text, "milter[2].address"), None);
+        assert_eq!(line_of_key(text, "server.listen"), None);
+    }
+
     #[test]
     fn tables_parse() {
         let c = parse(
@@ -525,6 +714,17 @@ mod tests {
         .unwrap();
         assert!(c.tls.unwrap().require_tls);
         assert_eq!(c.auth.unwrap().users[0].name, "alice");
+    }
+
+    #[test]
+    fn metrics_listen_is_an_address_or_empty() {
+        assert!(parse("").unwrap().metrics_addr().is_none());
+        let c = parse("[metrics]\nlisten = \"127.0.0.1:9425\"\n").unwrap();
+        assert_eq!(c.metrics_addr(), Some("127.0.0.1:9425".parse().unwrap()));
+        let e = parse("[metrics]\nlisten = \"localhost\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("t.toml:2: key `metrics.listen`:"), "{e}");
     }
 
     #[test]

@@ -732,8 +732,9 @@ impl<'a, T: Transport> Connection<'a, T> {
         self.reply(reply);
         if self.start != self.end {
             log::warn!(
-                "session {}: {} byte(s) pipelined after STARTTLS (command injection attempt); closing",
+                "session {}: client {}: refused {} byte(s) pipelined after STARTTLS (command injection attempt); closing",
                 self.session.info().id,
+                self.session.info().peer.ip(),
                 self.end - self.start
             );
             // The replies so far (the 220 included) still go out, in order (RFC 2920);
@@ -762,8 +763,9 @@ impl<'a, T: Transport> Connection<'a, T> {
             }
             Err(e) => {
                 log::info!(
-                    "session {}: TLS handshake failed: {e}",
-                    self.session.info().id
+                    "session {}: client {}: TLS handshake failed: {e}",
+                    self.session.info().id,
+                    self.session.info().peer.ip()
                 );
                 Err(End::Io(e.kind()))
             }

@@ -27,13 +27,18 @@
 //! # Ok::<(), mailer::server::ServerError>(())
 //! ```
 
+#![forbid(unsafe_code)]
+
 pub mod auth;
 pub mod client;
 pub mod config;
 pub mod connection;
 pub mod delivery;
 pub mod hooks;
+pub mod logfmt;
+pub mod logsafe;
 pub mod mailboxes;
+pub mod metrics;
 pub mod preflight;
 pub mod protocol;
 pub mod server;

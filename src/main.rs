@@ -1,6 +1,8 @@
 //! The `mailer` command line (SPEC 2): a thin shell over the library.
 
 use mailer::{Config, Server};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -60,7 +62,7 @@ fn config_path(args: &[String]) -> Result<PathBuf, String> {
 
 fn load(path: &Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|e| {
-        eprintln!("mailer: {e}");
+        let _ = writeln!(std::io::stderr(), "mailer: {e}");
         ExitCode::from(USAGE_OR_CONFIG)
     })
 }
@@ -74,24 +76,47 @@ fn check_config(path: &Path) -> ExitCode {
     // directory, the listen addresses (in use: a warning, the server may be running).
     let findings = mailer::preflight::preflight(&cfg);
     for f in &findings {
-        eprintln!("mailer: {}: {f}", path.display());
+        // Not eprintln!: it panics when stderr is gone; the exit code still tells.
+        let _ = writeln!(std::io::stderr(), "mailer: {}: {f}", path.display());
     }
     if findings.iter().any(|f| f.fatal) {
         return ExitCode::from(USAGE_OR_CONFIG);
     }
-    println!("# {}: OK", path.display());
-    if let Some(summary) = mailer::preflight::mailbox_summary(&cfg) {
-        println!("# {summary}");
+    // Not println!, which panics on a closed pipe (`mailer check-config | head -1`:
+    // Rust ignores SIGPIPE, so the write fails with EPIPE instead). A reader that
+    // stopped early is not a failure of the check: the config is valid.
+    let mut out = std::io::stdout().lock();
+    // With [mailboxes], how many users, aliases and domains the maps hold (SPEC 8).
+    let summary = mailer::preflight::mailbox_summary(&cfg)
+        .map(|s| format!("# {s}\n"))
+        .unwrap_or_default();
+    let text = format!("# {}: OK\n{summary}{}", path.display(), cfg.to_toml());
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "mailer: check-config: cannot write: {e}");
+            ExitCode::from(RUNTIME)
+        }
     }
-    println!("{}", cfg.to_toml());
-    ExitCode::SUCCESS
 }
 
 fn serve(path: &Path) -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    mailer::logfmt::init("info");
     let cfg = match load(path) {
         Ok(c) => c,
         Err(code) => return code,
+    };
+    // Signals first: a SIGHUP that arrives while the server starts must not take
+    // the default action (terminate). signal-hook rather than ctrlc: ctrlc's
+    // `termination` feature sends SIGINT, SIGTERM and SIGHUP to one handler that
+    // cannot tell them apart, and SIGHUP must reload, never stop (SPEC 2).
+    let mut signals = match Signals::new([SIGHUP, SIGINT, SIGTERM]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("mailer: cannot install the signal handlers: {e}");
+            return ExitCode::from(RUNTIME);
+        }
     };
     let server = match Server::builder(cfg).build() {
         Ok(s) => s,
@@ -105,12 +130,32 @@ fn serve(path: &Path) -> ExitCode {
         }
     };
     let handle = server.handle();
-    // ctrlc with the `termination` feature catches SIGINT, SIGTERM and SIGHUP.
-    if let Err(e) = ctrlc::set_handler(move || handle.shutdown()) {
-        eprintln!("mailer: cannot install the signal handler: {e}");
-        return ExitCode::from(RUNTIME);
-    }
-    match server.run() {
+    let signals_handle = signals.handle();
+    let config_path = path.to_path_buf();
+    let waiter = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if sig == SIGHUP {
+                    reload(&handle, &config_path);
+                } else {
+                    let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
+                    log::info!("{name}: stopping");
+                    handle.shutdown();
+                }
+            }
+        });
+    let waiter = match waiter {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("mailer: cannot start the signal thread: {e}");
+            return ExitCode::from(RUNTIME);
+        }
+    };
+    let result = server.run();
+    signals_handle.close();
+    let _ = waiter.join();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("mailer: {e}");
@@ -119,10 +164,34 @@ fn serve(path: &Path) -> ExitCode {
     }
 }
 
+/// SIGHUP: read and validate the config file again and apply what can change live.
+/// Any failure leaves the running settings as they are (logged at ERROR).
+fn reload(handle: &mailer::Handle, path: &Path) {
+    // sd_notify(3): RELOADING=1 with the monotonic time, READY=1 when done.
+    let mut reloading = vec![sd_notify::NotifyState::Reloading];
+    if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
+        reloading.push(now);
+    }
+    let _ = sd_notify::notify(&reloading);
+    log::info!("reload: reading {}", path.display());
+    match Config::load(path) {
+        Err(e) => log::error!("reload failed, keeping the running settings: {e}"),
+        Ok(new) => match handle.reload(&new) {
+            Ok(restart) if restart.is_empty() => log::info!("reload: done"),
+            Ok(restart) => log::info!(
+                "reload: done; changed keys that take effect at the next start: {}",
+                restart.join(", ")
+            ),
+            Err(e) => log::error!("reload failed, keeping the running settings: {e}"),
+        },
+    }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+}
+
 /// `mailer send [JOB.json | -]` (SPEC 6): a bad job exits 2 before any connection;
 /// otherwise the report is printed and the exit code is 0, whatever the outcome.
 fn send(args: &[String]) -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    mailer::logfmt::init("warn");
     let (source, read) = match args {
         [] => ("stdin".to_string(), read_stdin()),
         [dash] if dash == "-" => ("stdin".to_string(), read_stdin()),

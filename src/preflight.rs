@@ -106,8 +106,8 @@ pub fn preflight(config: &Config) -> Vec<Finding> {
 
 /// The spool directory and its `tmp/`, `new/`, `cur/` must be directories the server
 /// can write in; a missing one must be creatable. Probes with a temporary file that is
-/// removed again; creates nothing else.
-fn check_spool_dir(dir: &std::path::Path) -> Result<(), String> {
+/// removed again; creates nothing else. `ServerBuilder::build` makes the same check.
+pub(crate) fn check_spool_dir(dir: &std::path::Path) -> Result<(), String> {
     let probe = |d: &std::path::Path| -> Result<(), String> {
         let f = d.join(format!(".mailer-check-{}", std::process::id()));
         std::fs::OpenOptions::new()

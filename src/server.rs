@@ -12,7 +12,9 @@ use crate::protocol::proxy::{self, Parse};
 use crate::protocol::reply::{Enhanced, Reply};
 use crate::session::{AuthSettings, Session, Settings};
 use crate::spool::{DataSync, Faults, Maildir, NoFaults, SpoolOptions};
-use crate::stats::{ActiveGuard, CountReplies, CountingStore, Stats, StatsSnapshot};
+use crate::stats::{
+    ActiveGuard, CountReplies, CountingStore, SessionStore, SessionTally, Stats, StatsSnapshot,
+};
 use crate::tls::{self, Stream, TlsError};
 use crossbeam_channel::{bounded, Receiver, SendTimeoutError, Sender};
 use rustls::ServerConfig;
@@ -44,6 +46,9 @@ pub enum ServerError {
     Bind { addr: SocketAddr, err: io::Error },
     /// A thread could not be started.
     Thread(io::Error),
+    /// A value [`Config::validate`] refuses (the dotted key and the problem), the same
+    /// check `mailer check-config` and the binary's startup make (invariant 12).
+    Config { key: String, message: String },
 }
 
 impl ServerError {
@@ -51,7 +56,10 @@ impl ServerError {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            ServerError::Tls(_) | ServerError::Auth(_) | ServerError::Mailboxes(_)
+            ServerError::Tls(_)
+                | ServerError::Auth(_)
+                | ServerError::Mailboxes(_)
+                | ServerError::Config { .. }
         )
     }
 }
@@ -65,6 +73,7 @@ impl fmt::Display for ServerError {
             ServerError::Spool { dir, err } => write!(f, "spool.dir {dir}: {err}"),
             ServerError::Bind { addr, err } => write!(f, "cannot listen on {addr}: {err}"),
             ServerError::Thread(e) => write!(f, "cannot start a thread: {e}"),
+            ServerError::Config { key, message } => write!(f, "key `{key}`: {message}"),
         }
     }
 }
@@ -88,11 +97,60 @@ struct Shared {
     hostname: String,
 }
 
-/// Stops a running server from another thread (or a signal handler).
+/// A component's reaction to a reload (SIGHUP): re-read its state from the new
+/// config, or say why it cannot (then the reload fails and nothing changes).
+pub type Reloader = Box<dyn Fn(&Config) -> Result<(), String> + Send + Sync>;
+
+/// What a reload needs: the settings the server runs with, the certificate and the
+/// registered reloaders. The mutex also keeps two reloads from interleaving.
+struct ReloadState {
+    /// The config the server started with: changed keys outside [`LIVE_KEYS`] are
+    /// compared against it (they keep their start value until a restart).
+    running: Config,
+    /// The config of the last successful reload (or the start): what the reloaders
+    /// currently run with, to roll back to when a later reloader fails.
+    applied: Config,
+    tls: Option<Arc<tls::Reloading>>,
+    reloaders: Vec<Reloader>,
+}
+
+/// Config keys a reload applies at once; every other changed key needs a restart.
+/// The certificate is reloaded from its files (same paths) on every reload.
+const LIVE_KEYS: [&str; 2] = ["mailboxes", "milter"];
+
+/// The dotted keys whose values differ between `a` and `b` (tables compared key by
+/// key, anything else as a whole).
+fn changed_keys(
+    prefix: &str,
+    a: Option<&toml::Value>,
+    b: Option<&toml::Value>,
+    out: &mut Vec<String>,
+) {
+    match (a, b) {
+        (Some(toml::Value::Table(x)), Some(toml::Value::Table(y))) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                changed_keys(&key, x.get(k), y.get(k), out);
+            }
+        }
+        (x, y) if x != y => out.push(prefix.to_string()),
+        _ => {}
+    }
+}
+
+/// Stops a running server from another thread (or a signal handler), reloads it, and
+/// reads its addresses and counters.
 #[derive(Clone)]
 pub struct Handle {
     shared: Arc<Shared>,
     addrs: Arc<Mutex<Vec<SocketAddr>>>,
+    metrics_addr: Option<SocketAddr>,
+    reload: Arc<Mutex<ReloadState>>,
 }
 
 impl Handle {
@@ -110,6 +168,60 @@ impl Handle {
     pub fn stats(&self) -> StatsSnapshot {
         self.shared.stats.snapshot()
     }
+
+    /// The bound address of the metrics endpoint (`[metrics] listen`), if any.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// Applies `new` (already parsed and validated, e.g. by [`Config::load`]) to the
+    /// running server, as SIGHUP does: the certificate is read again from its files
+    /// and every [`ServerBuilder::on_reload`] reloader runs. All or nothing as far as
+    /// possible: the certificate is loaded first but installed only after every
+    /// reloader succeeded. `Ok` lists the changed keys that take effect only at the
+    /// next start (listen addresses, workers, limits...); `Err` says why nothing
+    /// was applied (the running settings stay).
+    pub fn reload(&self, new: &Config) -> Result<Vec<String>, String> {
+        new.validate()
+            .map_err(|(key, msg)| format!("key `{key}`: {msg}"))?;
+        let mut state = self.reload.lock().unwrap_or_else(|p| p.into_inner());
+        let as_value = |c: &Config| toml::Value::try_from(c).map_err(|e| e.to_string());
+        let (old_v, new_v) = (as_value(&state.running)?, as_value(new)?);
+        let mut changed = Vec::new();
+        changed_keys("", Some(&old_v), Some(&new_v), &mut changed);
+        let restart: Vec<String> = changed
+            .into_iter()
+            .filter(|k| {
+                !LIVE_KEYS
+                    .iter()
+                    .any(|live| k == live || k.starts_with(&format!("{live}.")))
+            })
+            .collect();
+        // The same certificate files: read them again now (a renewal). Other paths
+        // (or TLS switched on or off) are in `restart`.
+        let cert = match (&state.tls, &new.tls, &state.running.tls) {
+            (Some(resolver), Some(t), Some(old)) if t.cert == old.cert && t.key == old.key => {
+                Some((resolver, resolver.load_files().map_err(|e| e.to_string())?))
+            }
+            _ => None,
+        };
+        for (i, reloader) in state.reloaders.iter().enumerate() {
+            if let Err(e) = reloader(new) {
+                // Put the ones that already took the new config back on the old one.
+                for undo in &state.reloaders[..i] {
+                    if let Err(u) = undo(&state.applied) {
+                        log::error!("reload: rolling back a component failed: {u}");
+                    }
+                }
+                return Err(e);
+            }
+        }
+        if let Some((resolver, ck)) = cert {
+            resolver.install(ck);
+        }
+        state.applied = new.clone();
+        Ok(restart)
+    }
 }
 
 /// Builds a [`Server`].
@@ -118,6 +230,7 @@ pub struct ServerBuilder {
     hooks: Option<Arc<dyn Hooks>>,
     faults: Option<Arc<dyn Faults>>,
     router: Option<Arc<dyn Router>>,
+    reloaders: Vec<Reloader>,
 }
 
 impl ServerBuilder {
@@ -140,6 +253,12 @@ impl ServerBuilder {
         self
     }
 
+    /// Registers a component to reload on [`Handle::reload`] (SIGHUP), in order.
+    pub fn on_reload(mut self, reloader: Reloader) -> Self {
+        self.reloaders.push(reloader);
+        self
+    }
+
     /// Loads TLS files and users and binds the listeners (the spool opens in `run`).
     pub fn build(self) -> Result<Server, ServerError> {
         let mut server = Server::new(self.config, self.hooks.unwrap_or_else(|| Arc::new(NoHooks)))?;
@@ -149,6 +268,26 @@ impl ServerBuilder {
         if self.router.is_some() {
             server.router = self.router;
         }
+        let mut reloaders = self.reloaders;
+        // SIGHUP re-reads the mailbox maps (SPEC 2), first among the reloaders so that
+        // a later one that fails rolls them back too. Without [mailboxes] at start
+        // there is no RCPT check or router to feed: adding the table needs a restart.
+        let mailbox_reloader: Reloader = match server.mailboxes.clone() {
+            Some(m) => Box::new(move |c: &Config| m.reload(c)),
+            None => Box::new(|c: &Config| {
+                if c.mailboxes.is_some() {
+                    log::warn!("reload: [mailboxes] was added; it takes effect at the next start");
+                }
+                Ok(())
+            }),
+        };
+        reloaders.insert(0, mailbox_reloader);
+        server
+            .handle
+            .reload
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .reloaders = reloaders;
         Ok(server)
     }
 }
@@ -160,6 +299,7 @@ pub struct Server {
     hooks: Arc<dyn Hooks>,
     tls: Option<(Arc<ServerConfig>, Arc<tls::Reloading>)>,
     listeners: Vec<(TcpListener, bool)>,
+    metrics: Option<TcpListener>,
     shared: Arc<Shared>,
     stop_rx: Receiver<()>,
     handle: Handle,
@@ -202,10 +342,8 @@ impl Shared {
     /// silent wait (SPEC 4). An implicit-TLS client gets no reply: plaintext would be
     /// garbage to it.
     fn refuse(&self, mut tcp: TcpStream, peer: SocketAddr, implicit_tls: bool, why: &str) {
-        self.stats
-            .connections_refused
-            .fetch_add(1, Ordering::Relaxed);
-        log::warn!("refused {peer}: {why}");
+        self.stats.count_refusal(why);
+        log::warn!("client {}: refused connection: {why}", peer.ip());
         if implicit_tls {
             return;
         }
@@ -309,10 +447,22 @@ impl Server {
             hooks: None,
             faults: None,
             router: None,
+            reloaders: Vec::new(),
         }
     }
 
     fn new(config: Config, user_hooks: Arc<dyn Hooks>) -> Result<Server, ServerError> {
+        // A Config built in code never went through `Config::from_toml`: check it as
+        // check-config does, so that no value can overflow later and no listen address
+        // is silently dropped by `listen_addrs` (invariant 12).
+        config
+            .validate()
+            .map_err(|(key, message)| ServerError::Config { key, message })?;
+        // The spool is opened in `run`; what check-config checks of it fails here too.
+        crate::preflight::check_spool_dir(&config.spool.dir).map_err(|m| ServerError::Spool {
+            dir: config.spool.dir.display().to_string(),
+            err: io::Error::other(m),
+        })?;
         let tls = match &config.tls {
             Some(t) => Some(tls::server_config(&t.cert, &t.key).map_err(ServerError::Tls)?),
             None => None,
@@ -359,6 +509,12 @@ impl Server {
                 listeners.push((l, implicit));
             }
         }
+        let metrics = match config.metrics_addr() {
+            Some(addr) => {
+                Some(TcpListener::bind(addr).map_err(|err| ServerError::Bind { addr, err })?)
+            }
+            None => None,
+        };
         let (stop_tx, stop_rx) = bounded(1);
         let shared = Arc::new(Shared {
             stopping: AtomicBool::new(false),
@@ -372,6 +528,13 @@ impl Server {
         let handle = Handle {
             shared: Arc::clone(&shared),
             addrs: Arc::new(Mutex::new(addrs)),
+            metrics_addr: metrics.as_ref().and_then(|l| l.local_addr().ok()),
+            reload: Arc::new(Mutex::new(ReloadState {
+                running: config.clone(),
+                applied: config.clone(),
+                tls: tls.as_ref().map(|(_, r)| Arc::clone(r)),
+                reloaders: Vec::new(),
+            })),
         };
         Ok(Server {
             config,
@@ -379,6 +542,7 @@ impl Server {
             hooks,
             tls,
             listeners,
+            metrics,
             shared,
             stop_rx,
             handle,
@@ -521,6 +685,26 @@ impl Server {
             );
         }
         drop(job_tx);
+        let mut metrics_thread = None;
+        if let Some(listener) = self.metrics {
+            let addr = listener.local_addr().map_err(ServerError::Thread)?;
+            log::info!("metrics: serving http://{addr}/metrics");
+            wake.push(addr);
+            metrics_thread = Some(
+                crate::metrics::spawn(
+                    listener,
+                    Arc::clone(&self.shared.stats),
+                    workers,
+                    Arc::clone(&reload_stop),
+                )
+                .map_err(ServerError::Thread)?,
+            );
+        }
+        // Every listener is bound and served, the spool is open: ready (sd_notify(3);
+        // a no-op without NOTIFY_SOCKET).
+        if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+            log::warn!("systemd: cannot send READY=1: {e}");
+        }
         let stats_every = cfg.server.stats_interval_secs;
         // Wait for the stop request, logging stats meanwhile.
         loop {
@@ -541,14 +725,18 @@ impl Server {
         let grace = Duration::from_secs(cfg.server.shutdown_grace_secs);
         let began = Instant::now();
         log::info!("stopping: no new connections, {}s grace", grace.as_secs());
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         self.shared.stopping.store(true, Ordering::SeqCst);
-        reload_stop.store(true, Ordering::Relaxed);
+        reload_stop.store(true, Ordering::SeqCst);
         for addr in wake {
             // Wake the blocking accept() so the acceptor sees the flag.
             let _ = TcpStream::connect_timeout(&loopback_of(addr), Duration::from_millis(200));
         }
         for a in acceptors {
             let _ = a.join();
+        }
+        if let Some(m) = metrics_thread {
+            let _ = m.join();
         }
         self.shared.close_idle();
         // Workers finish queued and running sessions, then exit.
@@ -752,6 +940,8 @@ impl Worker {
 
     fn serve(&self, job: Job) {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let _scope = crate::logfmt::SessionScope::enter(id);
+        let began = Instant::now();
         let stats = &self.shared.stats;
         stats.connections_total.fetch_add(1, Ordering::Relaxed);
         stats.connections_active.fetch_add(1, Ordering::Relaxed);
@@ -778,7 +968,10 @@ impl Worker {
             match read_proxy_header(&tcp, timeout) {
                 Ok(source) => peer = source.map_or(peer, canonical),
                 Err(e) => {
-                    log::info!("session {id}: {peer}: bad or missing PROXY header: {e}; closing");
+                    log::info!(
+                        "session {id}: client {}: bad or missing PROXY header: {e}; closing",
+                        peer.ip()
+                    );
                     return;
                 }
             }
@@ -803,6 +996,7 @@ impl Worker {
             local: tcp.local_addr().unwrap_or(job.peer),
             auth_mechanism: None,
         };
+        let tally = Arc::new(SessionTally::default());
         let stream = if job.implicit_tls {
             let Some(cfg) = &self.tls else { return };
             match Stream::accept_tls(tcp, Arc::clone(cfg), self.limits.command_timeout) {
@@ -812,11 +1006,16 @@ impl Worker {
                         tls.version,
                         tls.cipher
                     );
+                    tally.set_tls(&tls.version);
                     info.tls = Some(tls);
                     s
                 }
                 Err(e) => {
-                    log::info!("session {id}: TLS handshake failed: {e}");
+                    log::info!(
+                        "session {id}: client {}: TLS handshake failed: {e}",
+                        peer.ip()
+                    );
+                    log_summary(id, peer, began, &tally, "tls-failed");
                     return;
                 }
             }
@@ -831,24 +1030,43 @@ impl Worker {
             shared: &self.shared,
             slot: &slot,
         };
-        let stream = CountReplies::new(stream, stats);
+        let stream = CountReplies::new(stream, stats).with_tally(Arc::clone(&tally));
+        let store = SessionStore {
+            inner: self.store.as_ref(),
+            tally: Arc::clone(&tally),
+        };
         let mut conn = Connection::new(
             stream,
             session,
-            self.store.as_ref(),
+            &store,
             &life,
             self.limits.clone(),
             self.wants_data,
         )
         .with_router(self.router.clone());
         let end = conn.run();
-        match end {
-            End::Quit | End::Eof | End::ShuttingDown => {
-                log::info!("session {id}: disconnect ({end:?})")
-            }
-            other => log::info!("session {id}: closed ({other:?})"),
-        }
+        let reason = match end {
+            End::Quit => "quit".to_string(),
+            End::Eof => "client-closed".to_string(),
+            End::Timeout => "timeout".to_string(),
+            End::Closed => "server-closed".to_string(),
+            End::ShuttingDown => "shutdown".to_string(),
+            End::Io(kind) => format!("io-error({})", kind.to_string().replace(' ', "-")),
+        };
+        log_summary(id, peer, began, &tally, &reason);
     }
+}
+
+/// The one line that ends every session (fail2ban matches `reason=timeout`).
+fn log_summary(id: u64, peer: SocketAddr, began: Instant, tally: &SessionTally, reason: &str) {
+    log::info!(
+        "session {id}: client {}: disconnect reason={reason} duration={:.3}s messages={} bytes={} tls={}",
+        peer.ip(),
+        began.elapsed().as_secs_f64(),
+        tally.messages.load(Ordering::Relaxed),
+        tally.bytes.load(Ordering::Relaxed),
+        tally.tls_version(),
+    );
 }
 
 struct Unregister<'a>(&'a Shared, u64);

@@ -113,6 +113,37 @@ fn r(code: u16, e: (u8, u16, u16), text: impl Into<String>) -> Reply {
     Reply::new(code, Enhanced(e.0, e.1, e.2), text)
 }
 
+/// What a refused line asked for, for the log: the command as sent (`MAIL
+/// FROM:<...>`, `RCPT TO:<...>`, `HELO name`; escaped by the log formatter), except
+/// that AUTH lines never show their credentials.
+fn refused_what(line: &[u8], in_auth: bool) -> String {
+    if in_auth {
+        return "AUTH response".into();
+    }
+    let text = String::from_utf8_lossy(line);
+    let mut words = text.split_ascii_whitespace();
+    if words
+        .next()
+        .is_some_and(|verb| verb.eq_ignore_ascii_case("AUTH"))
+    {
+        return format!("AUTH {}", words.next().unwrap_or(""));
+    }
+    // The verb (and MAIL's `FROM:`, RCPT's `TO:`) in upper case, so that one
+    // pattern (fail2ban) matches however the client spelled it; the rest as sent,
+    // bounded: a command line may be up to max_line_length.
+    let text: String = text.chars().take(300).collect();
+    let verb_end = text.find(' ').unwrap_or(text.len());
+    let head_end = match text[..verb_end].to_ascii_uppercase().as_str() {
+        "MAIL" | "RCPT" => text.find(':').unwrap_or(verb_end),
+        _ => verb_end,
+    };
+    format!(
+        "{}{}",
+        text[..head_end].to_ascii_uppercase(),
+        &text[head_end..]
+    )
+}
+
 fn bad_sequence(text: &str) -> Reply {
     r(503, (5, 5, 1), format!("Error: {text}"))
 }
@@ -230,6 +261,7 @@ impl Session {
 
     /// Handles one command line (without CRLF), or one AUTH response line.
     pub fn command(&mut self, line: &[u8]) -> Step {
+        let in_auth = self.auth.is_some();
         let step = match self.auth.take() {
             Some(ex) => self.auth_response(&ex, line),
             None => match command::parse(line) {
@@ -237,12 +269,28 @@ impl Session {
                 Err(reply) => Step::Reply(reply),
             },
         };
+        if let Step::Reply(rep) | Step::Discard { reply: rep, .. } = &step {
+            // 535 has its own `auth failed` line (auth_step).
+            if rep.is_refusal() && rep.code != 535 {
+                log::info!(
+                    "session {}: client {}: refused {}: {rep}",
+                    self.info.id,
+                    self.info.peer.ip(),
+                    refused_what(line, in_auth)
+                );
+            }
+        }
         self.count_errors(step)
     }
 
     /// A command line longer than `max_line_length` (it was discarded).
     pub fn line_too_long(&mut self) -> Step {
         self.auth = None;
+        log::info!(
+            "session {}: client {}: refused a command line over the length limit",
+            self.info.id,
+            self.info.peer.ip()
+        );
         self.count_errors(Step::Reply(r(500, (5, 5, 6), "Error: line too long")))
     }
 
@@ -259,7 +307,6 @@ impl Session {
             return step;
         }
         if let Step::Reply(rep) | Step::Discard { reply: rep, .. } = &step {
-            log::info!("session {}: refused: {rep}", self.info.id);
             self.notify_error(SessionError::Protocol(rep.clone()));
         }
         self.errors += 1;
@@ -600,10 +647,12 @@ impl Session {
             MessageOutcome::BareLf => r(550, (5, 5, 2), "Error: bare <LF> received"),
             MessageOutcome::Refused(rep) => rep,
             MessageOutcome::StorageFull(e) => {
+                log::error!("session {}: storage failure: {e}", self.info.id);
                 self.notify_error(SessionError::Storage(e));
                 r(452, (4, 3, 1), "Error: insufficient system storage")
             }
             MessageOutcome::StorageError(e) => {
+                log::error!("session {}: storage failure: {e}", self.info.id);
                 self.notify_error(SessionError::Storage(e));
                 r(451, (4, 3, 0), "Error: queue file write error")
             }
@@ -612,8 +661,9 @@ impl Session {
             self.notify_error(SessionError::Protocol(reply.clone()));
         }
         log::info!(
-            "session {}: message from <{from}> ({size} bytes) refused: {reply}",
-            self.info.id
+            "session {}: client {}: refused message from <{from}> ({size} bytes): {reply}",
+            self.info.id,
+            self.info.peer.ip()
         );
         reply
     }
@@ -715,6 +765,11 @@ impl Session {
                     self.info.auth_mechanism = self.auth_mechanism.take();
                     Step::Reply(r(235, (2, 7, 0), "Authentication successful"))
                 } else {
+                    log::warn!(
+                        "session {}: client {}: auth failed",
+                        self.info.id,
+                        self.info.peer.ip()
+                    );
                     Step::Reply(r(535, (5, 7, 8), "Authentication credentials invalid"))
                 }
             }
@@ -723,7 +778,11 @@ impl Session {
 
     /// The connection broke (or the client left in the middle of a message).
     pub fn io_error(&mut self, what: String) {
-        log::info!("session {}: {what}", self.info.id);
+        log::info!(
+            "session {}: client {}: {what}",
+            self.info.id,
+            self.info.peer.ip()
+        );
         self.notify_error(SessionError::Io(what));
     }
 
@@ -1021,5 +1080,22 @@ mod tests {
             assert_eq!(code(&mut s, "DATA"), "data");
             assert_eq!(s.message_end(outcome, 0).to_string(), want);
         }
+    }
+
+    #[test]
+    fn refused_lines_name_the_command_without_credentials() {
+        use super::refused_what;
+        assert_eq!(
+            refused_what(b"rcpt to:<A@x.test> NOTIFY=NEVER", false),
+            "RCPT TO:<A@x.test> NOTIFY=NEVER"
+        );
+        assert_eq!(refused_what(b"Mail From:<a@b>", false), "MAIL FROM:<a@b>");
+        assert_eq!(refused_what(b"helo Evil.Name", false), "HELO Evil.Name");
+        assert_eq!(
+            refused_what(b"AUTH PLAIN AGFsaWNlAHg=", false),
+            "AUTH PLAIN"
+        );
+        assert_eq!(refused_what(b"AGFsaWNlAHg=", true), "AUTH response");
+        assert_eq!(refused_what(&[b'x'; 2000], false).len(), 300);
     }
 }

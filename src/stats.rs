@@ -12,8 +12,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// The reply codes counted in [`Stats`]: every 4xx and 5xx.
+/// The reply codes counted in [`Stats`]: every valid SMTP code (RFC 5321 4.2: the
+/// first digit is 2 to 5; 1yz is unused but costs nothing to count).
+const REPLY_CODES: std::ops::RangeInclusive<u16> = 100..=599;
+/// The codes the snapshot calls refusals.
 const REFUSAL_CODES: std::ops::RangeInclusive<u16> = 400..=599;
+
+/// Why a connection was refused before its greeting (the `reason` label of
+/// `mailer_connections_refused_total`).
+pub const REFUSAL_REASONS: [&str; 3] = ["per_ip_limit", "busy", "other"];
+
+/// Upper bounds (seconds) of the spool commit latency histogram: from a fast SSD
+/// (sub-millisecond fsync) to a disk in trouble.
+const COMMIT_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
 
 /// Counters for the stats line and for embedders ([`Handle::stats`]).
 #[derive(Debug)]
@@ -34,8 +47,12 @@ pub struct Stats {
     /// Commits finished (stored or failed) and their summed duration, for the mean.
     pub commits: AtomicU64,
     pub commit_micros: AtomicU64,
-    /// Every 4xx/5xx reply sent, by code (index = code - 400).
-    refused: Vec<AtomicU64>,
+    /// Every reply sent, by code (index = code - 100).
+    replies: Vec<AtomicU64>,
+    /// Connections refused before the greeting, by [`REFUSAL_REASONS`] index.
+    refused_by_reason: [AtomicU64; 3],
+    /// Time from the end of a message's data to its durable ack, seconds.
+    pub commit_seconds: prometheus_client::metrics::histogram::Histogram,
     pub spool: Arc<SpoolStats>,
 }
 
@@ -50,7 +67,9 @@ impl Default for Stats {
             queue_depth: AtomicU64::new(0),
             commits: AtomicU64::new(0),
             commit_micros: AtomicU64::new(0),
-            refused: REFUSAL_CODES.map(|_| AtomicU64::new(0)).collect(),
+            replies: REPLY_CODES.map(|_| AtomicU64::new(0)).collect(),
+            refused_by_reason: Default::default(),
+            commit_seconds: prometheus_client::metrics::histogram::Histogram::new(COMMIT_BUCKETS),
             spool: Arc::default(),
         }
     }
@@ -71,6 +90,10 @@ pub struct StatsSnapshot {
     /// Every 4xx/5xx reply sent, by reply code: refused commands, recipients and
     /// messages, and the 421s sent before a greeting.
     pub refused: BTreeMap<u16, u64>,
+    /// Every reply sent, by code (2xx and 3xx too).
+    pub replies: BTreeMap<u16, u64>,
+    /// Connections refused before the greeting, by reason ([`REFUSAL_REASONS`]).
+    pub refused_by_reason: BTreeMap<&'static str, u64>,
     /// Messages waiting for their commit (file fsync, writer queue, directory fsync).
     pub queue_depth: u64,
     pub spool_batches: u64,
@@ -83,10 +106,20 @@ pub struct StatsSnapshot {
 impl Stats {
     pub fn snapshot(&self) -> StatsSnapshot {
         let batches = self.spool.batches.load(Ordering::Relaxed);
-        let refused = REFUSAL_CODES
-            .zip(&self.refused)
+        let replies: BTreeMap<u16, u64> = REPLY_CODES
+            .zip(&self.replies)
             .map(|(code, n)| (code, n.load(Ordering::Relaxed)))
             .filter(|&(_, n)| n > 0)
+            .collect();
+        let refused = replies
+            .iter()
+            .filter(|(code, _)| REFUSAL_CODES.contains(code))
+            .map(|(&c, &n)| (c, n))
+            .collect();
+        let refused_by_reason = REFUSAL_REASONS
+            .iter()
+            .zip(&self.refused_by_reason)
+            .map(|(&r, n)| (r, n.load(Ordering::Relaxed)))
             .collect();
         StatsSnapshot {
             connections_total: self.connections_total.load(Ordering::Relaxed),
@@ -96,6 +129,8 @@ impl Stats {
             messages_accepted: self.messages_accepted.load(Ordering::Relaxed),
             bytes_accepted: self.bytes_accepted.load(Ordering::Relaxed),
             refused,
+            replies,
+            refused_by_reason,
             queue_depth: self.queue_depth.load(Ordering::Relaxed),
             spool_batches: batches,
             fsync_micros_avg: self
@@ -112,11 +147,25 @@ impl Stats {
         }
     }
 
-    /// Counts one reply sent with this code (only 4xx and 5xx are kept).
+    /// Counts one reply sent with this code.
     pub fn count_reply(&self, code: u16) {
-        if REFUSAL_CODES.contains(&code) {
-            self.refused[usize::from(code - 400)].fetch_add(1, Ordering::Relaxed);
+        if REPLY_CODES.contains(&code) {
+            self.replies[usize::from(code - 100)].fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Counts a connection refused before its greeting; `why` is the reply text,
+    /// which tells the per-IP limit from a full pool.
+    pub fn count_refusal(&self, why: &str) {
+        self.connections_refused.fetch_add(1, Ordering::Relaxed);
+        let i = if why.contains("too many connections") {
+            0
+        } else if why.contains("busy") {
+            1
+        } else {
+            2
+        };
+        self.refused_by_reason[i].fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -159,6 +208,63 @@ impl Drop for ActiveGuard<'_> {
     }
 }
 
+/// What one session did, for its summary line: messages and bytes stored, and the
+/// TLS version once encrypted.
+#[derive(Debug, Default)]
+pub struct SessionTally {
+    pub messages: AtomicU64,
+    pub bytes: AtomicU64,
+    pub tls: std::sync::Mutex<Option<String>>,
+}
+
+impl SessionTally {
+    /// The TLS version, or `none`.
+    pub fn tls_version(&self) -> String {
+        self.tls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_else(|| "none".into())
+    }
+
+    pub fn set_tls(&self, version: &str) {
+        *self.tls.lock().unwrap_or_else(|p| p.into_inner()) = Some(version.to_string());
+    }
+}
+
+/// One session's view of the [`CountingStore`], adding to its [`SessionTally`].
+pub(crate) struct SessionStore<'a> {
+    pub(crate) inner: &'a CountingStore,
+    pub(crate) tally: Arc<SessionTally>,
+}
+
+impl Store for SessionStore<'_> {
+    fn begin(&self) -> Result<Box<dyn MessageWriter>, StoreError> {
+        Ok(Box::new(CountingMessage {
+            inner: self.inner.inner.begin()?,
+            bytes: 0,
+            stats: Arc::clone(&self.inner.stats),
+            tally: Some(Arc::clone(&self.tally)),
+        }))
+    }
+
+    fn begin_in(
+        &self,
+        maildir: &std::path::Path,
+    ) -> Option<Result<Box<dyn MessageWriter>, StoreError>> {
+        let inner = match self.inner.inner.begin_in(maildir)? {
+            Ok(m) => m,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(Ok(Box::new(CountingMessage {
+            inner,
+            bytes: 0,
+            stats: Arc::clone(&self.inner.stats),
+            tally: Some(Arc::clone(&self.tally)),
+        })))
+    }
+}
+
 /// The spool as sessions see it, counting accepted messages and bytes, commits in
 /// flight (the queue depth) and how long commits take.
 pub(crate) struct CountingStore {
@@ -172,6 +278,7 @@ impl Store for CountingStore {
             inner: self.inner.begin()?,
             bytes: 0,
             stats: Arc::clone(&self.stats),
+            tally: None,
         }))
     }
 
@@ -187,6 +294,7 @@ impl Store for CountingStore {
             inner,
             bytes: 0,
             stats: Arc::clone(&self.stats),
+            tally: None,
         })))
     }
 }
@@ -195,6 +303,7 @@ pub(crate) struct CountingMessage {
     inner: Box<dyn MessageWriter>,
     bytes: u64,
     stats: Arc<Stats>,
+    tally: Option<Arc<SessionTally>>,
 }
 
 impl Write for CountingMessage {
@@ -235,29 +344,38 @@ impl CountingMessage {
             inner,
             bytes,
             stats,
+            tally,
         } = self;
         stats.queue_depth.fetch_add(1, Ordering::Relaxed);
         let began = Instant::now();
         let result = commit(inner);
         stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
+        let took = began.elapsed();
         stats
             .commit_micros
-            .fetch_add(began.elapsed().as_micros() as u64, Ordering::Relaxed);
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
         stats.commits.fetch_add(1, Ordering::Relaxed);
+        stats.commit_seconds.observe(took.as_secs_f64());
         if result.is_ok() {
             stats.messages_accepted.fetch_add(1, Ordering::Relaxed);
             stats.bytes_accepted.fetch_add(bytes, Ordering::Relaxed);
+            if let Some(t) = &tally {
+                t.messages.fetch_add(1, Ordering::Relaxed);
+                t.bytes.fetch_add(bytes, Ordering::Relaxed);
+            }
         }
         result
     }
 }
 
-/// The session's stream, counting every 4xx/5xx reply the server writes by its code
-/// (the last line of a multi-line reply, `NNN `, counts once). It sees the plaintext
-/// side of TLS, so it counts replies in TLS sessions too.
+/// The session's stream, counting every reply the server writes by its code (the
+/// last line of a multi-line reply, `NNN `, counts once). It sees the plaintext side
+/// of TLS, so it counts replies in TLS sessions too, and notes the TLS version of a
+/// STARTTLS upgrade for the session's summary.
 pub(crate) struct CountReplies<'a, T> {
     inner: T,
     stats: &'a Stats,
+    tally: Option<Arc<SessionTally>>,
     /// Bytes of the current line seen so far, up to 4 (`NNN` and the separator).
     seen: usize,
     code: [u8; 3],
@@ -268,9 +386,16 @@ impl<'a, T> CountReplies<'a, T> {
         CountReplies {
             inner,
             stats,
+            tally: None,
             seen: 0,
             code: [0; 3],
         }
+    }
+
+    /// Notes the TLS version of an upgrade in `tally`.
+    pub(crate) fn with_tally(mut self, tally: Arc<SessionTally>) -> Self {
+        self.tally = Some(tally);
+        self
     }
 
     fn observe(&mut self, bytes: &[u8]) {
@@ -318,6 +443,10 @@ impl<T: Transport> Transport for CountReplies<'_, T> {
         self.inner.set_read_timeout(timeout)
     }
     fn start_tls(&mut self) -> io::Result<TlsInfo> {
-        self.inner.start_tls()
+        let info = self.inner.start_tls()?;
+        if let Some(t) = &self.tally {
+            t.set_tls(&info.version);
+        }
+        Ok(info)
     }
 }

@@ -145,6 +145,17 @@ fn fingerprint(cert: &Path, key: &Path) -> Fingerprint {
 }
 
 impl Reloading {
+    /// Reads the certificate and key files again (SIGHUP), without installing them.
+    pub fn load_files(&self) -> Result<CertifiedKey, TlsError> {
+        load_certified_key(&self.cert, &self.key)
+    }
+
+    /// Serves `ck` from the next handshake on.
+    pub fn install(&self, ck: CertifiedKey) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ck);
+        log::info!("tls: reloaded certificate {}", self.cert.display());
+    }
+
     /// Polls the files every `every`; a broken new pair is logged and the old stays.
     /// The watcher ends when `stop` is set.
     pub fn watch(self: &Arc<Self>, every: Duration, stop: Arc<AtomicBool>) {

@@ -599,3 +599,61 @@ fn dovecot_files_in_a_mailbox_tmp_survive_mailers_start_and_delivery() {
     assert!(deliver(&s, &["alice@example.org"]).starts_with("250 "));
     assert!(dovecot.exists(), "Dovecot's file in tmp/ was removed");
 }
+
+/// SPEC 2: SIGHUP re-reads `[mailboxes]` from the config file; a table that does not
+/// load is logged at ERROR and the maps in use stay.
+#[test]
+fn sighup_reloads_the_maps_and_a_broken_table_keeps_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let port = free_port();
+    let maps = |users: &str, aliases: &str| {
+        format!(
+            "[mailboxes]\nroot = {:?}\nusers = [{users}]\naliases = {{ {aliases} }}\n",
+            dir.path().join("mail").display().to_string()
+        )
+    };
+    let cfg = write_config(dir.path(), port, &spool, "", &maps("\"a@m.test\"", ""));
+    let mut p = ChildServer::start(&cfg, &[]);
+    let addr = p.ready(1)[0];
+    let rcpt = |who: &str| -> String {
+        let mut c = Client::connect(addr);
+        c.reply();
+        c.ok("EHLO client.test", 250);
+        c.ok("MAIL FROM:<s@remote.test>", 250);
+        let r = c.cmd(&format!("RCPT TO:<{who}>"));
+        c.ok("QUIT", 221);
+        r
+    };
+    assert!(rcpt("b@m.test").starts_with("550 5.1.1 "));
+    write_config(
+        dir.path(),
+        port,
+        &spool,
+        "",
+        &maps("\"a@m.test\", \"b@m.test\"", ""),
+    );
+    p.signal("HUP");
+    p.wait_log("mailboxes: loaded 2 users", 1);
+    assert_eq!(rcpt("b@m.test"), "250 2.1.5 Ok\r\n");
+    // A loop: refused, logged, and b@ still exists.
+    write_config(
+        dir.path(),
+        port,
+        &spool,
+        "",
+        &maps(
+            "\"a@m.test\"",
+            "\"x@m.test\" = [\"y@m.test\"], \"y@m.test\" = [\"x@m.test\"]",
+        ),
+    );
+    p.signal("HUP");
+    p.wait_log("alias loop", 1);
+    assert_eq!(rcpt("b@m.test"), "250 2.1.5 Ok\r\n");
+    assert!(p.log().contains("ERROR"), "{}", p.log());
+    p.signal("TERM");
+    assert!(p
+        .wait_exit(Duration::from_secs(10))
+        .expect("stop")
+        .success());
+}

@@ -263,7 +263,24 @@ fn binary_logs_one_stats_line_per_interval() {
 #[test]
 fn contrib_unit_and_config_agree() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib");
-    let cfg = mailer::Config::load(&root.join("config.service.toml")).expect("valid config");
+    let text = std::fs::read_to_string(root.join("config.service.toml")).unwrap();
+    // The spool is readable by the service's group (Dovecot, an application).
+    assert!(text.contains("\nfile_mode = \"0640\""), "{text}");
+    let cfg = mailer::Config::from_toml(&text, Path::new("config.service.toml"))
+        .or_else(|e| {
+            // A build without spool.file_mode (before that key was merged).
+            if e.to_string().contains("file_mode") {
+                let without: String = text
+                    .lines()
+                    .filter(|l| !l.starts_with("file_mode"))
+                    .map(|l| format!("{l}\n"))
+                    .collect();
+                mailer::Config::from_toml(&without, Path::new("config.service.toml"))
+            } else {
+                Err(e)
+            }
+        })
+        .expect("valid config");
     let unit = std::fs::read_to_string(root.join("mailer.service")).unwrap();
     let values = |key: &str| -> Vec<String> {
         unit.lines()
@@ -291,16 +308,19 @@ fn contrib_unit_and_config_agree() {
         .parse::<u64>()
         .unwrap();
     assert!(stop > cfg.server.shutdown_grace_secs + 5, "{stop}");
-    // The TLS files are the credentials the unit loads.
+    // Readiness, reload and a fixed service user whose group may read the spool.
+    assert_eq!(values("Type"), ["notify"]);
+    assert_eq!(values("ExecReload"), ["/bin/kill -HUP $MAINPID"]);
+    assert_eq!(values("User"), ["mailer"]);
+    assert_eq!(values("Group"), ["mailer"]);
+    assert!(values("DynamicUser").is_empty());
+    assert_eq!(values("UMask"), ["0027"]);
+    assert_eq!(values("StateDirectoryMode"), ["0750"]);
+    // The TLS files are read where SIGHUP can read them again (not a start-time copy).
     let tls = cfg.tls.expect("[tls]");
-    let creds = values("LoadCredential");
-    for (path, name) in [(&tls.cert, "cert.pem"), (&tls.key, "key.pem")] {
-        assert_eq!(
-            path,
-            &Path::new("/run/credentials/mailer.service").join(name)
-        );
-        assert!(creds
-            .iter()
-            .any(|c| c.starts_with(&format!("{name}:/etc/mailer/"))));
-    }
+    assert_eq!(tls.cert, Path::new("/etc/mailer/cert.pem"));
+    assert_eq!(tls.key, Path::new("/etc/mailer/key.pem"));
+    assert!(values("LoadCredential").is_empty());
+    // sd_notify needs a Unix socket.
+    assert!(values("RestrictAddressFamilies")[0].contains("AF_UNIX"));
 }

@@ -3,8 +3,8 @@
 //! Properties:
 //! - never panics;
 //! - an accepted mailbox is kept as written, is `local@domain` (or bare Postmaster),
-//!   respects the 64/255-octet limits, contains no control character (it goes into the
-//!   stored trace headers), reparses to itself, and is UTF-8 iff non-ASCII;
+//!   respects the 64/255-octet limits, contains no control or bidi character (it goes
+//!   into the stored trace headers and the log), reparses to itself, and is UTF-8 iff non-ASCII;
 //! - an accepted mailbox in angle brackets is accepted by `split_path` as a whole path
 //!   when it fits the 256-octet path limit, with nothing left over;
 //! - `split_path` returns an inner text within the 256-octet path limit and a rest that
@@ -25,6 +25,12 @@ fuzz_target!(|data: &[u8]| {
         assert!(
             !s.bytes().any(|b| b < 32 || b == 127),
             "control char in {s:?}"
+        );
+        // Invariant 11: no C1 control, bidi or invisible formatting character either.
+        assert!(
+            !s.chars()
+                .any(|c| c.is_control() || mailer::logsafe::is_bidi_or_invisible(c)),
+            "control or bidi character in {s:?}"
         );
         assert_eq!(a.is_utf8(), !s.is_ascii());
         assert_eq!(Address::parse(a.as_str()).as_ref(), Ok(&a));

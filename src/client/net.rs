@@ -2,13 +2,15 @@
 //! (ring provider, TLS 1.2/1.3) for STARTTLS with webpki roots, a private CA file, or
 //! no certificate verification at all.
 
-use super::job::Job;
+use super::job::{Job, StartTls};
 use super::smtp::Wire;
 use super::SendError;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{verify_server_name, WebPkiServerVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::ParsedCertificate;
 use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore, StreamOwned};
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
@@ -86,26 +88,121 @@ impl ServerCertVerifier for AnyCertificate {
 }
 
 /// The roots to trust: the job's CA file (instead of the public roots, as curl's
-/// `--cacert`), else the Mozilla roots from webpki-roots.
-fn roots(job: &Job) -> Result<RootCertStore, SendError> {
+/// `--cacert`), else the Mozilla roots from webpki-roots. Also returns the
+/// certificates of the CA file themselves: a server certificate equal to one of them
+/// is trusted as it is (a self-signed server certificate named in `ca_file`).
+fn roots(job: &Job) -> Result<(RootCertStore, Vec<CertificateDer<'static>>), SendError> {
     let mut roots = RootCertStore::empty();
     let Some(path) = &job.ca_file else {
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        return Ok(roots);
+        return Ok((roots, Vec::new()));
     };
     let ca_err = |err: String| SendError::CaFile {
         path: path.clone(),
         err,
     };
     let pem = std::fs::read(path).map_err(|e| ca_err(e.to_string()))?;
+    let mut pinned = Vec::new();
     for cert in CertificateDer::pem_slice_iter(&pem) {
         let cert = cert.map_err(|e| ca_err(e.to_string()))?;
-        roots.add(cert).map_err(|e| ca_err(e.to_string()))?;
+        // A certificate webpki cannot take as a trust anchor may still be pinned.
+        let _ = roots.add(cert.clone());
+        pinned.push(cert);
     }
-    if roots.is_empty() {
+    if pinned.is_empty() {
         return Err(ca_err("no certificate in the file".into()));
     }
-    Ok(roots)
+    Ok((roots, pinned))
+}
+
+/// Verification with the two exceptions SPEC 6 asks for:
+/// - a server certificate byte-for-byte equal to one in `ca_file` is trusted as it
+///   is, whatever its CA flag (webpki refuses a CA certificate as an end entity,
+///   `CaUsedAsEndEntity`, which is what `openssl req -x509` makes), once the name
+///   matches, as curl's `--cacert` does;
+/// - with `starttls: TRY` a failed verification does not stop the delivery
+///   (opportunistic TLS, RFC 7435 section 4; Postfix's `may` level): the session goes
+///   on encrypted and the reason is logged.
+///
+/// The handshake signature is always checked against the certificate's key.
+#[derive(Debug)]
+struct Checked {
+    inner: Arc<WebPkiServerVerifier>,
+    pinned: Vec<CertificateDer<'static>>,
+    opportunistic: bool,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for Checked {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verdict = self
+            .inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+            .or_else(|e| {
+                if self
+                    .pinned
+                    .iter()
+                    .any(|p| p.as_ref() == end_entity.as_ref())
+                {
+                    let parsed = ParsedCertificate::try_from(end_entity)?;
+                    verify_server_name(&parsed, server_name)?;
+                    Ok(ServerCertVerified::assertion())
+                } else {
+                    Err(e)
+                }
+            });
+        match verdict {
+            Err(e) if self.opportunistic => {
+                log::warn!(
+                    "client: the server certificate was not verified ({e}); going on \
+                     encrypted without authentication (starttls TRY)"
+                );
+                Ok(ServerCertVerified::assertion())
+            }
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 /// Builds the TLS client settings for `job` (before connecting, so that a bad CA file
@@ -116,8 +213,19 @@ pub(crate) fn tls_setup(job: &Job) -> Result<TlsSetup, SendError> {
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| SendError::Tls(e.to_string()))?;
     let config = if job.tls_verify {
+        let (roots, pinned) = roots(job)?;
+        let inner =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+                .build()
+                .map_err(|e| SendError::Tls(e.to_string()))?;
         builder
-            .with_root_certificates(roots(job)?)
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Checked {
+                inner,
+                pinned,
+                opportunistic: job.starttls == StartTls::Try,
+                provider,
+            }))
             .with_no_client_auth()
     } else {
         builder
@@ -130,7 +238,7 @@ pub(crate) fn tls_setup(job: &Job) -> Result<TlsSetup, SendError> {
         Ok(ip) => Some(ServerName::IpAddress(ip.into())),
         Err(_) => match ServerName::try_from(host.to_string()) {
             Ok(n) => Some(n),
-            Err(e) if job.tls_verify => {
+            Err(e) if job.tls_verify && job.starttls != StartTls::Try => {
                 return Err(SendError::Tls(format!(
                     "{host:?} cannot be checked against a certificate: {e}"
                 )))

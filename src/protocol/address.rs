@@ -18,6 +18,9 @@ pub enum AddressError {
     Syntax(&'static str),
     /// A part exceeds the RFC 5321 §4.5.3.1 limit.
     TooLong(&'static str),
+    /// A control or bidi formatting character: never part of a real address, and
+    /// dangerous downstream (logs, trace headers, mail clients showing the address).
+    Forbidden(&'static str),
 }
 
 impl fmt::Display for AddressError {
@@ -25,6 +28,7 @@ impl fmt::Display for AddressError {
         match self {
             AddressError::Syntax(what) => write!(f, "Bad address syntax: {what}"),
             AddressError::TooLong(what) => write!(f, "Address too long: {what}"),
+            AddressError::Forbidden(what) => write!(f, "Bad address: {what}"),
         }
     }
 }
@@ -41,6 +45,7 @@ pub struct Address {
 impl Address {
     /// Parses a mailbox without angle brackets, e.g. `"a b"@example.org`.
     pub fn parse(s: &str) -> Result<Address, AddressError> {
+        check_characters(s)?;
         if s.eq_ignore_ascii_case("postmaster") {
             return Ok(Address {
                 text: s.to_string(),
@@ -119,6 +124,26 @@ impl fmt::Display for ReversePath {
     }
 }
 
+/// Refuses C0 and C1 control characters, DEL, and the bidi marks, embeddings,
+/// overrides and isolates (and other invisible format characters). RFC 5321 never
+/// allows a control in a mailbox (not even quoted: qtextSMTP is %d32-126), and RFC 6531
+/// allows UTF-8 only as characters a user can read and type: U+0080–U+009F (e.g. the
+/// 8-bit CSI U+009B) or U+202E would reach logs and mail clients as terminal escapes or
+/// as text shown in another order than it is matched ("Trojan Source", CVE-2021-42574).
+pub fn check_characters(s: &str) -> Result<(), AddressError> {
+    for c in s.chars() {
+        if c.is_control() {
+            return Err(AddressError::Forbidden("control character in address"));
+        }
+        if crate::logsafe::is_bidi_or_invisible(c) {
+            return Err(AddressError::Forbidden(
+                "bidirectional or invisible formatting character in address",
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Splits `<path> params…` (the text after `FROM:` or `TO:`) into the path's inner
 /// mailbox text (source route removed; empty for `<>`) and the rest of the line.
 pub fn split_path(arg: &str) -> Result<(&str, &str), AddressError> {
@@ -133,12 +158,15 @@ pub fn split_path(arg: &str) -> Result<(&str, &str), AddressError> {
         if end + 2 > MAX_PATH {
             return Err(AddressError::TooLong("path over 256 octets"));
         }
+        check_characters(&arg[..end])?;
         return Ok((&arg[..end], &arg[end..]));
     }
     let close = path_end(arg)?;
     if close + 1 > MAX_PATH {
         return Err(AddressError::TooLong("path over 256 octets"));
     }
+    // Here and not only in `Address::parse`: a source route is dropped unparsed.
+    check_characters(&arg[1..close])?;
     let mut inner = &arg[1..close];
     let rest = &arg[close + 1..];
     if !rest.is_empty() && !rest.starts_with(' ') {
@@ -399,6 +427,41 @@ mod tests {
         assert!(split_path("<@bad_route:a@x.test>").is_err());
         let long = format!("<{}@{}>", "a".repeat(64), "b".repeat(200));
         assert!(matches!(split_path(&long), Err(AddressError::TooLong(_))));
+    }
+
+    /// Invariant 11: controls (C0, DEL, C1 as UTF-8) and bidi/invisible formatting
+    /// characters are refused wherever they are: local part (quoted or not), domain,
+    /// source route.
+    #[test]
+    fn controls_and_bidi_are_forbidden() {
+        for bad in [
+            "a\u{9b}b@x.test",
+            "a@x\u{85}.test",
+            "\"a\tb\"@x.test",
+            "\"a\u{7f}\"@x.test",
+            "evil\u{202e}gpj@x.test",
+            "a@\u{2066}x.test",
+            "a\u{200f}@x.test",
+            "a\u{200e}@x.test",
+            "a@x.test\u{2069}",
+            "\u{feff}a@x.test",
+        ] {
+            assert!(
+                matches!(mailbox(bad), Err(AddressError::Forbidden(_))),
+                "{bad:?} should be forbidden"
+            );
+        }
+        assert!(matches!(
+            split_path("<@r\u{202a}.test:a@x.test>"),
+            Err(AddressError::Forbidden(_))
+        ));
+        assert!(matches!(
+            split_path("a\u{9b}@x.test SIZE=1"),
+            Err(AddressError::Forbidden(_))
+        ));
+        // Ordinary international text is not affected.
+        assert!(mailbox("jörg@bücher.example").is_ok());
+        assert!(mailbox("אבג@x.test").is_ok());
     }
 
     /// Fuzz finding (target `address`): `a@[x:>]` and `a@[x:"]` were valid mailboxes

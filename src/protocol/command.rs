@@ -63,13 +63,6 @@ fn bad_address(e: AddressError) -> Reply {
 pub fn parse(line: &[u8]) -> Result<Command, Reply> {
     let line = std::str::from_utf8(line)
         .map_err(|_| Reply::new(500, Enhanced(5, 5, 2), "Error: command is not valid UTF-8"))?;
-    if line.bytes().any(|b| b < 32 && b != b'\t' || b == 127) {
-        return Err(Reply::new(
-            500,
-            Enhanced(5, 5, 2),
-            "Error: control character in command",
-        ));
-    }
     let (verb, arg) = match line.find(' ') {
         Some(i) => (&line[..i], &line[i + 1..]),
         None => (line, ""),
@@ -93,6 +86,28 @@ pub fn parse(line: &[u8]) -> Result<Command, Reply> {
         }
         _ => "",
     };
+    let control = line.bytes().any(|b| b < 32 && b != b'\t' || b == 127);
+    let control_reply = || {
+        Reply::new(
+            500,
+            Enhanced(5, 5, 2),
+            "Error: control character in command",
+        )
+    };
+    // A control character in a MAIL/RCPT address is an address error (553 5.1.3,
+    // invariant 11), so those two commands parse first; whatever else carries one
+    // is refused as a whole, before anything of it is looked at.
+    let envelope = matches!(verb_uc, "MAIL" | "RCPT");
+    if control && !envelope {
+        return Err(control_reply());
+    }
+    let no_control = |cmd: Command| {
+        if control {
+            Err(control_reply())
+        } else {
+            Ok(cmd)
+        }
+    };
     match verb_uc {
         "HELO" | "EHLO" => {
             if arg_t.is_empty() || arg_t.contains(' ') {
@@ -105,8 +120,8 @@ pub fn parse(line: &[u8]) -> Result<Command, Reply> {
                 Command::Helo(name)
             })
         }
-        "MAIL" => parse_mail(arg),
-        "RCPT" => parse_rcpt(arg),
+        "MAIL" => parse_mail(arg).and_then(no_control),
+        "RCPT" => parse_rcpt(arg).and_then(no_control),
         "DATA" => no_arg(Command::Data, "DATA"),
         "BDAT" => parse_bdat(arg_t),
         "RSET" => no_arg(Command::Rset, "RSET"),
@@ -158,7 +173,11 @@ fn parse_mail(arg: &str) -> Result<Command, Reply> {
     }
     let mut p = MailParams::default();
     for (key, value) in esmtp_params(params)? {
-        let dup = || syntax(&format!("duplicate parameter {key}"));
+        // The same parameter twice is harmless when it says the same thing twice:
+        // Python's smtplib.send_message adds SMTPUTF8 and BODY=8BITMIME itself and
+        // again from mail_options. Postfix accepts that; two different values are
+        // a contradiction, refused 501 5.5.4.
+        let dup = || syntax(&format!("conflicting values for parameter {key}"));
         match key.to_ascii_uppercase().as_str() {
             "SIZE" => {
                 let v = value.ok_or_else(|| syntax("SIZE=number"))?;
@@ -168,7 +187,7 @@ fn parse_mail(arg: &str) -> Result<Command, Reply> {
                     return Err(syntax("SIZE=number"));
                 }
                 let n = v.parse::<u64>().unwrap_or(u64::MAX);
-                if p.size.replace(n).is_some() {
+                if p.size.replace(n).is_some_and(|old| old != n) {
                     return Err(dup());
                 }
             }
@@ -188,7 +207,7 @@ fn parse_mail(arg: &str) -> Result<Command, Reply> {
                 } else {
                     return Err(syntax("BODY=7BIT|8BITMIME"));
                 };
-                if p.body.replace(body).is_some() {
+                if p.body.replace(body).is_some_and(|old| old != body) {
                     return Err(dup());
                 }
             }
@@ -196,13 +215,11 @@ fn parse_mail(arg: &str) -> Result<Command, Reply> {
                 if value.is_some() {
                     return Err(syntax("SMTPUTF8 takes no value"));
                 }
-                if std::mem::replace(&mut p.smtputf8, true) {
-                    return Err(dup());
-                }
+                p.smtputf8 = true;
             }
             "AUTH" => {
                 let v = value.ok_or_else(|| syntax("AUTH=identity"))?;
-                if p.auth.replace(v.to_string()).is_some() {
+                if p.auth.replace(v.to_string()).is_some_and(|old| old != v) {
                     return Err(dup());
                 }
             }
@@ -240,9 +257,17 @@ fn esmtp_params(s: &str) -> Result<Vec<(&str, Option<&str>)>, Reply> {
         };
         let key_ok = k.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
             && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
-        let value_ok = v.is_none_or(|v| !v.is_empty() && !v.contains('='));
+        // esmtp-value: printable characters other than `=` (RFC 5321 §4.1.2), UTF-8
+        // allowed (RFC 6531 §3.3); never a control.
+        let value_ok = v.is_none_or(|v| {
+            !v.is_empty() && !v.contains('=') && !v.chars().any(crate::logsafe::needs_escape)
+        });
         if !key_ok || !value_ok {
-            return Err(syntax(&format!("bad parameter {item}")));
+            // Echoed in the reply: escaped, so the client gets no control back.
+            return Err(syntax(&format!(
+                "bad parameter {}",
+                crate::logsafe::escape_log(item)
+            )));
         }
         out.push((k, v));
     }
@@ -318,6 +343,8 @@ mod tests {
         };
         assert_eq!(p.size, Some(u64::MAX));
         assert_eq!(code("MAIL FROM:<a@x.test> SIZE=1 SIZE=2"), 501);
+        assert_eq!(code("MAIL FROM:<a@x.test> BODY=7BIT BODY=8BITMIME"), 501);
+        assert_eq!(code("MAIL FROM:<a@x.test> AUTH=<> AUTH=a+40b"), 501);
         assert_eq!(code("MAIL FROM:<a@x.test> BODY=9BIT"), 501);
         assert_eq!(code("MAIL FROM:<a@x.test> BODY=BINARYMIME"), 555);
         assert_eq!(code("MAIL FROM:<a@x.test> RET=FULL"), 555);
@@ -325,6 +352,41 @@ mod tests {
         assert_eq!(code("MAIL FROM:<bad address@x.test>"), 553);
         assert_eq!(code("MAIL FROM:<a@x.test"), 553);
         assert_eq!(code("MAIL FROM:<postmaster>"), 553);
+    }
+
+    /// SPEC 4: a repeated parameter with the same value is accepted (as smtplib sends
+    /// `SMTPUTF8 BODY=8BITMIME` twice with mail_options); values compare as parsed.
+    #[test]
+    fn repeated_identical_parameters_are_accepted() {
+        let Command::Mail(_, p) = parse(
+            b"MAIL FROM:<a@x.test> SMTPUTF8 BODY=8BITMIME SMTPUTF8 BODY=8bitmime SIZE=10 SIZE=10",
+        )
+        .unwrap() else {
+            panic!("not MAIL")
+        };
+        assert!(p.smtputf8);
+        assert_eq!(p.body, Some(Body::EightBitMime));
+        assert_eq!(p.size, Some(10));
+        assert!(parse(b"MAIL FROM:<a@x.test> AUTH=<> AUTH=<>").is_ok());
+    }
+
+    /// Invariant 11: a control character inside a MAIL/RCPT address is an address
+    /// error (553 5.1.3); anywhere else it refuses the line (500 5.5.2).
+    #[test]
+    fn control_characters_in_envelope_commands() {
+        let e = parse(b"MAIL FROM:<a\x01b@x.test>").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "553 5.1.3 Bad address: control character in address"
+        );
+        let e = parse("RCPT TO:<a\u{9b}b@x.test>".as_bytes()).unwrap_err();
+        assert_eq!((e.code, e.enhanced), (553, Some(Enhanced(5, 1, 3))));
+        let e = parse("RCPT TO:<a\u{202e}b@x.test>".as_bytes()).unwrap_err();
+        assert_eq!((e.code, e.enhanced), (553, Some(Enhanced(5, 1, 3))));
+        assert_eq!(code("MAIL FROM:<a@x.test> SIZE=1\x01"), 501);
+        assert_eq!(code("MAIL FROM:<a@x.test> \x01"), 501);
+        assert_eq!(code("HELO a\x01b"), 500);
+        assert_eq!(code("MAIL\x01FROM:<a@x.test>"), 500);
     }
 
     #[test]

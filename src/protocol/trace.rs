@@ -38,41 +38,98 @@ pub fn ip_literal(ip: IpAddr) -> String {
     }
 }
 
+/// The longest a client-supplied name (HELO name, AUTH user) may be in a trace
+/// header, escapes included; longer ones are cut and end in `...`. A real host name is
+/// at most 255 octets (RFC 1035 §2.3.4), so this cuts only junk.
+pub const MAX_TRACE_NAME: usize = 255;
+
+/// Where a trace line is folded before its next clause (RFC 5322 §2.1.1 asks for 78
+/// as a SHOULD and forbids more than 998). The usual Received line (short HELO name,
+/// host name and user) stays on one line, as it always was; a longer one is folded
+/// before `by` and before the comment, each of which is bounded, so no line of the
+/// block can pass 998 octets whatever the client sends.
+const FOLD_AT: usize = 100;
+
 /// The header block: Return-Path, one X-Original-To per recipient, Received.
+///
+/// Addresses need no treatment here: the parser refused controls and bidi characters
+/// in them and bounds a path to 256 octets (so `Return-Path: <…>` is at most 270), and
+/// the session refused 8-bit addresses without SMTPUTF8 (553 5.6.7).
 pub fn headers(from: &ReversePath, rcpts: &[Address], t: &Trace<'_>, now: SystemTime) -> Vec<u8> {
     let mut h = String::with_capacity(256);
     h.push_str(&format!("Return-Path: <{from}>\r\n"));
     for r in rcpts {
         h.push_str(&format!("X-Original-To: {r}\r\n"));
     }
+    let mut line = format!(
+        "Received: from {} ({})",
+        trace_name(t.helo, t.smtputf8, false),
+        ip_literal(t.client_ip)
+    );
+    let by = format!(" by {} with {}", t.hostname, t.protocol());
     // The user goes in the comment allowed before ID (RFC 5321 §4.4 Opt-info CFWS).
-    let auth = match t.auth_user {
-        Some(u) => format!(" (authenticated as {})", sanitize(u)),
-        None => String::new(),
-    };
+    let auth = t
+        .auth_user
+        .map(|u| format!(" (authenticated as {})", trace_name(u, t.smtputf8, true)));
+    for clause in std::iter::once(by).chain(auth) {
+        if line.len() + clause.len() > FOLD_AT {
+            // Folding whitespace: CRLF then the clause's own leading space, indented.
+            h.push_str(&line);
+            h.push_str("\r\n       ");
+            line.clear();
+        }
+        line.push_str(&clause);
+    }
+    h.push_str(&line);
     h.push_str(&format!(
-        "Received: from {} ({}) by {} with {}{auth}\r\n        id {} ; {}\r\n",
-        sanitize(t.helo),
-        ip_literal(t.client_ip),
-        t.hostname,
-        t.protocol(),
+        "\r\n        id {} ; {}\r\n",
         t.queue_id,
         rfc5322_date(now)
     ));
     h.into_bytes()
 }
 
-/// HELO names and user names are client input: keep them from breaking the header.
-fn sanitize(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_control() || c == '(' || c == ')' {
-                '_'
-            } else {
-                c
+/// A client-supplied name as it may appear in a trace header (invariant 11).
+///
+/// Kept as is: printable ASCII, and, in an SMTPUTF8 message (RFC 6532 allows UTF-8 in
+/// its header fields), printable non-ASCII characters. Everything else is written as
+/// `\xNN` per octet of its UTF-8 form: controls, bidi and invisible formatting
+/// characters, any 8-bit character of a non-SMTPUTF8 message (whose header must stay
+/// ASCII, RFC 5322 §2.2), the parentheses (they would open or close a comment
+/// early) and the backslash itself (so an escape always means an escaped octet).
+/// Postfix replaces such characters with `?`; the escape keeps what the client sent
+/// readable for whoever investigates a message. Spaces stay in a user name (inside a
+/// comment); a HELO name cannot contain one. The result is at most
+/// [`MAX_TRACE_NAME`] octets, cut between characters and ending in `...` if longer.
+pub fn trace_name(s: &str, utf8: bool, space_ok: bool) -> String {
+    let mut out = String::with_capacity(s.len().min(MAX_TRACE_NAME));
+    // Where to cut if the whole does not fit: the last character boundary that leaves
+    // room for the `...`.
+    let mut cut = 0;
+    for c in s.chars() {
+        let keep = match c {
+            '(' | ')' | '\\' => false,
+            ' ' => space_ok,
+            '!'..='~' => true,
+            _ => utf8 && !c.is_ascii() && !crate::logsafe::needs_escape(c),
+        };
+        if keep {
+            out.push(c);
+        } else {
+            let mut buf = [0u8; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                out.push_str(&format!("\\x{b:02x}"));
             }
-        })
-        .collect()
+        }
+        if out.len() <= MAX_TRACE_NAME - 3 {
+            cut = out.len();
+        } else if out.len() > MAX_TRACE_NAME {
+            out.truncate(cut);
+            out.push_str("...");
+            return out;
+        }
+    }
+    out
 }
 
 /// An RFC 5322 §3.3 date in UTC, e.g. `Mon, 23 Nov 2026 02:50:18 +0000`.
@@ -150,6 +207,86 @@ mod tests {
              Received: from client.test ([127.0.0.1]) by mx.test with ESMTPS\r\n        \
              id Q1 ; Thu, 01 Jan 1970 00:00:00 +0000\r\n"
         );
+    }
+
+    fn trace(helo: &str, smtputf8: bool, auth_user: Option<&'static str>) -> String {
+        let t = Trace {
+            helo,
+            client_ip: "192.0.2.1".parse().unwrap(),
+            hostname: "mx.test",
+            tls: false,
+            auth_user,
+            smtputf8,
+            queue_id: "Q1",
+        };
+        let rcpts = [Address::parse("b@y.test").unwrap()];
+        String::from_utf8(headers(&ReversePath::Null, &rcpts, &t, UNIX_EPOCH)).unwrap()
+    }
+
+    /// Invariant 11: a 990-octet HELO name is cut to 255 octets ending in `...`, the
+    /// Received header is folded before `by`, and no line passes 998 octets.
+    #[test]
+    fn long_helo_is_cut_and_folded() {
+        let helo = "a".repeat(990);
+        let h = trace(&helo, false, Some("alice"));
+        let cut = format!("{}...", "a".repeat(252));
+        assert_eq!(
+            h,
+            format!(
+                "Return-Path: <>\r\nX-Original-To: b@y.test\r\n\
+                 Received: from {cut} ([192.0.2.1])\r\n        \
+                 by mx.test with ESMTPA (authenticated as alice)\r\n        \
+                 id Q1 ; Thu, 01 Jan 1970 00:00:00 +0000\r\n"
+            )
+        );
+        assert!(h.split("\r\n").all(|l| l.len() <= 998));
+    }
+
+    /// Invariant 11: without SMTPUTF8 the trace stays ASCII (each octet of a non-ASCII
+    /// character as `\xNN`); with it, printable UTF-8 stays and controls/bidi do not.
+    #[test]
+    fn helo_encoding() {
+        assert_eq!(
+            trace_name("bücher.test", false, false),
+            "b\\xc3\\xbccher.test"
+        );
+        assert_eq!(trace_name("bücher.test", true, false), "bücher.test");
+        assert_eq!(
+            trace_name("a\u{202e}b\u{9b}(c)\\\t", true, false),
+            "a\\xe2\\x80\\xaeb\\xc2\\x9b\\x28c\\x29\\x5c\\x09"
+        );
+        assert_eq!(trace_name("Al Ice", false, true), "Al Ice");
+        assert_eq!(trace_name("a b", false, false), "a\\x20b");
+        let h = trace(&"ü".repeat(400), false, Some("jörg"));
+        assert!(h.is_ascii(), "{h}");
+        assert!(h.contains(" (authenticated as j\\xc3\\xb6rg)"), "{h}");
+        // Escapes are never split by the cut: 63 whole escapes (252 octets), then `...`.
+        let name = trace_name(&"\u{1}".repeat(100), false, false);
+        assert_eq!(name, format!("{}...", "\\x01".repeat(63)));
+        // Exactly at the limit: kept whole.
+        let name = trace_name(&"a".repeat(MAX_TRACE_NAME), false, false);
+        assert_eq!(name.len(), MAX_TRACE_NAME);
+        assert!(!name.ends_with("..."));
+        // The longest possible addresses still give short lines.
+        let local = "a".repeat(64);
+        let long = format!(
+            "{local}@{}bbbb.test",
+            format!("{}.", "b".repeat(59)).repeat(3)
+        );
+        assert_eq!(long.len(), 254);
+        let from = ReversePath::Mailbox(Address::parse(&long).unwrap());
+        let t = Trace {
+            helo: "h",
+            client_ip: "::1".parse().unwrap(),
+            hostname: "x",
+            tls: false,
+            auth_user: None,
+            smtputf8: false,
+            queue_id: "q",
+        };
+        let h = headers(&from, &[Address::parse(&long).unwrap()], &t, UNIX_EPOCH);
+        let h = String::from_utf8(h).unwrap();
+        assert!(h.split("\r\n").all(|l| l.len() <= 998), "{h}");
     }
 
     #[test]

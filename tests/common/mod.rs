@@ -342,6 +342,11 @@ impl Client {
         Ok(())
     }
 
+    /// Reads one raw line (with its CRLF) into `line`; 0 at EOF.
+    pub fn read_line(&mut self, line: &mut String) -> std::io::Result<usize> {
+        self.io.as_mut().expect("stream").read_line(line)
+    }
+
     pub fn tcp(&self) -> &TcpStream {
         &self.tcp
     }
