@@ -62,6 +62,7 @@ pub struct Config {
     pub spool: SpoolConfig,
     pub policy: PolicyConfig,
     pub auth: Option<AuthConfig>,
+    pub mailboxes: Option<MailboxesConfig>,
     pub metrics: MetricsConfig,
     /// `[[milter]]` tables, called in this order (SPEC 9).
     pub milter: Vec<MilterConfig>,
@@ -228,6 +229,35 @@ pub struct User {
     pub password_hash: String,
 }
 
+/// `[mailboxes]` (SPEC 8): recipients validated at RCPT and delivered per mailbox.
+/// The maps themselves are built and checked by [`crate::mailboxes`].
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MailboxesConfig {
+    /// Mailbox `a@d.test` is the Maildir `<root>/d.test/a/`.
+    pub root: PathBuf,
+    /// Addresses that have a mailbox.
+    pub users: Vec<String>,
+    /// One address per line, `#` comments; empty: none. Re-read when it changes.
+    pub users_file: PathBuf,
+    /// `address` or `@domain` (catch-all) to a list of target addresses.
+    pub aliases: std::collections::BTreeMap<String, Vec<String>>,
+    /// Each character separates a local part from its extension; empty: off.
+    pub recipient_delimiter: String,
+}
+
+impl Default for MailboxesConfig {
+    fn default() -> MailboxesConfig {
+        MailboxesConfig {
+            root: "mail".into(),
+            users: Vec::new(),
+            users_file: PathBuf::new(),
+            aliases: Default::default(),
+            recipient_delimiter: "+".into(),
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Config {
         Config {
@@ -238,6 +268,7 @@ impl Default for Config {
             spool: SpoolConfig::default(),
             policy: PolicyConfig::default(),
             auth: None,
+            mailboxes: None,
             metrics: MetricsConfig::default(),
             milter: Vec::new(),
         }
@@ -415,6 +446,9 @@ impl Config {
             if crate::protocol::address::check_domain(d).is_err() {
                 return err("policy.accept_domains", format!("{d:?} is not a domain"));
             }
+        }
+        if let Some(m) = &self.mailboxes {
+            crate::mailboxes::check_inline(m).map_err(|(k, e)| (format!("mailboxes.{k}"), e))?;
         }
         if let Some(a) = &self.auth {
             for u in &a.users {

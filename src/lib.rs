@@ -37,6 +37,7 @@ pub mod delivery;
 pub mod hooks;
 pub mod logfmt;
 pub mod logsafe;
+pub mod mailboxes;
 pub mod metrics;
 pub mod milter;
 pub mod preflight;

@@ -7,6 +7,7 @@ use crate::config::DataSyncPolicy;
 use crate::connection::{Connection, End, Lifecycle, WireLimits};
 use crate::delivery::Router;
 use crate::hooks::{Chain, Hooks, NoHooks, Policy, SessionInfo};
+use crate::mailboxes::{Mailboxes, RecipientCheck};
 use crate::protocol::proxy::{self, Parse};
 use crate::protocol::reply::{Enhanced, Reply};
 use crate::session::{AuthSettings, Session, Settings};
@@ -37,6 +38,8 @@ pub enum ServerError {
     Tls(TlsError),
     /// Bad `[auth]` users (a configuration error).
     Auth(AuthError),
+    /// Bad `[mailboxes]` maps (a configuration error).
+    Mailboxes(String),
     /// The spool directory cannot be prepared.
     Spool { dir: String, err: io::Error },
     /// A listen address cannot be bound.
@@ -59,6 +62,7 @@ impl ServerError {
                 | ServerError::Auth(_)
                 | ServerError::Config { .. }
                 | ServerError::Milter(_)
+                | ServerError::Mailboxes(_)
         )
     }
 }
@@ -68,6 +72,7 @@ impl fmt::Display for ServerError {
         match self {
             ServerError::Tls(e) => e.fmt(f),
             ServerError::Auth(e) => e.fmt(f),
+            ServerError::Mailboxes(e) => e.fmt(f),
             ServerError::Spool { dir, err } => write!(f, "spool.dir {dir}: {err}"),
             ServerError::Bind { addr, err } => write!(f, "cannot listen on {addr}: {err}"),
             ServerError::Thread(e) => write!(f, "cannot start a thread: {e}"),
@@ -264,14 +269,33 @@ impl ServerBuilder {
         if let Some(f) = self.faults {
             server.faults = f;
         }
-        server
+        if self.router.is_some() {
+            server.router = self.router;
+        }
+        let mut reloaders = self.reloaders;
+        // SIGHUP re-reads the mailbox maps (SPEC 2), first among the reloaders so that
+        // a later one that fails rolls them back too. Without [mailboxes] at start
+        // there is no RCPT check or router to feed: adding the table needs a restart.
+        let mailbox_reloader: Reloader = match server.mailboxes.clone() {
+            Some(m) => Box::new(move |c: &Config| m.reload(c)),
+            None => Box::new(|c: &Config| {
+                if c.mailboxes.is_some() {
+                    log::warn!("reload: [mailboxes] was added; it takes effect at the next start");
+                }
+                Ok(())
+            }),
+        };
+        reloaders.insert(0, mailbox_reloader);
+        let mut state = server
             .handle
             .reload
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .reloaders
-            .extend(self.reloaders);
-        server.router = self.router;
+            .unwrap_or_else(|p| p.into_inner());
+        // The server's own reloaders (milters) follow the mailbox maps, then the embedder's.
+        let own = std::mem::take(&mut state.reloaders);
+        reloaders.splice(1..1, own);
+        state.reloaders = reloaders;
+        drop(state);
         Ok(server)
     }
 }
@@ -288,6 +312,7 @@ pub struct Server {
     stop_rx: Receiver<()>,
     handle: Handle,
     faults: Arc<dyn Faults>,
+    mailboxes: Option<Arc<Mailboxes>>,
     router: Option<Arc<dyn Router>>,
 }
 
@@ -466,8 +491,20 @@ impl Server {
             require_tls: config.tls.as_ref().is_some_and(|t| t.require_tls),
             auth,
         });
-        let mut chain: Vec<Arc<dyn Hooks>> =
-            vec![Arc::new(Policy::new(&config.policy.accept_domains))];
+        let policy = Policy::new(&config.policy.accept_domains);
+        let mailboxes = match &config.mailboxes {
+            Some(m) => Some(Arc::new(
+                Mailboxes::new(m, &config.spool.dir).map_err(ServerError::Mailboxes)?,
+            )),
+            None => None,
+        };
+        // With [mailboxes], its RCPT check judges mailbox-domain recipients and leaves
+        // the others to [policy].
+        let first: Arc<dyn Hooks> = match &mailboxes {
+            Some(m) => Arc::new(RecipientCheck::new(Arc::clone(m), Some(policy))),
+            None => Arc::new(policy),
+        };
+        let mut chain: Vec<Arc<dyn Hooks>> = vec![first];
         // The milters run after [policy], in configuration order (SPEC 9).
         let mut reloaders: Vec<Reloader> = Vec::new();
         if !config.milter.is_empty() {
@@ -531,8 +568,15 @@ impl Server {
             stop_rx,
             handle,
             faults: Arc::new(NoFaults),
-            router: None,
+            // With [mailboxes] the maps route delivery; an embedder's router wins.
+            router: mailboxes.clone().map(|m| m as Arc<dyn Router>),
+            mailboxes,
         })
+    }
+
+    /// The live `[mailboxes]` maps, for reloading them (SIGHUP).
+    pub fn mailboxes(&self) -> Option<Arc<Mailboxes>> {
+        self.mailboxes.clone()
     }
 
     /// A handle to stop the server and read its addresses and counters.
@@ -543,6 +587,11 @@ impl Server {
     /// Runs until [`Handle::shutdown`]; then stops gracefully and returns.
     pub fn run(self) -> Result<(), ServerError> {
         let cfg = &self.config;
+        // Before the spool opens (so before any delivery): a crash's debris in the
+        // mailboxes' tmp/ (invariant 1).
+        if let Some(m) = &cfg.mailboxes {
+            crate::mailboxes::clear_debris(&m.root, &cfg.hostname);
+        }
         let spool_opts = cfg
             .spool
             .file_mode()
@@ -576,6 +625,9 @@ impl Server {
         let reload_stop = Arc::new(AtomicBool::new(false));
         if let Some((_, resolver)) = &self.tls {
             resolver.watch(Duration::from_secs(1), Arc::clone(&reload_stop));
+        }
+        if let Some(m) = &self.mailboxes {
+            m.watch(Duration::from_secs(1), Arc::clone(&reload_stop));
         }
         let workers = cfg.server.workers;
         // A rendezvous channel: a socket is handed over only to an idle worker, so when
