@@ -7,10 +7,11 @@
 //! Runs with `config.toml` from the current directory by default, until Ctrl-C.
 //! Try it with `swaks --server 127.0.0.1:2525 --to you@example.org`.
 
-use mailer::hooks::{Envelope, Header, Hooks, SessionError, SessionInfo};
+use mailer::hooks::{DataVerdict, Envelope, Hooks, SessionError, SessionInfo};
 use mailer::protocol::address::{Address, ReversePath};
 use mailer::protocol::command::MailParams;
-use mailer::{Config, Reply, Server};
+use mailer::{Config, Enhanced, Reply, Server};
+use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 
 /// Accepts everything and logs each event with the session id.
@@ -54,25 +55,50 @@ impl Hooks for LogEvents {
         Ok(())
     }
 
-    /// Asking for the content makes the server hold each message in memory until this
-    /// returns (streaming to disk is the default); fine for a demo.
+    /// Asking for the content makes the server write each message a second time (the
+    /// content is read back from the spool file, never held in memory).
     fn wants_data(&self) -> bool {
         true
     }
 
-    fn data(&self, s: &SessionInfo, e: &Envelope, content: &[u8]) -> Result<Vec<Header>, Reply> {
-        let subject = content
-            .split(|&b| b == b'\n')
-            .take_while(|line| *line != b"\r" && !line.is_empty())
-            .find(|line| line.len() > 8 && line[..8].eq_ignore_ascii_case(b"subject:"))
-            .map(|line| String::from_utf8_lossy(&line[8..]).trim().to_string());
+    fn data(
+        &self,
+        s: &SessionInfo,
+        e: &Envelope,
+        content: &mut dyn Read,
+    ) -> Result<DataVerdict, Reply> {
+        // Only the header section is looked at, a line at a time.
+        let mut subject = None;
+        let mut size = 0u64;
+        let mut in_headers = true;
+        let mut line = Vec::new();
+        let mut reader = BufReader::new(content);
+        loop {
+            line.clear();
+            let n = reader
+                .read_until(b'\n', &mut line)
+                .map_err(|_| Reply::new(451, Enhanced(4, 3, 0), "Error: read error"))?;
+            if n == 0 {
+                break;
+            }
+            size += n as u64;
+            if line == b"\r\n" || line == b"\n" {
+                in_headers = false;
+            }
+            if in_headers
+                && subject.is_none()
+                && line.len() > 8
+                && line[..8].eq_ignore_ascii_case(b"subject:")
+            {
+                subject = Some(String::from_utf8_lossy(&line[8..]).trim().to_string());
+            }
+        }
         log::info!(
-            "[{}] data: {} bytes for {} recipient(s), subject {subject:?}",
+            "[{}] data: {size} bytes for {} recipient(s), subject {subject:?}",
             s.id,
-            content.len(),
             e.rcpts.len()
         );
-        Ok(Vec::new())
+        Ok(DataVerdict::default())
     }
 
     fn error(&self, s: &SessionInfo, err: &SessionError) {

@@ -62,7 +62,46 @@ pub struct Config {
     pub spool: SpoolConfig,
     pub policy: PolicyConfig,
     pub auth: Option<AuthConfig>,
+    pub mailboxes: Option<MailboxesConfig>,
     pub metrics: MetricsConfig,
+    /// `[[milter]]` tables, called in this order (SPEC 9).
+    pub milter: Vec<MilterConfig>,
+}
+
+/// One `[[milter]]` table; the timeouts are Postfix's milter_*_timeout.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MilterConfig {
+    /// `inet:host:port` or `unix:/path` (Postfix syntax).
+    pub address: String,
+    pub connect_timeout_secs: u64,
+    pub command_timeout_secs: u64,
+    pub content_timeout_secs: u64,
+    pub default_action: DefaultAction,
+}
+
+/// What a milter that is down, slow or malformed costs the client (SPEC 9).
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultAction {
+    /// 451 4.7.1
+    Tempfail,
+    /// The milter is skipped.
+    Accept,
+    /// 550 5.7.1
+    Reject,
+}
+
+impl Default for MilterConfig {
+    fn default() -> MilterConfig {
+        MilterConfig {
+            address: String::new(),
+            connect_timeout_secs: 30,
+            command_timeout_secs: 30,
+            content_timeout_secs: 300,
+            default_action: DefaultAction::Tempfail,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -126,6 +165,46 @@ impl From<BareLfPolicy> for BareLf {
 pub struct SpoolConfig {
     pub dir: PathBuf,
     pub fsync: bool,
+    /// Octal permissions of stored files, e.g. "0640"; directories get the same bits
+    /// plus x (see [`SpoolConfig::file_mode`]).
+    pub file_mode: String,
+    /// How message data is made durable (with `fsync`): "file", one fdatasync per
+    /// message by its session, or "batch", one syncfs per batch by the spool writer
+    /// (for a spool on a filesystem of its own; see `spool::DataSync`).
+    pub data_sync: DataSyncPolicy,
+}
+
+/// `[spool] data_sync`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataSyncPolicy {
+    #[default]
+    File,
+    Batch,
+}
+
+impl SpoolConfig {
+    /// `file_mode` as bits: owner read and write, group at most read and write, others
+    /// at most read; never x, set-id or sticky bits (stored mail is data, and a
+    /// world-writable spool would let anyone forge messages).
+    pub fn file_mode(&self) -> Result<u32, String> {
+        let s = self.file_mode.trim();
+        let digits = s.strip_prefix("0o").unwrap_or(s);
+        let mode = (!digits.is_empty() && digits.len() <= 4)
+            .then(|| u32::from_str_radix(digits, 8).ok())
+            .flatten()
+            .ok_or_else(|| format!("{:?} is not an octal mode such as \"0640\"", self.file_mode))?;
+        if mode & 0o600 != 0o600 {
+            return Err(format!("{s}: the owner must be able to read and write"));
+        }
+        if mode & !0o666 != 0 {
+            return Err(format!("{s}: no execute, set-id or sticky bits"));
+        }
+        if mode & 0o002 != 0 {
+            return Err(format!("{s}: must not be world-writable"));
+        }
+        Ok(mode)
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -158,6 +237,35 @@ pub struct User {
     pub password_hash: String,
 }
 
+/// `[mailboxes]` (SPEC 8): recipients validated at RCPT and delivered per mailbox.
+/// The maps themselves are built and checked by [`crate::mailboxes`].
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MailboxesConfig {
+    /// Mailbox `a@d.test` is the Maildir `<root>/d.test/a/`.
+    pub root: PathBuf,
+    /// Addresses that have a mailbox.
+    pub users: Vec<String>,
+    /// One address per line, `#` comments; empty: none. Re-read when it changes.
+    pub users_file: PathBuf,
+    /// `address` or `@domain` (catch-all) to a list of target addresses.
+    pub aliases: std::collections::BTreeMap<String, Vec<String>>,
+    /// Each character separates a local part from its extension; empty: off.
+    pub recipient_delimiter: String,
+}
+
+impl Default for MailboxesConfig {
+    fn default() -> MailboxesConfig {
+        MailboxesConfig {
+            root: "mail".into(),
+            users: Vec::new(),
+            users_file: PathBuf::new(),
+            aliases: Default::default(),
+            recipient_delimiter: "+".into(),
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Config {
         Config {
@@ -168,7 +276,9 @@ impl Default for Config {
             spool: SpoolConfig::default(),
             policy: PolicyConfig::default(),
             auth: None,
+            mailboxes: None,
             metrics: MetricsConfig::default(),
+            milter: Vec::new(),
         }
     }
 }
@@ -230,6 +340,8 @@ impl Default for SpoolConfig {
         SpoolConfig {
             dir: "spool".into(),
             fsync: true,
+            file_mode: "0600".into(),
+            data_sync: DataSyncPolicy::File,
         }
     }
 }
@@ -363,15 +475,36 @@ impl Config {
         if self.spool.dir.as_os_str().is_empty() {
             return err("spool.dir", "must not be empty".into());
         }
+        self.spool
+            .file_mode()
+            .map(|_| ())
+            .or_else(|m| err("spool.file_mode", m))?;
         for d in &self.policy.accept_domains {
             if crate::protocol::address::check_domain(d).is_err() {
                 return err("policy.accept_domains", format!("{d:?} is not a domain"));
             }
         }
+        if let Some(m) = &self.mailboxes {
+            crate::mailboxes::check_inline(m).map_err(|(k, e)| (format!("mailboxes.{k}"), e))?;
+        }
         if let Some(a) = &self.auth {
             for u in &a.users {
                 if u.name.is_empty() {
                     return err("auth.users", "a user has an empty name".into());
+                }
+            }
+        }
+        for (i, m) in self.milter.iter().enumerate() {
+            if let Err(e) = crate::milter::MilterAddress::parse(&m.address) {
+                return err(&format!("milter[{i}].address"), e);
+            }
+            for (k, v) in [
+                ("connect_timeout_secs", m.connect_timeout_secs),
+                ("command_timeout_secs", m.command_timeout_secs),
+                ("content_timeout_secs", m.content_timeout_secs),
+            ] {
+                if !(1..=3600).contains(&v) {
+                    return err(&format!("milter[{i}].{k}"), "must be 1 to 3600".into());
                 }
             }
         }
@@ -682,6 +815,34 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("t.toml:2: key `metrics.listen`:"), "{e}");
+    }
+
+    #[test]
+    fn milter_tables() {
+        let c = parse(
+            "[[milter]]\naddress = \"inet:127.0.0.1:8891\"\n\
+             [[milter]]\naddress = \"unix:/run/m.sock\"\ndefault_action = \"accept\"\n\
+             command_timeout_secs = 5\n",
+        )
+        .unwrap();
+        assert_eq!(c.milter.len(), 2);
+        assert_eq!(c.milter[0].content_timeout_secs, 300);
+        assert_eq!(c.milter[0].default_action, DefaultAction::Tempfail);
+        assert_eq!(c.milter[1].default_action, DefaultAction::Accept);
+        assert_eq!(c.milter[1].command_timeout_secs, 5);
+        assert!(c.to_toml().contains("[[milter]]"));
+        let e = parse("[[milter]]\naddress = \"tcp:x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("milter[0].address"), "{e}");
+        let e = parse("[[milter]]\naddress = \"inet:h:1\"\ncontent_timeout_secs = 3601\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("milter[0].content_timeout_secs"), "{e}");
+        let e = parse("[[milter]]\naddress = \"inet:h:1\"\ndefault_action = \"maybe\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("maybe") || e.contains("default_action"), "{e}");
     }
 
     #[test]

@@ -4,12 +4,16 @@
 //!
 //! Generic over [`Transport`] so that tests can run whole sessions in memory.
 
-use crate::hooks::TlsInfo;
+use crate::delivery::{self, ContentFilter, Mailbox, PlanInput, Router};
+use crate::hooks::{Content, DataVerdict, TlsInfo};
+use crate::protocol::address::Address;
 use crate::protocol::data::{BareLf, DataReader, Verdict};
 use crate::protocol::reply::Reply;
 use crate::session::{MessageOutcome, Session, Step};
 use crate::spool::{MessageWriter, Store, StoreError};
 use std::io::{self, Read, Write};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 /// A byte stream the driver can put deadlines on and upgrade to TLS.
@@ -133,11 +137,78 @@ pub struct Connection<'a, T: Transport> {
     end: usize,
     out: Vec<u8>,
     /// The message of a BDAT transaction in progress.
-    chunked: Option<Box<dyn MessageWriter>>,
-    chunk_copy: Vec<u8>,
-    chunk_write_error: Option<StoreError>,
+    chunked: Option<Incoming>,
+    router: Option<Arc<dyn Router>>,
     /// The write timeout last set on the transport (saves a syscall per reply).
     write_timeout: Option<Duration>,
+}
+
+/// A message being received: its spool file, the content guard, the first error.
+struct Incoming {
+    /// `None` after a write error (then `error` says why).
+    msg: Option<Box<dyn MessageWriter>>,
+    /// The file holds the content only; the copies are made at the end (data hooks or
+    /// several copies). Otherwise it holds the copy's head, then the content.
+    staged: bool,
+    /// The recipients' routes, when looked up at the start.
+    routes: Option<Vec<Option<Vec<Mailbox>>>>,
+    filter: ContentFilter,
+    error: Option<StoreError>,
+    scratch: Vec<u8>,
+    queue_id: String,
+    /// The date of the `Received:` fields.
+    now: SystemTime,
+}
+
+impl Incoming {
+    /// Content bytes (dot-unstuffed) into the guard, then to the hooks and the file.
+    fn feed(&mut self, session: &mut Session, bytes: &[u8], wants_data: bool) {
+        if self.msg.is_none() || bytes.is_empty() {
+            return;
+        }
+        if self.filter.is_body() {
+            // The common case, past the header section: no copy.
+            self.filter.pass(bytes.len());
+            self.write(session, bytes, wants_data);
+        } else {
+            let mut scratch = std::mem::take(&mut self.scratch);
+            scratch.clear();
+            self.filter.push(bytes, &mut scratch);
+            self.write(session, &scratch, wants_data);
+            self.scratch = scratch;
+        }
+    }
+
+    /// The end of the content: anything the guard held back.
+    fn end(&mut self, session: &mut Session, wants_data: bool) {
+        let mut tail = Vec::new();
+        self.filter.finish(&mut tail);
+        self.write(session, &tail, wants_data);
+    }
+
+    fn write(&mut self, session: &mut Session, bytes: &[u8], wants_data: bool) {
+        if bytes.is_empty() {
+            return;
+        }
+        if wants_data && self.staged {
+            session.data_chunk(bytes);
+        }
+        if let Some(m) = self.msg.as_mut() {
+            if let Err(e) = m.write_all(bytes) {
+                self.error = Some(StoreError::from_io("message file", &e));
+                self.msg = None;
+            }
+        }
+    }
+}
+
+/// The stored content as the data hooks read it: from the spool file, from its start.
+struct StoredContent<'a>(&'a mut dyn MessageWriter);
+
+impl Content for StoredContent<'_> {
+    fn reader(&mut self) -> io::Result<Box<dyn Read + '_>> {
+        self.0.content()
+    }
 }
 
 impl<'a, T: Transport> Connection<'a, T> {
@@ -162,10 +233,16 @@ impl<'a, T: Transport> Connection<'a, T> {
             end: 0,
             out: Vec::with_capacity(4096),
             chunked: None,
-            chunk_copy: Vec::new(),
-            chunk_write_error: None,
+            router: None,
             write_timeout: None,
         }
+    }
+
+    /// Routes recipients to mailboxes (SPEC 8); without one every message is one file
+    /// in the spool.
+    pub fn with_router(mut self, router: Option<Arc<dyn Router>>) -> Self {
+        self.router = router;
+        self
     }
 
     /// The stream, e.g. to inspect what the server wrote in tests.
@@ -182,6 +259,7 @@ impl<'a, T: Transport> Connection<'a, T> {
             self.session.io_error(format!("connection error: {kind}"));
         }
         self.chunked = None;
+        self.session.closed();
         end
     }
 
@@ -421,15 +499,117 @@ impl<'a, T: Transport> Connection<'a, T> {
         }
     }
 
-    /// Opens a message and writes its trace headers.
-    fn open_message(&mut self) -> Result<Box<dyn MessageWriter>, StoreError> {
-        let mut msg = self.store.begin()?;
-        let headers = self
+    /// Opens a message. Without data hooks the head of every copy is known now: a
+    /// message with one copy (the usual case) is written directly where it belongs,
+    /// head first, and committed as one file. Otherwise it is staged: the file holds
+    /// the content only and the copies are made at the end.
+    fn open_message(&mut self) -> Incoming {
+        let mut inc = Incoming {
+            msg: None,
+            staged: true,
+            routes: None,
+            filter: ContentFilter::new(),
+            error: None,
+            scratch: Vec::new(),
+            queue_id: String::new(),
+            now: SystemTime::now(),
+        };
+        // Some(target): one copy, in the spool (None) or in that mailbox's Maildir.
+        let mut direct: Option<Option<std::path::PathBuf>> = None;
+        if !self.wants_data {
+            match &self.router {
+                None => direct = Some(None),
+                Some(router) => {
+                    if let Some(routes) = self.routes(router) {
+                        let no_trace = |_: &[Address]| Vec::new();
+                        let copies = self.plan_copies(&routes, &no_trace, &DataVerdict::default());
+                        if let Ok([one]) = copies.as_deref() {
+                            direct = Some(one.maildir.clone());
+                        }
+                        inc.routes = Some(routes);
+                    }
+                }
+            }
+        }
+        let begun = match &direct {
+            Some(None) => Some(self.store.begin()),
+            Some(Some(dir)) => self.store.begin_in(dir),
+            None => None,
+        };
+        let begun = match begun {
+            Some(b) => {
+                inc.staged = false;
+                b
+            }
+            None => self.store.begin(),
+        };
+        let mut msg = match begun {
+            Ok(m) => m,
+            Err(e) => {
+                inc.error = Some(e);
+                return inc;
+            }
+        };
+        inc.queue_id = msg.queue_id().to_string();
+        if !inc.staged {
+            let head = match &inc.routes {
+                None => Ok(self.session.trace_headers(&inc.queue_id, inc.now)),
+                Some(routes) => {
+                    let session = &self.session;
+                    let (id, now) = (&inc.queue_id, inc.now);
+                    let trace = |r: &[Address]| session.trace_for(r, id, now);
+                    self.plan_copies(routes, &trace, &DataVerdict::default())
+                        .map(|mut c| c.pop().map(|c| c.head).unwrap_or_default())
+                }
+            };
+            let written = match head {
+                Ok(h) => msg
+                    .write_all(&h)
+                    .map_err(|e| StoreError::from_io("message file", &e)),
+                Err(why) => Err(StoreError::Io(why)),
+            };
+            if let Err(e) = written {
+                inc.error = Some(e);
+                return inc;
+            }
+        }
+        inc.msg = Some(msg);
+        inc
+    }
+
+    /// Each recipient's route; `None` if the router panicked (then the message is
+    /// staged and routed again at its end, where a panic refuses it).
+    fn routes(&self, router: &Arc<dyn Router>) -> Option<Vec<Option<Vec<Mailbox>>>> {
+        let rcpts = self
             .session
-            .trace_headers(msg.queue_id(), SystemTime::now());
-        msg.write_all(&headers)
-            .map_err(|e| StoreError::from_io("message file", &e))?;
-        Ok(msg)
+            .envelope()
+            .map(|e| e.rcpts.as_slice())
+            .unwrap_or(&[]);
+        catch_unwind(AssertUnwindSafe(|| {
+            rcpts.iter().map(|a| router.route(a)).collect::<Vec<_>>()
+        }))
+        .ok()
+    }
+
+    /// [`delivery::plan`] for the transaction in progress.
+    fn plan_copies(
+        &self,
+        routes: &[Option<Vec<Mailbox>>],
+        trace: &dyn Fn(&[Address]) -> Vec<u8>,
+        verdict: &DataVerdict,
+    ) -> Result<Vec<crate::spool::Copy>, String> {
+        let rcpts = self
+            .session
+            .envelope()
+            .map(|e| e.rcpts.as_slice())
+            .unwrap_or(&[]);
+        let input = PlanInput {
+            rcpts,
+            routes,
+            trace,
+            header_section: None,
+        };
+        delivery::plan(&input, verdict)
     }
 
     /// DATA: 354, stream until `<CRLF>.<CRLF>`, store, answer.
@@ -449,34 +629,24 @@ impl<'a, T: Transport> Connection<'a, T> {
     }
 
     fn data_inner(&mut self) -> Result<(), End> {
-        let mut msg = match self.open_message() {
-            Ok(m) => Some(m),
-            Err(e) => {
-                let r = self.session.message_end(storage(e), 0);
-                self.reply(&r);
-                return Ok(());
-            }
-        };
+        let mut inc = self.open_message();
+        if let Some(e) = inc.error.take() {
+            let r = self.session.message_end(storage(e), 0);
+            self.reply(&r);
+            return Ok(());
+        }
         self.reply(&Session::data_prompt());
+        self.session.data_start(&inc.queue_id);
+        let wants = self.wants_data;
         let mut reader = DataReader::new(self.limits.max_message_size, self.limits.bare_lf);
         let mut pending = Vec::with_capacity(FLUSH_AT * 2);
-        let mut copy = Vec::new();
-        let mut write_error = None;
         let began = Instant::now();
         loop {
             let n = reader.feed(&self.buf[self.start..self.end], &mut pending);
             self.start += n;
             if pending.len() >= FLUSH_AT || reader.is_done() {
-                if reader.is_keeping() && write_error.is_none() {
-                    if self.wants_data {
-                        // Held for the data hook; written after its headers in `finish`.
-                        copy.extend_from_slice(&pending);
-                    } else if let Some(m) = msg.as_mut() {
-                        if let Err(e) = m.write_all(&pending) {
-                            write_error = Some(StoreError::from_io("message file", &e));
-                            msg = None;
-                        }
-                    }
+                if reader.is_keeping() {
+                    inc.feed(&mut self.session, &pending, wants);
                 }
                 pending.clear();
             }
@@ -491,34 +661,87 @@ impl<'a, T: Transport> Connection<'a, T> {
                 return Err(End::Eof);
             }
         }
-        let outcome = match (reader.verdict(), write_error) {
-            (Verdict::TooBig, _) => MessageOutcome::TooBig,
-            (Verdict::BareLf, _) => MessageOutcome::BareLf,
-            (Verdict::Ok, Some(e)) => storage(e),
-            (Verdict::Ok, None) => self.finish(msg, &copy),
+        let outcome = match reader.verdict() {
+            Verdict::TooBig => MessageOutcome::TooBig,
+            Verdict::BareLf => MessageOutcome::BareLf,
+            Verdict::Ok => self.finish(inc),
         };
         let r = self.session.message_end(outcome, reader.size());
         self.reply(&r);
         Ok(())
     }
 
-    /// Runs the data hook (if wanted), writes its headers and the held content, commits.
-    fn finish(&mut self, msg: Option<Box<dyn MessageWriter>>, copy: &[u8]) -> MessageOutcome {
-        let Some(mut msg) = msg else {
+    /// The end of the content: on the fast path, commit the one file; staged, run the
+    /// data hooks on the stored content, plan the copies (SPEC 8, 9) and commit them.
+    fn finish(&mut self, mut inc: Incoming) -> MessageOutcome {
+        inc.end(&mut self.session, self.wants_data);
+        if let Some(e) = inc.error.take() {
+            return storage(e);
+        }
+        let Some(mut msg) = inc.msg.take() else {
             return MessageOutcome::StorageError("message file closed".into());
         };
-        if self.wants_data {
-            let headers = match self.session.check_content(copy) {
-                Ok(h) => h,
-                Err(reply) => return MessageOutcome::Refused(reply),
+        let id = inc.queue_id.clone();
+        if !inc.staged {
+            return match msg.commit() {
+                Ok(()) => MessageOutcome::Stored(id),
+                Err(e) => storage(e),
             };
-            // The hook's headers go before the content, so the content was held back.
-            if let Err(e) = msg.write_all(&headers).and_then(|()| msg.write_all(copy)) {
+        }
+        let verdict = if self.wants_data {
+            match self.session.check_content(&mut StoredContent(msg.as_mut())) {
+                Ok(v) => v,
+                Err(reply) => return MessageOutcome::Refused(reply),
+            }
+        } else {
+            DataVerdict::default()
+        };
+        if verdict.discard {
+            // Dropping the writer removes the staged file.
+            return MessageOutcome::Discarded(id);
+        }
+        let rcpts = self
+            .session
+            .envelope()
+            .map(|e| e.rcpts.clone())
+            .unwrap_or_default();
+        let routes = match (inc.routes.take(), &self.router) {
+            (Some(routes), _) => routes,
+            (None, Some(router)) => match self.routes(router) {
+                Some(r) => r,
+                None => {
+                    return MessageOutcome::Refused(self.session.hook_failed("router panicked"))
+                }
+            },
+            (None, None) => Vec::new(),
+        };
+        let section = if verdict.insert.is_empty() && verdict.change.is_empty() {
+            None
+        } else {
+            // Bounded by the message size limit, and read only for header edits.
+            let mut section = Vec::new();
+            let len = inc.filter.header_len();
+            if let Err(e) = msg
+                .content()
+                .and_then(|r| r.take(len).read_to_end(&mut section))
+            {
                 return storage(StoreError::from_io("message file", &e));
             }
-        }
-        let id = msg.queue_id().to_string();
-        match msg.commit() {
+            Some(section)
+        };
+        let session = &self.session;
+        let trace = |r: &[Address]| session.trace_for(r, &id, inc.now);
+        let input = PlanInput {
+            rcpts: &rcpts,
+            routes: &routes,
+            trace: &trace,
+            header_section: section.as_deref(),
+        };
+        let copies = match delivery::plan(&input, &verdict) {
+            Ok(c) => c,
+            Err(why) => return MessageOutcome::Refused(self.session.hook_failed(&why)),
+        };
+        match msg.commit_copies(copies) {
             Ok(()) => MessageOutcome::Stored(id),
             Err(e) => storage(e),
         }
@@ -535,43 +758,27 @@ impl<'a, T: Transport> Connection<'a, T> {
     }
 
     fn chunk_inner(&mut self, size: u64, last: bool) -> Result<(), End> {
-        if self.chunked.is_none() && self.chunk_write_error.is_none() {
-            match self.open_message() {
-                Ok(m) => self.chunked = Some(m),
-                Err(e) => self.chunk_write_error = Some(e),
-            }
-        }
-        let mut msg = self.chunked.take();
-        let copy_wanted = self.wants_data;
-        let mut copy = std::mem::take(&mut self.chunk_copy);
-        let mut err = self.chunk_write_error.take();
-        let res = self.transfer(size, &mut |bytes| {
-            if err.is_some() {
-                return;
-            }
-            if copy_wanted {
-                // Held for the data hook; written after its headers in `finish`.
-                copy.extend_from_slice(bytes);
-            } else if let Some(m) = msg.as_mut() {
-                if let Err(e) = m.write_all(bytes) {
-                    err = Some(StoreError::from_io("message file", &e));
+        let mut inc = match self.chunked.take() {
+            Some(inc) => inc,
+            None => {
+                let inc = self.open_message();
+                if inc.error.is_none() {
+                    self.session.data_start(&inc.queue_id);
                 }
+                inc
             }
-        });
-        res?;
-        let reply = match (err, last) {
-            (Some(e), _) => {
-                // The transaction failed; later chunks are drained and refused 503.
-                self.chunk_copy.clear();
-                self.session.chunk_end(size, Err(storage(e)))
-            }
+        };
+        let wants = self.wants_data;
+        self.transfer(size, &mut |session, bytes| inc.feed(session, bytes, wants))?;
+        let reply = match (inc.error.take(), last) {
+            // The transaction failed; later chunks are drained and refused 503.
+            (Some(e), _) => self.session.chunk_end(size, Err(storage(e))),
             (None, false) => {
-                self.chunked = msg;
-                self.chunk_copy = copy;
+                self.chunked = Some(inc);
                 self.session.chunk_end(size, Ok(()))
             }
             (None, true) => {
-                let outcome = self.finish(msg, &copy);
+                let outcome = self.finish(inc);
                 self.session.message_end(outcome, size)
             }
         };
@@ -581,9 +788,8 @@ impl<'a, T: Transport> Connection<'a, T> {
 
     /// A refused BDAT: its bytes are consumed, never executed as commands.
     fn discard(&mut self, size: u64, reply: Reply, close: Option<Reply>) -> Result<(), End> {
-        self.transfer(size, &mut |_| {})?;
+        self.transfer(size, &mut |_, _| {})?;
         self.chunked = None;
-        self.chunk_copy.clear();
         self.reply(&reply);
         if let Some(bye) = close {
             self.reply(&bye);
@@ -593,12 +799,16 @@ impl<'a, T: Transport> Connection<'a, T> {
     }
 
     /// Moves exactly `size` bytes from the stream to `sink`.
-    fn transfer(&mut self, size: u64, sink: &mut dyn FnMut(&[u8])) -> Result<(), End> {
+    fn transfer(
+        &mut self,
+        size: u64,
+        sink: &mut dyn FnMut(&mut Session, &[u8]),
+    ) -> Result<(), End> {
         let began = Instant::now();
         let mut left = size;
         loop {
             let take = (left.min((self.end - self.start) as u64)) as usize;
-            sink(&self.buf[self.start..self.start + take]);
+            sink(&mut self.session, &self.buf[self.start..self.start + take]);
             self.start += take;
             left -= take as u64;
             if left == 0 {

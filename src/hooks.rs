@@ -1,8 +1,8 @@
 //! Server-side event hooks (SPEC 7): plain blocking calls that may refuse with a reply.
 //!
 //! A [`Hooks`] value sees every session event: `connect`, `helo`, `mail`, `rcpt`,
-//! `data` (decisions: each may refuse with any 4xx/5xx [`Reply`]), `error` and `done`
-//! (notifications). Hooks run on the session's worker thread, so a slow hook holds one
+//! `data` (decisions: each may refuse with any 4xx/5xx [`Reply`]), `error`, `done`,
+//! `data_start`, `data_chunk`, `reset` and `close` (notifications). Hooks run on the session's worker thread, so a slow hook holds one
 //! worker; they are shared by all sessions (`Send + Sync`), so state needs a lock.
 //!
 //! The binary's own `[policy]` is the [`Policy`] hook; the server composes it with the
@@ -14,14 +14,18 @@
 //!   `451 4.3.0` instead.
 //! - A `421` refusal closes the connection after the reply (RFC 5321 §3.8).
 //! - A hook that panics is caught. If it was deciding (connect, helo, mail, rcpt, data)
-//!   the client gets `451 4.3.0` and the connection closes; if it was being notified
-//!   (error, done) the reply already due is sent (a stored message is still `250`),
-//!   then `421 4.3.0` and the connection closes. Other sessions and the server go on.
+//!   the client gets `451 4.3.0` and the connection closes; a panic in `data_chunk`
+//!   does the same at the end of that message. If it was being notified (error, done,
+//!   data_start, reset) the reply already due is sent (a stored message is still
+//!   `250`), then `421 4.3.0` and the connection closes; a panic in `close` (or in a
+//!   `reset` at disconnect) is only logged. Other sessions and the server go on.
+//! - A verdict's header fields are checked like a refusal: a malformed one (a line
+//!   break that would forge a field, a bad name) gets `451 4.3.0`, and nothing is stored.
 //!
 //! # Example
 //!
 //! ```
-//! use mailer::hooks::{Envelope, Header, Hooks, SessionInfo};
+//! use mailer::hooks::{DataVerdict, Envelope, Header, Hooks, SessionInfo};
 //! use mailer::protocol::address::Address;
 //! use mailer::{Enhanced, Reply};
 //!
@@ -38,8 +42,19 @@
 //!     fn wants_data(&self) -> bool {
 //!         true
 //!     }
-//!     fn data(&self, _s: &SessionInfo, _e: &Envelope, content: &[u8]) -> Result<Vec<Header>, Reply> {
-//!         Ok(vec![Header::new("X-Size", content.len().to_string())])
+//!     fn data(
+//!         &self,
+//!         _s: &SessionInfo,
+//!         _e: &Envelope,
+//!         content: &mut dyn std::io::Read,
+//!     ) -> Result<DataVerdict, Reply> {
+//!         // The content is read from the spool file, never held whole in memory.
+//!         let size = std::io::copy(content, &mut std::io::sink())
+//!             .map_err(|_| Reply::new(451, Enhanced(4, 3, 0), "read error"))?;
+//!         Ok(DataVerdict {
+//!             add: vec![Header::new("X-Size", size.to_string())],
+//!             ..DataVerdict::default()
+//!         })
 //!     }
 //! }
 //! # let _ = mailer::Server::builder(mailer::Config::default()).hooks(Tagger);
@@ -48,6 +63,7 @@
 use crate::protocol::address::{Address, ReversePath};
 use crate::protocol::command::MailParams;
 use crate::protocol::reply::{Enhanced, Reply};
+use std::io::{self, Read};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -127,6 +143,66 @@ pub struct SessionInfo {
     pub auth_user: Option<String>,
     /// The HELO/EHLO name, once given (cleared by STARTTLS: the client must say it again).
     pub helo: Option<String>,
+    /// The listening address the client reached (a milter's `{daemon_addr}`).
+    pub local: SocketAddr,
+    /// The SASL mechanism (`PLAIN`, `LOGIN`) of a successful AUTH (a milter's `{auth_type}`).
+    pub auth_mechanism: Option<String>,
+}
+
+/// What the `data` hooks decided about a message, beyond accepting it.
+#[derive(Default, Debug, Clone, PartialEq, Eq)]
+pub struct DataVerdict {
+    /// Header fields stored right below the trace headers, in order.
+    pub add: Vec<Header>,
+    /// Header fields inserted into the message's own header section: the index counts
+    /// its fields from 0 (0 = before the first one; past the end = after the last).
+    pub insert: Vec<(usize, Header)>,
+    /// Changes to fields of the message's own header section.
+    pub change: Vec<HeaderChange>,
+    /// Store the message in the Maildir++ folder `.Quarantine` of each of its Maildirs,
+    /// with `X-Quarantine:` and this reason.
+    pub quarantine: Option<String>,
+    /// Answer 250 but store nothing (a milter's discard).
+    pub discard: bool,
+}
+
+impl DataVerdict {
+    /// Folds `other` into `self`: lists are concatenated in order, a discard or a
+    /// quarantine from either side holds (the first quarantine reason is kept).
+    pub fn merge(&mut self, other: DataVerdict) {
+        self.add.extend(other.add);
+        self.insert.extend(other.insert);
+        self.change.extend(other.change);
+        if self.quarantine.is_none() {
+            self.quarantine = other.quarantine;
+        }
+        self.discard |= other.discard;
+    }
+}
+
+/// A change to one header field of the message (a milter's `chgheader`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderChange {
+    /// The field name, compared case-insensitively.
+    pub name: String,
+    /// Which field of that name: 1 is the first.
+    pub index: usize,
+    /// The new value; `None` deletes the field.
+    pub value: Option<String>,
+}
+
+/// The stored content of a message, readable from its first byte as often as needed
+/// (each data hook of a [`Chain`] reads it from the start).
+pub trait Content {
+    /// A reader over the content, from its first byte.
+    fn reader(&mut self) -> io::Result<Box<dyn Read + '_>>;
+}
+
+/// Content held in memory (tests, embedders driving hooks by hand).
+impl Content for &[u8] {
+    fn reader(&mut self) -> io::Result<Box<dyn Read + '_>> {
+        Ok(Box::new(*self))
+    }
 }
 
 /// The envelope of one message.
@@ -183,18 +259,51 @@ pub trait Hooks: Send + Sync {
     ) -> Result<(), Reply> {
         Ok(())
     }
-    /// The whole message content (exactly as it will be stored after the trace headers)
-    /// before it is made durable. Called only when [`wants_data`](Hooks::wants_data) is
-    /// true. Refusing discards the message; `Ok` may carry header fields to add: they are
-    /// stored after the server's trace headers and before the message, in order.
+    /// The start of a message's content: after the 354 reply to DATA, or with the
+    /// first BDAT chunk. `queue_id` is the id the final 250 will carry.
+    fn data_start(&self, _session: &SessionInfo, _envelope: &Envelope, _queue_id: &str) {}
+    /// Content bytes as they arrive, in order and in pieces of any size: exactly what is
+    /// stored after the trace headers (dot-unstuffed, CRLF line ends). Called only when
+    /// [`wants_data`](Hooks::wants_data) is true.
+    fn data_chunk(&self, _session: &SessionInfo, _envelope: &Envelope, _chunk: &[u8]) {}
+    /// The end of a message, before it is made durable. `content` reads the stored
+    /// content from its first byte (the server never holds a message whole in memory).
+    /// Called only when [`wants_data`](Hooks::wants_data) is true. Refusing discards the
+    /// message; `Ok` may ask for header fields to add, insert or change, or for a
+    /// quarantine or a discard.
     fn data(
         &self,
         _session: &SessionInfo,
         _envelope: &Envelope,
-        _content: &[u8],
-    ) -> Result<Vec<Header>, Reply> {
-        Ok(Vec::new())
+        _content: &mut dyn Read,
+    ) -> Result<DataVerdict, Reply> {
+        Ok(DataVerdict::default())
     }
+    /// [`data`](Hooks::data) with content that can be read again from the start. The
+    /// server calls this one; [`Chain`] overrides it so that each of its hooks reads the
+    /// whole content. Other implementations keep the default.
+    fn data_from(
+        &self,
+        session: &SessionInfo,
+        envelope: &Envelope,
+        content: &mut dyn Content,
+    ) -> Result<DataVerdict, Reply> {
+        let mut reader = content.reader().map_err(|e| {
+            log::error!(
+                "session {}: cannot read the stored content: {e}",
+                session.id
+            );
+            Reply::new(451, Enhanced(4, 3, 0), "Error: queue file read error")
+        })?;
+        self.data(session, envelope, &mut reader)
+    }
+    /// The transaction was abandoned: RSET, a new HELO/EHLO, STARTTLS, QUIT, a
+    /// disconnect while one was open, or a message that ended without reaching
+    /// [`data`](Hooks::data) (too big, bare LF, storage failure).
+    fn reset(&self, _session: &SessionInfo) {}
+    /// The session ended, whatever the reason, after its last reply. Per-session state
+    /// kept by the hook can be freed here.
+    fn close(&self, _session: &SessionInfo) {}
     /// Something went wrong in the session: a refused command (every 5xx and 421
     /// reply, including refusals by hooks and 5xx answers at the end of a message), a
     /// timeout, a storage failure or a broken connection.
@@ -202,8 +311,10 @@ pub trait Hooks: Send + Sync {
     /// A message was stored durably under `queue_id` (the id in the `250` reply and in
     /// the file name). Called once per stored message, before the client sees the `250`.
     fn done(&self, _session: &SessionInfo, _envelope: &Envelope, _queue_id: &str) {}
-    /// Whether [`data`](Hooks::data) wants the content. `false` (the default) lets the
-    /// server stream a message to disk without holding it in memory.
+    /// Whether [`data_chunk`](Hooks::data_chunk) and [`data`](Hooks::data) want the
+    /// content. `false` (the default) lets the server write each message once, trace
+    /// headers and content in one file; `true` costs a second write of the content
+    /// (the headers a hook adds must precede it), never memory.
     fn wants_data(&self) -> bool {
         false
     }
@@ -229,13 +340,47 @@ impl Hooks for Chain {
     fn rcpt(&self, s: &SessionInfo, e: &Envelope, to: &Address) -> Result<(), Reply> {
         self.0.iter().try_for_each(|h| h.rcpt(s, e, to))
     }
-    /// Only the hooks that want data see it; their headers are concatenated in order.
-    fn data(&self, s: &SessionInfo, e: &Envelope, c: &[u8]) -> Result<Vec<Header>, Reply> {
-        let mut all = Vec::new();
+    fn data_start(&self, s: &SessionInfo, e: &Envelope, q: &str) {
+        self.0.iter().for_each(|h| h.data_start(s, e, q))
+    }
+    fn data_chunk(&self, s: &SessionInfo, e: &Envelope, chunk: &[u8]) {
         for h in self.0.iter().filter(|h| h.wants_data()) {
-            all.extend(h.data(s, e, c)?);
+            h.data_chunk(s, e, chunk);
+        }
+    }
+    /// With a plain reader, only the first hook that wants data can read it: call
+    /// [`data_from`](Hooks::data_from) to give each hook the whole content.
+    fn data(&self, s: &SessionInfo, e: &Envelope, c: &mut dyn Read) -> Result<DataVerdict, Reply> {
+        let mut once = Some(c);
+        let mut all = DataVerdict::default();
+        for h in self.0.iter().filter(|h| h.wants_data()) {
+            let v = match once.take() {
+                Some(c) => h.data(s, e, c)?,
+                None => h.data(s, e, &mut io::empty())?,
+            };
+            all.merge(v);
         }
         Ok(all)
+    }
+    /// Each hook that wants data reads the content from its start; the verdicts are
+    /// merged in order ([`DataVerdict::merge`]); the first refusal wins.
+    fn data_from(
+        &self,
+        s: &SessionInfo,
+        e: &Envelope,
+        c: &mut dyn Content,
+    ) -> Result<DataVerdict, Reply> {
+        let mut all = DataVerdict::default();
+        for h in self.0.iter().filter(|h| h.wants_data()) {
+            all.merge(h.data_from(s, e, c)?);
+        }
+        Ok(all)
+    }
+    fn reset(&self, s: &SessionInfo) {
+        self.0.iter().for_each(|h| h.reset(s))
+    }
+    fn close(&self, s: &SessionInfo) {
+        self.0.iter().for_each(|h| h.close(s))
     }
     fn error(&self, s: &SessionInfo, err: &SessionError) {
         self.0.iter().for_each(|h| h.error(s, err))

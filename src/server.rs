@@ -3,12 +3,15 @@
 
 use crate::auth::{AuthError, RateLimit, Users};
 use crate::config::Config;
+use crate::config::DataSyncPolicy;
 use crate::connection::{Connection, End, Lifecycle, WireLimits};
+use crate::delivery::Router;
 use crate::hooks::{Chain, Hooks, NoHooks, Policy, SessionInfo};
+use crate::mailboxes::{Mailboxes, RecipientCheck};
 use crate::protocol::proxy::{self, Parse};
 use crate::protocol::reply::{Enhanced, Reply};
 use crate::session::{AuthSettings, Guards, Session, Settings};
-use crate::spool::{Faults, Maildir, NoFaults};
+use crate::spool::{DataSync, Faults, Maildir, NoFaults, SpoolOptions};
 use crate::stats::{
     ActiveGuard, CountReplies, CountingStore, SessionStore, SessionTally, Stats, StatsSnapshot,
 };
@@ -36,6 +39,8 @@ pub enum ServerError {
     Tls(TlsError),
     /// Bad `[auth]` users (a configuration error).
     Auth(AuthError),
+    /// Bad `[mailboxes]` maps (a configuration error).
+    Mailboxes(String),
     /// The spool directory cannot be prepared.
     Spool { dir: String, err: io::Error },
     /// A listen address cannot be bound.
@@ -45,6 +50,8 @@ pub enum ServerError {
     /// A value [`Config::validate`] refuses (the dotted key and the problem), the same
     /// check `mailer check-config` and the binary's startup make (invariant 12).
     Config { key: String, message: String },
+    /// A bad `[[milter]]` address (a configuration error).
+    Milter(String),
 }
 
 impl ServerError {
@@ -52,7 +59,11 @@ impl ServerError {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            ServerError::Tls(_) | ServerError::Auth(_) | ServerError::Config { .. }
+            ServerError::Tls(_)
+                | ServerError::Auth(_)
+                | ServerError::Config { .. }
+                | ServerError::Milter(_)
+                | ServerError::Mailboxes(_)
         )
     }
 }
@@ -62,10 +73,12 @@ impl fmt::Display for ServerError {
         match self {
             ServerError::Tls(e) => e.fmt(f),
             ServerError::Auth(e) => e.fmt(f),
+            ServerError::Mailboxes(e) => e.fmt(f),
             ServerError::Spool { dir, err } => write!(f, "spool.dir {dir}: {err}"),
             ServerError::Bind { addr, err } => write!(f, "cannot listen on {addr}: {err}"),
             ServerError::Thread(e) => write!(f, "cannot start a thread: {e}"),
             ServerError::Config { key, message } => write!(f, "key `{key}`: {message}"),
+            ServerError::Milter(e) => write!(f, "milter.address: {e}"),
         }
     }
 }
@@ -282,6 +295,7 @@ pub struct ServerBuilder {
     faults: Option<Arc<dyn Faults>>,
     stack_size: usize,
     reloaders: Vec<Reloader>,
+    router: Option<Arc<dyn Router>>,
 }
 
 impl ServerBuilder {
@@ -291,6 +305,13 @@ impl ServerBuilder {
     /// memory is reserved as address space and only used as far as it is touched.
     pub fn worker_stack_size(mut self, bytes: usize) -> Self {
         self.stack_size = bytes;
+        self
+    }
+
+    /// Delivers recipients to mailboxes (SPEC 8): each distinct mailbox gets its own
+    /// copy; recipients the router does not know go to `spool.dir`.
+    pub fn router(mut self, router: Arc<dyn Router>) -> Self {
+        self.router = Some(router);
         self
     }
 
@@ -320,12 +341,33 @@ impl ServerBuilder {
         }
         // Below this, a worker could not even run a session's own frames.
         server.stack_size = self.stack_size.max(64 * 1024);
-        server
+        if self.router.is_some() {
+            server.router = self.router;
+        }
+        let mut reloaders = self.reloaders;
+        // SIGHUP re-reads the mailbox maps (SPEC 2), first among the reloaders so that
+        // a later one that fails rolls them back too. Without [mailboxes] at start
+        // there is no RCPT check or router to feed: adding the table needs a restart.
+        let mailbox_reloader: Reloader = match server.mailboxes.clone() {
+            Some(m) => Box::new(move |c: &Config| m.reload(c)),
+            None => Box::new(|c: &Config| {
+                if c.mailboxes.is_some() {
+                    log::warn!("reload: [mailboxes] was added; it takes effect at the next start");
+                }
+                Ok(())
+            }),
+        };
+        reloaders.insert(0, mailbox_reloader);
+        let mut state = server
             .handle
             .reload
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .reloaders = self.reloaders;
+            .unwrap_or_else(|p| p.into_inner());
+        // The server's own reloaders (milters) follow the mailbox maps, then the embedder's.
+        let own = std::mem::take(&mut state.reloaders);
+        reloaders.splice(1..1, own);
+        state.reloaders = reloaders;
+        drop(state);
         Ok(server)
     }
 }
@@ -344,6 +386,8 @@ pub struct Server {
     faults: Arc<dyn Faults>,
     stack_size: usize,
     guards: Guards,
+    mailboxes: Option<Arc<Mailboxes>>,
+    router: Option<Arc<dyn Router>>,
 }
 
 struct Job {
@@ -505,6 +549,7 @@ impl Server {
             faults: None,
             stack_size: DEFAULT_WORKER_STACK,
             reloaders: Vec::new(),
+            router: None,
         }
     }
 
@@ -540,10 +585,33 @@ impl Server {
             require_tls: config.tls.as_ref().is_some_and(|t| t.require_tls),
             auth,
         });
-        let hooks: Arc<dyn Hooks> = Arc::new(Chain(vec![
-            Arc::new(Policy::new(&config.policy.accept_domains)),
-            user_hooks,
-        ]));
+        let policy = Policy::new(&config.policy.accept_domains);
+        let mailboxes = match &config.mailboxes {
+            Some(m) => Some(Arc::new(
+                Mailboxes::new(m, &config.spool.dir).map_err(ServerError::Mailboxes)?,
+            )),
+            None => None,
+        };
+        // With [mailboxes], its RCPT check judges mailbox-domain recipients and leaves
+        // the others to [policy].
+        let first: Arc<dyn Hooks> = match &mailboxes {
+            Some(m) => Arc::new(RecipientCheck::new(Arc::clone(m), Some(policy))),
+            None => Arc::new(policy),
+        };
+        let mut chain: Vec<Arc<dyn Hooks>> = vec![first];
+        // The milters run after [policy], in configuration order (SPEC 9).
+        let mut reloaders: Vec<Reloader> = Vec::new();
+        if !config.milter.is_empty() {
+            let milters = Arc::new(
+                crate::milter::Milters::new(&config.hostname, &config.milter)
+                    .map_err(ServerError::Milter)?,
+            );
+            let m = Arc::clone(&milters);
+            reloaders.push(Box::new(move |c: &Config| m.reload(c)));
+            chain.push(milters);
+        }
+        chain.push(user_hooks);
+        let hooks: Arc<dyn Hooks> = Arc::new(Chain(chain));
         let mut listeners = Vec::new();
         let mut addrs = Vec::new();
         for (list, implicit) in [
@@ -597,7 +665,7 @@ impl Server {
                 running: config.clone(),
                 applied: config.clone(),
                 tls: tls.as_ref().map(|(_, r)| Arc::clone(r)),
-                reloaders: Vec::new(),
+                reloaders,
             })),
         };
         Ok(Server {
@@ -613,7 +681,15 @@ impl Server {
             faults: Arc::new(NoFaults),
             stack_size: DEFAULT_WORKER_STACK,
             guards,
+            // With [mailboxes] the maps route delivery; an embedder's router wins.
+            router: mailboxes.clone().map(|m| m as Arc<dyn Router>),
+            mailboxes,
         })
+    }
+
+    /// The live `[mailboxes]` maps, for reloading them (SIGHUP).
+    pub fn mailboxes(&self) -> Option<Arc<Mailboxes>> {
+        self.mailboxes.clone()
     }
 
     /// A handle to stop the server and read its addresses and counters.
@@ -624,17 +700,37 @@ impl Server {
     /// Runs until [`Handle::shutdown`]; then stops gracefully and returns.
     pub fn run(self) -> Result<(), ServerError> {
         let cfg = &self.config;
-        let (store, writer) = Maildir::open_with_faults(
-            &cfg.spool.dir,
-            &cfg.hostname,
-            cfg.spool.fsync,
-            Arc::clone(&self.shared.stats.spool),
-            Arc::clone(&self.faults),
-        )
-        .map_err(|err| ServerError::Spool {
-            dir: cfg.spool.dir.display().to_string(),
-            err,
-        })?;
+        // Before the spool opens (so before any delivery): a crash's debris in the
+        // mailboxes' tmp/ (invariant 1).
+        if let Some(m) = &cfg.mailboxes {
+            crate::mailboxes::clear_debris(&m.root, &cfg.hostname);
+        }
+        let spool_opts = cfg
+            .spool
+            .file_mode()
+            .map(|file_mode| SpoolOptions {
+                fsync: cfg.spool.fsync,
+                data_sync: match cfg.spool.data_sync {
+                    DataSyncPolicy::File => DataSync::PerFile,
+                    DataSyncPolicy::Batch => DataSync::Batch,
+                },
+                file_mode,
+                faults: Arc::clone(&self.faults),
+            })
+            .map_err(|m| io::Error::new(io::ErrorKind::InvalidInput, format!("file_mode {m}")));
+        let (store, writer) = spool_opts
+            .and_then(|opts| {
+                Maildir::open_with(
+                    &cfg.spool.dir,
+                    &cfg.hostname,
+                    opts,
+                    Arc::clone(&self.shared.stats.spool),
+                )
+            })
+            .map_err(|err| ServerError::Spool {
+                dir: cfg.spool.dir.display().to_string(),
+                err,
+            })?;
         let store = Arc::new(CountingStore {
             inner: store,
             stats: Arc::clone(&self.shared.stats),
@@ -642,6 +738,9 @@ impl Server {
         let reload_stop = Arc::new(AtomicBool::new(false));
         if let Some((_, resolver)) = &self.tls {
             resolver.watch(Duration::from_secs(1), Arc::clone(&reload_stop));
+        }
+        if let Some(m) = &self.mailboxes {
+            m.watch(Duration::from_secs(1), Arc::clone(&reload_stop));
         }
         let workers = cfg.server.workers;
         // A socket is queued only when a worker is free for it (or will be, once an
@@ -675,6 +774,7 @@ impl Server {
                 tls: self.tls.as_ref().map(|(c, _)| Arc::clone(c)),
                 limits: limits.clone(),
                 wants_data,
+                router: self.router.clone(),
                 done: done_tx.clone(),
                 ready: ready_tx.clone(),
                 proxy: cfg.server.proxy_protocol.then_some(proxy_timeout),
@@ -1017,6 +1117,7 @@ struct Worker {
     tls: Option<Arc<ServerConfig>>,
     limits: WireLimits,
     wants_data: bool,
+    router: Option<Arc<dyn Router>>,
     done: Sender<()>,
     /// Signalled once, just before the worker first waits for a socket.
     ready: Sender<()>,
@@ -1153,6 +1254,8 @@ impl Worker {
             tls: None,
             auth_user: None,
             helo: None,
+            local: tcp.local_addr().unwrap_or(job.peer),
+            auth_mechanism: None,
         };
         let tally = Arc::new(SessionTally::default());
         let stream = if job.implicit_tls {
@@ -1220,7 +1323,8 @@ impl Worker {
             &life,
             self.limits.clone(),
             self.wants_data,
-        );
+        )
+        .with_router(self.router.clone());
         let end = conn.run();
         // The stream goes first (a TLS session sends close_notify as it is dropped).
         drop(conn);

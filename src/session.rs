@@ -3,8 +3,8 @@
 //! connection driver (`connection.rs`) does the I/O around it.
 
 use crate::auth::{self, AuthStep, Authenticator, Exchange, RateLimit};
-use crate::hooks::{Envelope, Hooks, SessionError, SessionInfo, TlsInfo};
-use crate::protocol::address::ReversePath;
+use crate::hooks::{Content, DataVerdict, Envelope, Hooks, SessionError, SessionInfo, TlsInfo};
+use crate::protocol::address::{Address, ReversePath};
 use crate::protocol::command::{self, Command};
 use crate::protocol::reply::{Enhanced, Reply};
 use crate::protocol::trace::{self, Trace};
@@ -100,6 +100,8 @@ pub enum Step {
 pub enum MessageOutcome {
     /// Durably stored under this queue id.
     Stored(String),
+    /// A data hook asked for a discard: 250 with this queue id, nothing stored.
+    Discarded(String),
     TooBig,
     BareLf,
     /// A hook refused the content.
@@ -128,6 +130,12 @@ pub struct Session {
     junk: u32,
     /// The current command was junk beyond the limit: it counts as an error.
     junk_over: bool,
+    /// `data_start` was called and neither `data` nor `reset` since.
+    content_open: bool,
+    /// A `data_chunk` hook panicked: the message is refused at its end.
+    chunk_panicked: bool,
+    /// The mechanism of the AUTH exchange in progress.
+    auth_mechanism: Option<String>,
 }
 
 fn r(code: u16, e: (u8, u16, u16), text: impl Into<String>) -> Reply {
@@ -184,6 +192,9 @@ impl Session {
             started: Instant::now(),
             junk: 0,
             junk_over: false,
+            content_open: false,
+            chunk_panicked: false,
+            auth_mechanism: None,
         }
     }
 
@@ -238,6 +249,64 @@ impl Session {
                 self.settings.hostname
             ),
         )
+    }
+
+    /// The transaction is abandoned: tell the hooks (RSET, HELO/EHLO, STARTTLS, QUIT,
+    /// disconnect, a message that ended before its `data` call).
+    fn abort_transaction(&mut self, always: bool) {
+        let open = !matches!(self.txn, Txn::Idle) || self.content_open;
+        self.txn = Txn::Idle;
+        self.content_open = false;
+        self.chunk_panicked = false;
+        if open || always {
+            let hooks = Arc::clone(&self.hooks);
+            self.notify(|s| hooks.reset(s));
+        }
+    }
+
+    /// The session is over (after its last reply, whatever the reason): an open
+    /// transaction is reset, then the `close` hook runs.
+    pub fn closed(&mut self) {
+        self.abort_transaction(false);
+        let hooks = Arc::clone(&self.hooks);
+        self.notify(|s| hooks.close(s));
+    }
+
+    /// The message's content starts (its queue id is known): the `data_start` hook.
+    pub fn data_start(&mut self, queue_id: &str) {
+        let Some(env) = self.envelope().cloned() else {
+            return;
+        };
+        self.content_open = true;
+        self.chunk_panicked = false;
+        let hooks = Arc::clone(&self.hooks);
+        self.notify(|s| hooks.data_start(s, &env, queue_id));
+    }
+
+    /// Content as it arrives, for the hooks that want data.
+    pub fn data_chunk(&mut self, chunk: &[u8]) {
+        if chunk.is_empty() || self.chunk_panicked {
+            return;
+        }
+        let env = match &self.txn {
+            Txn::Mail(env) | Txn::Chunking { env, .. } => env,
+            Txn::Idle => return,
+        };
+        let hooks = &self.hooks;
+        let info = &self.info;
+        if catch_unwind(AssertUnwindSafe(|| hooks.data_chunk(info, env, chunk))).is_err() {
+            log::error!(
+                "session {}: a data_chunk hook panicked; the message will be refused",
+                self.info.id
+            );
+            self.chunk_panicked = true;
+        }
+    }
+
+    /// The reply for a hook that misbehaved at the end of a message (logged here).
+    pub fn hook_failed(&self, why: &str) -> Reply {
+        log::error!("session {}: data hook: {why}; sending 451", self.info.id);
+        internal_error()
     }
 
     /// `Some(replies)` once a hook has panicked: send them (after the reply already
@@ -388,11 +457,14 @@ impl Session {
             },
             Command::Bdat { size, last } => self.bdat(size, last),
             Command::Rset => {
-                self.txn = Txn::Idle;
+                self.abort_transaction(true);
                 Step::Reply(r(250, (2, 0, 0), "Ok"))
             }
             Command::Noop => Step::Reply(r(250, (2, 0, 0), "Ok")),
-            Command::Quit => Step::Close(vec![r(221, (2, 0, 0), "Bye")]),
+            Command::Quit => {
+                self.abort_transaction(false);
+                Step::Close(vec![r(221, (2, 0, 0), "Bye")])
+            }
             Command::Vrfy => Step::Reply(r(
                 252,
                 (2, 5, 0),
@@ -419,7 +491,7 @@ impl Session {
             return step;
         }
         // RFC 5321 §4.1.4: HELO/EHLO resets any transaction in progress.
-        self.txn = Txn::Idle;
+        self.abort_transaction(false);
         self.esmtp = esmtp;
         self.info.helo = Some(name);
         if !esmtp {
@@ -587,8 +659,17 @@ impl Session {
         Reply::plain(354, "End data with <CR><LF>.<CR><LF>")
     }
 
-    /// The trace headers for the message in progress (SPEC 5).
+    /// The trace headers for the message in progress (SPEC 5), naming every recipient.
     pub fn trace_headers(&self, queue_id: &str, now: SystemTime) -> Vec<u8> {
+        match self.envelope() {
+            Some(env) => self.trace_for(&env.rcpts, queue_id, now),
+            None => Vec::new(),
+        }
+    }
+
+    /// The trace headers for one stored copy: `Return-Path:`, an `X-Original-To:` for
+    /// each of `rcpts` (the recipients this copy is for), `Received:`.
+    pub fn trace_for(&self, rcpts: &[Address], queue_id: &str, now: SystemTime) -> Vec<u8> {
         let Some(env) = self.envelope() else {
             return Vec::new();
         };
@@ -601,32 +682,24 @@ impl Session {
             smtputf8: env.params.smtputf8,
             queue_id,
         };
-        trace::headers(&env.from, &env.rcpts, &t, now)
+        trace::headers(&env.from, rcpts, &t, now)
     }
 
-    /// Calls the `data` hook with the whole content (only when a hook wants data).
-    /// `Ok` holds the header fields the hooks add, in wire form, to store between the
-    /// trace headers and the content; `Err` the reply refusing the message (451 4.3.0
-    /// when a hook panicked, then [`take_close`](Self::take_close) says to close, or
-    /// when it returned a malformed header).
-    pub fn check_content(&mut self, content: &[u8]) -> Result<Vec<u8>, Reply> {
+    /// Calls the `data` hooks with the stored content (only when a hook wants data).
+    /// `Ok` holds their verdict; `Err` the reply refusing the message (451 4.3.0 when a
+    /// hook panicked, then [`take_close`](Self::take_close) says to close).
+    pub fn check_content(&mut self, content: &mut dyn Content) -> Result<DataVerdict, Reply> {
         let (Some(env), hooks) = (self.envelope().cloned(), Arc::clone(&self.hooks)) else {
-            return Ok(Vec::new());
+            return Ok(DataVerdict::default());
         };
-        match self.hook(|s| hooks.data(s, &env, content)) {
-            Ok(headers) => {
-                let mut out = Vec::new();
-                for h in &headers {
-                    match h.to_bytes() {
-                        Ok(bytes) => out.extend_from_slice(&bytes),
-                        Err(why) => {
-                            log::error!("session {}: data hook: {why}; sending 451", self.info.id);
-                            return Err(internal_error());
-                        }
-                    }
-                }
-                Ok(out)
-            }
+        self.content_open = false;
+        if std::mem::take(&mut self.chunk_panicked) {
+            // As for any deciding hook that panics: 451, then close.
+            self.closing = Some(Vec::new());
+            return Err(internal_error());
+        }
+        match self.hook(|s| hooks.data_from(s, &env, content)) {
+            Ok(verdict) => Ok(verdict),
             Err(Step::Reply(rep)) => Err(rep),
             Err(Step::Close(mut replies)) if !replies.is_empty() => {
                 // A panic (451) or a 421 refusal: that reply, then close.
@@ -646,6 +719,16 @@ impl Session {
             Txn::Chunking { env, size: total } => (Some(env), total),
             Txn::Idle => (None, size),
         };
+        let ended = matches!(
+            outcome,
+            MessageOutcome::Stored(_) | MessageOutcome::Discarded(_)
+        );
+        if std::mem::take(&mut self.content_open) && !ended {
+            // The hooks saw the content start but not the message through.
+            self.chunk_panicked = false;
+            let hooks = Arc::clone(&self.hooks);
+            self.notify(|s| hooks.reset(s));
+        }
         let (from, rcpts) = env
             .as_ref()
             .map_or((String::new(), 0), |e| (e.from.to_string(), e.rcpts.len()));
@@ -662,6 +745,13 @@ impl Session {
                     // The message is stored whatever the hook does: the reply stays 250.
                     self.notify(|s| hooks.done(s, env, &id));
                 }
+                return r(250, (2, 0, 0), format!("Ok: queued as {id}"));
+            }
+            MessageOutcome::Discarded(id) => {
+                log::warn!(
+                    "session {}: discarded {id} as a data hook asked: {size} bytes from <{from}> to {rcpts} recipient(s)",
+                    self.info.id
+                );
                 return r(250, (2, 0, 0), format!("Ok: queued as {id}"));
             }
             MessageOutcome::TooBig => r(552, (5, 3, 4), "Error: message file too big"),
@@ -691,11 +781,12 @@ impl Session {
 
     /// After a successful TLS handshake: everything starts over (RFC 3207 §4.2).
     pub fn tls_started(&mut self, tls: TlsInfo) {
+        self.abort_transaction(false);
         self.info.tls = Some(tls);
         self.info.helo = None;
         self.info.auth_user = None;
+        self.info.auth_mechanism = None;
         self.esmtp = false;
-        self.txn = Txn::Idle;
         self.auth = None;
     }
 
@@ -751,6 +842,7 @@ impl Session {
         if !matches!(self.txn, Txn::Idle) {
             return Step::Reply(bad_sequence("MAIL transaction in progress"));
         }
+        self.auth_mechanism = Some(mechanism.to_ascii_uppercase());
         let step = auth::start(mechanism, initial);
         self.auth_step(step)
     }
@@ -816,6 +908,7 @@ impl Session {
                     // name, since users do type passwords into the name field.
                     log::info!("session {}: authenticated as {user:?}", self.info.id);
                     self.info.auth_user = Some(user);
+                    self.info.auth_mechanism = self.auth_mechanism.take();
                     Step::Reply(r(235, (2, 7, 0), "Authentication successful"))
                 } else {
                     log::warn!(
@@ -942,6 +1035,8 @@ mod tests {
             tls: None,
             auth_user: None,
             helo: None,
+            local: "192.0.2.1:25".parse().unwrap(),
+            auth_mechanism: None,
         };
         Session::new(settings, hooks, info)
     }

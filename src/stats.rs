@@ -4,7 +4,7 @@
 
 use crate::connection::Transport;
 use crate::hooks::TlsInfo;
-use crate::spool::{Maildir, MessageWriter, SpoolStats, Store, StoreError};
+use crate::spool::{Copy, Maildir, MessageWriter, SpoolStats, Store, StoreError};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -240,12 +240,21 @@ pub(crate) struct SessionStore<'a> {
 
 impl Store for SessionStore<'_> {
     fn begin(&self) -> Result<Box<dyn MessageWriter>, StoreError> {
-        Ok(Box::new(CountingMessage {
-            inner: self.inner.inner.begin()?,
-            bytes: 0,
-            stats: Arc::clone(&self.inner.stats),
-            tally: Some(Arc::clone(&self.tally)),
-        }))
+        Ok(self
+            .inner
+            .wrap(self.inner.inner.begin()?, Some(Arc::clone(&self.tally))))
+    }
+
+    fn begin_in(
+        &self,
+        maildir: &std::path::Path,
+    ) -> Option<Result<Box<dyn MessageWriter>, StoreError>> {
+        Some(
+            self.inner
+                .inner
+                .begin_in(maildir)?
+                .map(|m| self.inner.wrap(m, Some(Arc::clone(&self.tally)))),
+        )
     }
 }
 
@@ -256,14 +265,31 @@ pub(crate) struct CountingStore {
     pub(crate) stats: Arc<Stats>,
 }
 
-impl Store for CountingStore {
-    fn begin(&self) -> Result<Box<dyn MessageWriter>, StoreError> {
-        Ok(Box::new(CountingMessage {
-            inner: self.inner.begin()?,
+impl CountingStore {
+    fn wrap(
+        &self,
+        inner: Box<dyn MessageWriter>,
+        tally: Option<Arc<SessionTally>>,
+    ) -> Box<dyn MessageWriter> {
+        Box::new(CountingMessage {
+            inner,
             bytes: 0,
             stats: Arc::clone(&self.stats),
-            tally: None,
-        }))
+            tally,
+        })
+    }
+}
+
+impl Store for CountingStore {
+    fn begin(&self) -> Result<Box<dyn MessageWriter>, StoreError> {
+        Ok(self.wrap(self.inner.begin()?, None))
+    }
+
+    fn begin_in(
+        &self,
+        maildir: &std::path::Path,
+    ) -> Option<Result<Box<dyn MessageWriter>, StoreError>> {
+        Some(self.inner.begin_in(maildir)?.map(|m| self.wrap(m, None)))
     }
 }
 
@@ -291,10 +317,32 @@ impl MessageWriter for CountingMessage {
     }
 
     fn commit(self: Box<Self>) -> Result<(), StoreError> {
-        let stats = &self.stats;
+        (*self).counted(|m| m.commit())
+    }
+
+    fn content(&mut self) -> io::Result<Box<dyn Read + '_>> {
+        self.inner.content()
+    }
+
+    fn commit_copies(self: Box<Self>, copies: Vec<Copy>) -> Result<(), StoreError> {
+        (*self).counted(|m| m.commit_copies(copies))
+    }
+}
+
+impl CountingMessage {
+    fn counted(
+        self,
+        commit: impl FnOnce(Box<dyn MessageWriter>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let CountingMessage {
+            inner,
+            bytes,
+            stats,
+            tally,
+        } = self;
         stats.queue_depth.fetch_add(1, Ordering::Relaxed);
         let began = Instant::now();
-        let result = self.inner.commit();
+        let result = commit(inner);
         stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
         let took = began.elapsed();
         stats
@@ -304,12 +352,10 @@ impl MessageWriter for CountingMessage {
         stats.commit_seconds.observe(took.as_secs_f64());
         if result.is_ok() {
             stats.messages_accepted.fetch_add(1, Ordering::Relaxed);
-            stats
-                .bytes_accepted
-                .fetch_add(self.bytes, Ordering::Relaxed);
-            if let Some(t) = &self.tally {
+            stats.bytes_accepted.fetch_add(bytes, Ordering::Relaxed);
+            if let Some(t) = &tally {
                 t.messages.fetch_add(1, Ordering::Relaxed);
-                t.bytes.fetch_add(self.bytes, Ordering::Relaxed);
+                t.bytes.fetch_add(bytes, Ordering::Relaxed);
             }
         }
         result

@@ -6,7 +6,9 @@
 mod common;
 use common::memory::{Mem, OneUser};
 use common::*;
-use mailer::hooks::{Chain, Envelope, Header, Hooks, Policy, SessionError, SessionInfo};
+use mailer::hooks::{
+    Chain, DataVerdict, Envelope, Header, Hooks, Policy, SessionError, SessionInfo,
+};
 use mailer::protocol::address::{Address, ReversePath};
 use mailer::protocol::command::MailParams;
 use mailer::{Enhanced, Reply};
@@ -144,9 +146,19 @@ impl Hooks for Script {
     fn rcpt(&self, s: &SessionInfo, _e: &Envelope, to: &Address) -> Result<(), Reply> {
         self.event("rcpt", Ev::Rcpt(to.to_string()), s, Some(to.as_str()))
     }
-    fn data(&self, s: &SessionInfo, _e: &Envelope, c: &[u8]) -> Result<Vec<Header>, Reply> {
-        self.event("data", Ev::Data(c.to_vec()), s, None)?;
-        Ok(self.headers.clone())
+    fn data(
+        &self,
+        s: &SessionInfo,
+        _e: &Envelope,
+        c: &mut dyn std::io::Read,
+    ) -> Result<DataVerdict, Reply> {
+        let mut content = Vec::new();
+        c.read_to_end(&mut content).unwrap();
+        self.event("data", Ev::Data(content), s, None)?;
+        Ok(DataVerdict {
+            add: self.headers.clone(),
+            ..DataVerdict::default()
+        })
     }
     fn error(&self, s: &SessionInfo, e: &SessionError) {
         let _ = self.event("error", Ev::Error(e.clone()), s, None);
@@ -813,6 +825,8 @@ fn policy_hook_accepts_listed_domains_postmaster_and_authenticated_relay() {
         tls: None,
         auth_user: None,
         helo: Some("c".into()),
+        local: "192.0.2.1:25".parse().unwrap(),
+        auth_mechanism: None,
     };
     let env = Envelope {
         from: ReversePath::Null,

@@ -33,7 +33,8 @@ fn content() -> impl Strategy<Value = Vec<u8>> {
 }
 
 /// What the server must store for `content`: bare LF as CRLF, a final CRLF added to a
-/// last line without one (the client's `dot_stuff` does the same).
+/// last line without one (the client's `dot_stuff` does the same), then the trace
+/// guards (an empty line before leading white space, no incoming `Return-Path:`).
 fn normalise(content: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(content.len() + 8);
     let mut prev = 0u8;
@@ -47,7 +48,11 @@ fn normalise(content: &[u8]) -> Vec<u8> {
     if !v.is_empty() && !v.ends_with(b"\n") {
         v.extend_from_slice(b"\r\n");
     }
-    v
+    let mut f = mailer::delivery::ContentFilter::new();
+    let mut out = Vec::new();
+    f.push(&v, &mut out);
+    f.finish(&mut out);
+    out
 }
 
 /// A stored file's content after the trace headers, which end with the Received

@@ -149,6 +149,8 @@ fuzz_target!(|data: &[u8]| {
         tls: None,
         auth_user: None,
         helo: None,
+        local: "192.0.2.2:25".parse().unwrap(),
+        auth_mechanism: None,
     };
     let mut s = Session::new(settings, Arc::new(NoHooks), info);
     let _ = s.greeting();

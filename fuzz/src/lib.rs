@@ -255,6 +255,8 @@ pub fn run_session(input: &[u8], k: &Knobs) -> Run {
         tls: None,
         auth_user: None,
         helo: None,
+        local: "192.0.2.2:25".parse().unwrap(),
+        auth_mechanism: None,
     };
     let session = Session::new(settings, Arc::new(NoHooks), info);
     let limits = WireLimits {

@@ -16,7 +16,7 @@ use mailer::connection::{Connection, End, Forever, Transport, WireLimits};
 use mailer::hooks::{Hooks, NoHooks, SessionInfo, TlsInfo};
 use mailer::protocol::data::BareLf;
 use mailer::session::{AuthSettings, Session, Settings};
-use mailer::spool::{MessageWriter, Store, StoreError};
+use mailer::spool::{Copy, MessageWriter, Store, StoreError};
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -168,6 +168,30 @@ impl MessageWriter for MemoryMessage {
             .push((self.id.clone(), std::mem::take(&mut self.buf)));
         Ok(())
     }
+    fn content(&mut self) -> io::Result<Box<dyn Read + '_>> {
+        Ok(Box::new(&self.buf[..]))
+    }
+    /// Each copy is committed as one message: its head, then the content.
+    fn commit_copies(mut self: Box<Self>, copies: Vec<Copy>) -> Result<(), StoreError> {
+        self.done = true;
+        let mut st = self.store.0.lock().unwrap();
+        st.open -= 1;
+        if self.fail == Fail::Commit {
+            return Err(StoreError::Io("memory store: commit failed".into()));
+        }
+        for c in copies {
+            let mut bytes = c.head;
+            match c.headers {
+                Some((n, section)) => {
+                    bytes.extend_from_slice(&section);
+                    bytes.extend_from_slice(&self.buf[n as usize..]);
+                }
+                None => bytes.extend_from_slice(&self.buf),
+            }
+            st.committed.push((self.id.clone(), bytes));
+        }
+        Ok(())
+    }
 }
 
 impl Drop for MemoryMessage {
@@ -278,6 +302,8 @@ impl Mem {
             tls: self.tls.clone(),
             auth_user: None,
             helo: None,
+            local: "127.0.0.1:25".parse().unwrap(),
+            auth_mechanism: None,
         };
         let session = Session::new(settings, Arc::clone(&self.hooks), info);
         let limits = WireLimits {
