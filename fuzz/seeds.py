@@ -199,3 +199,24 @@ replies = {
 }
 for name, body in replies.items():
     write("reply", name, bytes([0x80]) + body)
+
+# --- milter: what a filter sends back (4-byte length, reply byte, payload) -----------
+def mpkt(code, payload=b""):
+    return (len(payload) + 1).to_bytes(4, "big") + code + payload
+
+
+milter = {
+    "continue": mpkt(b"c"),
+    "optneg": mpkt(b"O", bytes([0, 0, 0, 6, 0, 0, 0, 0x31, 0, 0, 0, 0x7f])
+                   + bytes([0, 0, 0, 5]) + b"i {auth_type}\0"),
+    "eob-edits": mpkt(b"h", b"Authentication-Results\0mx.test;\n\tdkim=pass\0")
+    + mpkt(b"i", bytes([0, 0, 0, 1]) + b"X-I\0v\0")
+    + mpkt(b"m", bytes([0, 0, 0, 1]) + b"Subject\0\0")
+    + mpkt(b"q", b"virus\0") + mpkt(b"p") + mpkt(b"a"),
+    "replycode": mpkt(b"y", b"550-5.7.1 one\r\n550 5.7.1 two\0"),
+    "replycode-bad": mpkt(b"y", b"250 ok\0"),
+    "oversize": bytes([0, 0x20, 0, 1]) + b"c",
+    "truncated": mpkt(b"h", b"X\0v\0")[:-2],
+}
+for name, body in milter.items():
+    write("milter", name, body)

@@ -6,9 +6,11 @@ use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, Salt
 use argon2::Argon2;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::net::IpAddr;
 use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 /// Checks a user name and password.
 pub trait Authenticator: Send + Sync {
@@ -130,6 +132,95 @@ pub fn hash_password(password: &[u8]) -> Result<String, String> {
         .hash_password(password, &salt)
         .map(|h| h.to_string())
         .map_err(|e| e.to_string())
+}
+
+/// The window in which failed AUTH attempts are counted.
+pub const RATE_WINDOW: Duration = Duration::from_secs(60);
+
+/// How many client addresses the rate limiter remembers. Past this, the address whose
+/// last failure is oldest is forgotten, so a flood of addresses cannot grow memory.
+const RATE_MAX_CLIENTS: usize = 10_000;
+
+/// Counts failed AUTH attempts per client address (an IPv6 client per prefix, as for
+/// the per-IP connection limit) in a sliding window of [`RATE_WINDOW`]. Shared by all
+/// sessions; the check comes before any password hashing, so a client past the limit
+/// costs no argon2 run.
+pub struct RateLimit {
+    limit: usize,
+    ipv6_prefix: u8,
+    failures: Mutex<HashMap<IpAddr, VecDeque<Instant>>>,
+}
+
+impl RateLimit {
+    /// `limit` failures per window (at least 1); IPv6 addresses grouped by `ipv6_prefix`.
+    pub fn new(limit: u32, ipv6_prefix: u8) -> RateLimit {
+        RateLimit {
+            limit: (limit as usize).max(1),
+            ipv6_prefix,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// True when `ip` has used up its failed attempts in the current window.
+    pub fn blocked(&self, ip: IpAddr) -> bool {
+        self.blocked_at(ip, Instant::now())
+    }
+
+    fn blocked_at(&self, ip: IpAddr, now: Instant) -> bool {
+        let key = crate::server::client_key(ip, self.ipv6_prefix);
+        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(q) = map.get_mut(&key) else {
+            return false;
+        };
+        expire(q, now);
+        if q.is_empty() {
+            map.remove(&key);
+            return false;
+        }
+        q.len() >= self.limit
+    }
+
+    /// Records one failed attempt by `ip`; returns the failures in the window so far.
+    pub fn failed(&self, ip: IpAddr) -> usize {
+        self.failed_at(ip, Instant::now())
+    }
+
+    fn failed_at(&self, ip: IpAddr, now: Instant) -> usize {
+        let key = crate::server::client_key(ip, self.ipv6_prefix);
+        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        if !map.contains_key(&key) && map.len() >= RATE_MAX_CLIENTS {
+            map.retain(|_, q| {
+                expire(q, now);
+                !q.is_empty()
+            });
+            if map.len() >= RATE_MAX_CLIENTS {
+                let oldest = map
+                    .iter()
+                    .min_by_key(|(_, q)| q.back().copied())
+                    .map(|(k, _)| *k);
+                if let Some(k) = oldest {
+                    map.remove(&k);
+                }
+            }
+        }
+        let q = map.entry(key).or_default();
+        expire(q, now);
+        q.push_back(now);
+        // Only the newest `limit` failures matter for the decision.
+        while q.len() > self.limit {
+            q.pop_front();
+        }
+        q.len()
+    }
+}
+
+fn expire(q: &mut VecDeque<Instant>, now: Instant) {
+    while q
+        .front()
+        .is_some_and(|t| now.saturating_duration_since(*t) >= RATE_WINDOW)
+    {
+        q.pop_front();
+    }
 }
 
 /// A counting semaphore.
@@ -304,6 +395,43 @@ mod tests {
     }
 
     #[test]
+    fn rate_limit_counts_failures_per_address_in_a_sliding_window() {
+        let rl = RateLimit::new(3, 64);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let t0 = Instant::now();
+        for n in 1..=3 {
+            assert!(!rl.blocked_at(a, t0));
+            assert_eq!(rl.failed_at(a, t0), n);
+        }
+        assert!(rl.blocked_at(a, t0));
+        assert!(!rl.blocked_at(b, t0), "another address is not affected");
+        // The same /64 is one client; another /64 is not.
+        let v6a: IpAddr = "2001:db8:0:1::1".parse().unwrap();
+        let v6b: IpAddr = "2001:db8:0:1::2".parse().unwrap();
+        let v6c: IpAddr = "2001:db8:0:2::1".parse().unwrap();
+        for _ in 0..3 {
+            rl.failed_at(v6a, t0);
+        }
+        assert!(rl.blocked_at(v6b, t0));
+        assert!(!rl.blocked_at(v6c, t0));
+        // A failure leaves the window after 60 s.
+        assert!(!rl.blocked_at(a, t0 + RATE_WINDOW));
+        assert_eq!(rl.failed_at(a, t0 + RATE_WINDOW), 1);
+    }
+
+    #[test]
+    fn rate_limit_memory_is_bounded() {
+        let rl = RateLimit::new(1, 64);
+        let now = Instant::now();
+        for i in 0..(RATE_MAX_CLIENTS as u32 + 50) {
+            rl.failed_at(IpAddr::from(i.to_be_bytes()), now);
+        }
+        let len = rl.failures.lock().unwrap().len();
+        assert_eq!(len, RATE_MAX_CLIENTS);
+    }
+
+    #[test]
     fn argon2_users_verify() {
         let hash = hash_password(b"s3cret").unwrap();
         assert!(hash.starts_with("$argon2id$"));
@@ -313,6 +441,7 @@ mod tests {
                 name: "alice".into(),
                 password_hash: hash,
             }],
+            ..AuthConfig::default()
         };
         let users = Users::from_config(&cfg).unwrap();
         assert!(users.verify("alice", b"s3cret"));
@@ -324,6 +453,7 @@ mod tests {
                 name: "eve".into(),
                 password_hash: "plain".into(),
             }],
+            ..AuthConfig::default()
         };
         let e = Users::from_config(&bad).err().unwrap().to_string();
         assert!(e.contains("eve"), "{e}");
@@ -337,6 +467,7 @@ mod tests {
                 name: "eve".into(),
                 password_hash: hash.into(),
             }],
+            ..AuthConfig::default()
         };
         for bad in [
             // A PHC string of another scheme: argon2 could never verify it.

@@ -62,7 +62,46 @@ pub struct Config {
     pub spool: SpoolConfig,
     pub policy: PolicyConfig,
     pub auth: Option<AuthConfig>,
+    pub mailboxes: Option<MailboxesConfig>,
     pub metrics: MetricsConfig,
+    /// `[[milter]]` tables, called in this order (SPEC 9).
+    pub milter: Vec<MilterConfig>,
+}
+
+/// One `[[milter]]` table; the timeouts are Postfix's milter_*_timeout.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MilterConfig {
+    /// `inet:host:port` or `unix:/path` (Postfix syntax).
+    pub address: String,
+    pub connect_timeout_secs: u64,
+    pub command_timeout_secs: u64,
+    pub content_timeout_secs: u64,
+    pub default_action: DefaultAction,
+}
+
+/// What a milter that is down, slow or malformed costs the client (SPEC 9).
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultAction {
+    /// 451 4.7.1
+    Tempfail,
+    /// The milter is skipped.
+    Accept,
+    /// 550 5.7.1
+    Reject,
+}
+
+impl Default for MilterConfig {
+    fn default() -> MilterConfig {
+        MilterConfig {
+            address: String::new(),
+            connect_timeout_secs: 30,
+            command_timeout_secs: 30,
+            content_timeout_secs: 300,
+            default_action: DefaultAction::Tempfail,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -72,6 +111,8 @@ pub struct ServerConfig {
     pub tls_listen: Vec<String>,
     pub workers: usize,
     pub max_connections_per_ip: usize,
+    /// IPv6 clients share one `max_connections_per_ip` budget per prefix of this length.
+    pub ipv6_prefix: u8,
     pub proxy_protocol: bool,
     pub shutdown_grace_secs: u64,
     pub stats_interval_secs: u64,
@@ -96,6 +137,10 @@ pub struct Limits {
     pub command_timeout_secs: u64,
     pub data_timeout_secs: u64,
     pub min_data_rate: u64,
+    /// NOOP/RSET/VRFY/EXPN/HELP beyond this many each count as an error.
+    pub max_junk_commands: u32,
+    /// Whole-session lifetime, checked at each command.
+    pub session_timeout_secs: u64,
 }
 
 /// `limits.bare_lf`.
@@ -168,11 +213,13 @@ pub struct PolicyConfig {
     pub accept_domains: Vec<String>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     pub allow_plaintext: bool,
     pub users: Vec<User>,
+    /// Failed AUTH attempts per client address per 60 s before AUTH is refused; 0: off.
+    pub rate_limit: u32,
 }
 
 /// `[metrics]`: the Prometheus endpoint (SPEC 10).
@@ -190,6 +237,35 @@ pub struct User {
     pub password_hash: String,
 }
 
+/// `[mailboxes]` (SPEC 8): recipients validated at RCPT and delivered per mailbox.
+/// The maps themselves are built and checked by [`crate::mailboxes`].
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MailboxesConfig {
+    /// Mailbox `a@d.test` is the Maildir `<root>/d.test/a/`.
+    pub root: PathBuf,
+    /// Addresses that have a mailbox.
+    pub users: Vec<String>,
+    /// One address per line, `#` comments; empty: none. Re-read when it changes.
+    pub users_file: PathBuf,
+    /// `address` or `@domain` (catch-all) to a list of target addresses.
+    pub aliases: std::collections::BTreeMap<String, Vec<String>>,
+    /// Each character separates a local part from its extension; empty: off.
+    pub recipient_delimiter: String,
+}
+
+impl Default for MailboxesConfig {
+    fn default() -> MailboxesConfig {
+        MailboxesConfig {
+            root: "mail".into(),
+            users: Vec::new(),
+            users_file: PathBuf::new(),
+            aliases: Default::default(),
+            recipient_delimiter: "+".into(),
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Config {
         Config {
@@ -200,7 +276,9 @@ impl Default for Config {
             spool: SpoolConfig::default(),
             policy: PolicyConfig::default(),
             auth: None,
+            mailboxes: None,
             metrics: MetricsConfig::default(),
+            milter: Vec::new(),
         }
     }
 }
@@ -212,6 +290,7 @@ impl Default for ServerConfig {
             tls_listen: vec![],
             workers: 64,
             max_connections_per_ip: 16,
+            ipv6_prefix: 64,
             proxy_protocol: false,
             shutdown_grace_secs: 30,
             stats_interval_secs: 60,
@@ -240,6 +319,18 @@ impl Default for Limits {
             command_timeout_secs: 300,
             data_timeout_secs: 180,
             min_data_rate: 500,
+            max_junk_commands: 100,
+            session_timeout_secs: 3600,
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> AuthConfig {
+        AuthConfig {
+            allow_plaintext: false,
+            users: Vec::new(),
+            rate_limit: 10,
         }
     }
 }
@@ -365,6 +456,22 @@ impl Config {
         )?;
         range("limits.data_timeout_secs", l.data_timeout_secs, 1, DAY)?;
         range("limits.min_data_rate", l.min_data_rate, 0, GIB)?;
+        range("server.ipv6_prefix", u64::from(s.ipv6_prefix), 1, 128)?;
+        range(
+            "limits.max_junk_commands",
+            u64::from(l.max_junk_commands),
+            0,
+            1_000_000,
+        )?;
+        range(
+            "limits.session_timeout_secs",
+            l.session_timeout_secs,
+            1,
+            7 * DAY,
+        )?;
+        if let Some(a) = &self.auth {
+            range("auth.rate_limit", u64::from(a.rate_limit), 0, 1_000_000)?;
+        }
         if self.spool.dir.as_os_str().is_empty() {
             return err("spool.dir", "must not be empty".into());
         }
@@ -377,10 +484,27 @@ impl Config {
                 return err("policy.accept_domains", format!("{d:?} is not a domain"));
             }
         }
+        if let Some(m) = &self.mailboxes {
+            crate::mailboxes::check_inline(m).map_err(|(k, e)| (format!("mailboxes.{k}"), e))?;
+        }
         if let Some(a) = &self.auth {
             for u in &a.users {
                 if u.name.is_empty() {
                     return err("auth.users", "a user has an empty name".into());
+                }
+            }
+        }
+        for (i, m) in self.milter.iter().enumerate() {
+            if let Err(e) = crate::milter::MilterAddress::parse(&m.address) {
+                return err(&format!("milter[{i}].address"), e);
+            }
+            for (k, v) in [
+                ("connect_timeout_secs", m.connect_timeout_secs),
+                ("command_timeout_secs", m.command_timeout_secs),
+                ("content_timeout_secs", m.content_timeout_secs),
+            ] {
+                if !(1..=3600).contains(&v) {
+                    return err(&format!("milter[{i}].{k}"), "must be 1 to 3600".into());
                 }
             }
         }
@@ -691,6 +815,34 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("t.toml:2: key `metrics.listen`:"), "{e}");
+    }
+
+    #[test]
+    fn milter_tables() {
+        let c = parse(
+            "[[milter]]\naddress = \"inet:127.0.0.1:8891\"\n\
+             [[milter]]\naddress = \"unix:/run/m.sock\"\ndefault_action = \"accept\"\n\
+             command_timeout_secs = 5\n",
+        )
+        .unwrap();
+        assert_eq!(c.milter.len(), 2);
+        assert_eq!(c.milter[0].content_timeout_secs, 300);
+        assert_eq!(c.milter[0].default_action, DefaultAction::Tempfail);
+        assert_eq!(c.milter[1].default_action, DefaultAction::Accept);
+        assert_eq!(c.milter[1].command_timeout_secs, 5);
+        assert!(c.to_toml().contains("[[milter]]"));
+        let e = parse("[[milter]]\naddress = \"tcp:x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("milter[0].address"), "{e}");
+        let e = parse("[[milter]]\naddress = \"inet:h:1\"\ncontent_timeout_secs = 3601\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("milter[0].content_timeout_secs"), "{e}");
+        let e = parse("[[milter]]\naddress = \"inet:h:1\"\ndefault_action = \"maybe\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("maybe") || e.contains("default_action"), "{e}");
     }
 
     #[test]

@@ -20,6 +20,11 @@ use std::time::{Duration, Instant, SystemTime};
 pub trait Transport: Read + Write {
     /// Bounds the next blocking read (`None`: no bound).
     fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()>;
+    /// Bounds the next blocking write. In-memory transports never block: the default
+    /// does nothing.
+    fn set_write_timeout(&mut self, _timeout: Option<Duration>) -> io::Result<()> {
+        Ok(())
+    }
     /// Runs the server side of a TLS handshake on this stream (RFC 3207).
     fn start_tls(&mut self) -> io::Result<TlsInfo> {
         Err(io::Error::new(
@@ -37,6 +42,23 @@ pub trait Lifecycle {
     /// While inside a message the server lets it finish.
     fn enter_message(&self) -> bool;
     fn leave_message(&self);
+    /// The deadline for the next command line: `normal`, or shorter while the server
+    /// is short of workers (SPEC invariant 8).
+    fn command_timeout(&self, normal: Duration) -> Duration {
+        normal
+    }
+    /// The session is about to block waiting for a command (or its first one). The
+    /// server may then give its worker to a new client: it shuts the socket's read side
+    /// and [`got_command`](Self::got_command) returns false.
+    fn at_prompt(&self) {}
+    /// A command (or EOF, or a timeout) arrived. False when the session was chosen to
+    /// make room for a new client meanwhile: it answers 421 4.4.2 and closes.
+    fn got_command(&self) -> bool {
+        true
+    }
+    /// The session is over; only its last replies are still to be written. The
+    /// server counts the worker as free from here.
+    fn closing(&self) {}
 }
 
 /// A lifecycle that never stops (tests, embedders that drive sessions themselves).
@@ -74,6 +96,10 @@ pub enum End {
     /// Closed after a refusal (too many errors, hook, injection).
     Closed,
     ShuttingDown,
+    /// Its worker was given to a new client while it waited for a command.
+    Evicted,
+    /// `session_timeout_secs` passed.
+    Lifetime,
     Io(io::ErrorKind),
 }
 
@@ -82,9 +108,19 @@ enum Read1 {
     TooLong,
     Eof,
     Timeout,
+    /// The session lifetime ended while waiting.
+    Lifetime,
 }
 
 const BUF: usize = 64 * 1024;
+/// Replies that may wait unsent while commands are read. Past this, the replies are
+/// written (bounded by the command deadline) before another command is read, so a
+/// client that pipelines without reading cannot make the server buffer without bound
+/// (SPEC invariant 8).
+const OUT_HIGH: usize = 8 * 1024;
+/// While waiting for a command, how often the deadline is looked at again: it
+/// shortens when the server comes under stress.
+const RECHECK: Duration = Duration::from_secs(1);
 /// How much message content is gathered before a write to the store.
 const FLUSH_AT: usize = 32 * 1024;
 
@@ -103,6 +139,8 @@ pub struct Connection<'a, T: Transport> {
     /// The message of a BDAT transaction in progress.
     chunked: Option<Incoming>,
     router: Option<Arc<dyn Router>>,
+    /// The write timeout last set on the transport (saves a syscall per reply).
+    write_timeout: Option<Duration>,
 }
 
 /// A message being received: its spool file, the content guard, the first error.
@@ -196,6 +234,7 @@ impl<'a, T: Transport> Connection<'a, T> {
             out: Vec::with_capacity(4096),
             chunked: None,
             router: None,
+            write_timeout: None,
         }
     }
 
@@ -214,6 +253,7 @@ impl<'a, T: Transport> Connection<'a, T> {
     /// Runs the session to its end. Never panics on client input.
     pub fn run(&mut self) -> End {
         let end = self.run_inner();
+        self.life.closing();
         let _ = self.flush();
         if let End::Io(kind) = &end {
             self.session.io_error(format!("connection error: {kind}"));
@@ -232,7 +272,14 @@ impl<'a, T: Transport> Connection<'a, T> {
             if self.life.stopping() {
                 return self.shutdown_now();
             }
-            let step = match self.read_line() {
+            let read = self.read_line();
+            if !self.life.got_command() {
+                // Whatever arrived is not run: the worker belongs to a new client now.
+                let r = self.session.evicted();
+                self.reply(&r);
+                return End::Evicted;
+            }
+            let step = match read {
                 // Disjoint fields: the line is borrowed from the buffer, not copied.
                 Ok(Read1::Line(a, b)) => self.session.command(&self.buf[a..b]),
                 Ok(Read1::TooLong) => self.session.line_too_long(),
@@ -240,6 +287,11 @@ impl<'a, T: Transport> Connection<'a, T> {
                 Ok(Read1::Eof) | Err(_) if self.life.stopping() => return self.shutdown_now(),
                 Ok(Read1::Eof) => return End::Eof,
                 Ok(Read1::Timeout) => return self.timed_out(),
+                Ok(Read1::Lifetime) => {
+                    let r = self.session.lifetime_over();
+                    self.reply(&r);
+                    return End::Lifetime;
+                }
                 Err(e) => return End::Io(e.kind()),
             };
             let outcome = match step {
@@ -265,6 +317,13 @@ impl<'a, T: Transport> Connection<'a, T> {
             if self.chunked.is_some() && !self.session.is_chunking() {
                 // RSET, EHLO or a failed chunk ended the BDAT transaction.
                 self.chunked = None;
+            }
+            if self.out.len() >= OUT_HIGH {
+                // Backpressure: the client must take its replies before more of its
+                // pipelined commands are read.
+                if let Err(e) = self.flush_bounded() {
+                    return End::Io(e.kind());
+                }
             }
         }
     }
@@ -299,6 +358,20 @@ impl<'a, T: Transport> Connection<'a, T> {
             res?;
         }
         Ok(())
+    }
+
+    /// Writes pending replies; a client that does not read gets the command deadline
+    /// (shorter under stress) before the connection is given up.
+    fn flush_bounded(&mut self) -> io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let t = Some(self.life.command_timeout(self.limits.command_timeout));
+        if self.write_timeout != t {
+            self.io.set_write_timeout(t)?;
+            self.write_timeout = t;
+        }
+        self.flush()
     }
 
     fn timed_out(&mut self) -> End {
@@ -347,8 +420,11 @@ impl<'a, T: Transport> Connection<'a, T> {
     /// One command line within the command deadline (RFC 5321 §4.5.3.2: the whole
     /// line must arrive in time; partial bytes do not restart the clock). Its length
     /// counts the CRLF, as RFC 5321 §4.5.3.1.4 counts it for the 512-octet minimum.
+    ///
+    /// The deadline is taken again every [`RECHECK`]: it shortens when the server comes
+    /// under stress (SPEC invariant 8), and it never passes the session lifetime.
     fn read_line(&mut self) -> io::Result<Read1> {
-        let deadline = Instant::now() + self.limits.command_timeout;
+        let began = Instant::now();
         let max = self.limits.max_line_length;
         let mut discarding = false;
         let mut scanned = 0;
@@ -375,10 +451,29 @@ impl<'a, T: Transport> Connection<'a, T> {
                 self.start = self.end;
                 scanned = 0;
             }
-            match self.fill(deadline) {
+            let now = Instant::now();
+            let deadline = began + self.life.command_timeout(self.limits.command_timeout);
+            if now >= deadline {
+                return Ok(Read1::Timeout);
+            }
+            let life_left = self.session.lifetime_left();
+            if life_left.is_zero() {
+                return Ok(Read1::Lifetime);
+            }
+            // Replies go out before the session counts as waiting at a prompt: only a
+            // session blocked on reading may be chosen to make room for a new client.
+            // Between BDAT chunks a message is in transfer: that session never is.
+            self.flush_bounded()?;
+            if !self.session.is_chunking() {
+                self.life.at_prompt();
+            }
+            let life_end = now.checked_add(life_left).unwrap_or(deadline);
+            let wake = deadline.min(life_end).min(now + RECHECK);
+            match self.fill(wake) {
                 Ok(0) => return Ok(Read1::Eof),
                 Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::TimedOut => return Ok(Read1::Timeout),
+                // Look at the deadlines again.
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {}
                 Err(e) => return Err(e),
             }
         }
@@ -746,7 +841,9 @@ impl<'a, T: Transport> Connection<'a, T> {
         if let Err(e) = self.flush() {
             return Err(End::Io(e.kind()));
         }
-        if let Err(e) = self.io.set_read_timeout(Some(self.limits.command_timeout)) {
+        // The handshake is bounded like a command (shorter under stress).
+        let timeout = self.life.command_timeout(self.limits.command_timeout);
+        if let Err(e) = self.io.set_read_timeout(Some(timeout)) {
             return Err(End::Io(e.kind()));
         }
         match self.io.start_tls() {

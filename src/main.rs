@@ -86,7 +86,12 @@ fn check_config(path: &Path) -> ExitCode {
     // Rust ignores SIGPIPE, so the write fails with EPIPE instead). A reader that
     // stopped early is not a failure of the check: the config is valid.
     let mut out = std::io::stdout().lock();
-    match writeln!(out, "# {}: OK\n{}", path.display(), cfg.to_toml()).and_then(|()| out.flush()) {
+    // With [mailboxes], how many users, aliases and domains the maps hold (SPEC 8).
+    let summary = mailer::preflight::mailbox_summary(&cfg)
+        .map(|s| format!("# {s}\n"))
+        .unwrap_or_default();
+    let text = format!("# {}: OK\n{summary}{}", path.display(), cfg.to_toml());
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
         Err(e) => {

@@ -53,9 +53,28 @@ pub fn preflight(config: &Config) -> Vec<Finding> {
             fatal("", e.to_string());
         }
     }
+    let mut mailbox_warnings = Vec::new();
+    if let Some(m) = &config.mailboxes {
+        // Syntax, loops, depth and dangling targets, users_file included (SPEC 8).
+        match crate::mailboxes::Maps::build(m) {
+            Ok(maps) => {
+                for d in maps.without_postmaster() {
+                    mailbox_warnings.push(Finding {
+                        fatal: false,
+                        what: "mailboxes".into(),
+                        message: format!(
+                            "postmaster@{d} is neither a user nor an alias (RFC 5321 4.5.1)"
+                        ),
+                    });
+                }
+            }
+            Err(e) => fatal("", e),
+        }
+    }
     if let Err(message) = check_spool_dir(&config.spool.dir) {
         fatal("spool.dir", message);
     }
+    out.extend(mailbox_warnings);
     for (key, list) in [
         ("server.listen", config.listen_addrs()),
         ("server.tls_listen", config.tls_listen_addrs()),
@@ -129,4 +148,12 @@ pub(crate) fn check_spool_dir(dir: &std::path::Path) -> Result<(), String> {
         parent = if last { None } else { p.parent() };
     }
     Err(cannot("no existing parent directory".into()))
+}
+
+/// `mailboxes: N users, N aliases, N domains` for `check-config`, when `[mailboxes]`
+/// is set and its maps build.
+pub fn mailbox_summary(config: &Config) -> Option<String> {
+    let maps = crate::mailboxes::Maps::build(config.mailboxes.as_ref()?).ok()?;
+    let (u, a, d) = maps.counts();
+    Some(format!("mailboxes: {u} users, {a} aliases, {d} domains"))
 }

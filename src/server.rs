@@ -1,22 +1,24 @@
 //! The server edge (SPEC 1): listeners, the bounded queue of sockets, the fixed worker
 //! pool, per-IP limits, the spool writer, statistics and graceful shutdown.
 
-use crate::auth::{AuthError, Users};
+use crate::auth::{AuthError, RateLimit, Users};
 use crate::config::Config;
 use crate::config::DataSyncPolicy;
 use crate::connection::{Connection, End, Lifecycle, WireLimits};
 use crate::delivery::Router;
 use crate::hooks::{Chain, Hooks, NoHooks, Policy, SessionInfo};
+use crate::mailboxes::{Mailboxes, RecipientCheck};
 use crate::protocol::proxy::{self, Parse};
 use crate::protocol::reply::{Enhanced, Reply};
-use crate::session::{AuthSettings, Session, Settings};
+use crate::session::{AuthSettings, Guards, Session, Settings};
 use crate::spool::{DataSync, Faults, Maildir, NoFaults, SpoolOptions};
 use crate::stats::{
     ActiveGuard, CountReplies, CountingStore, SessionStore, SessionTally, Stats, StatsSnapshot,
 };
 use crate::tls::{self, Stream, TlsError};
-use crossbeam_channel::{bounded, Receiver, SendTimeoutError, Sender};
+use crossbeam_channel::{bounded, Receiver, Sender};
 use rustls::ServerConfig;
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -37,6 +39,8 @@ pub enum ServerError {
     Tls(TlsError),
     /// Bad `[auth]` users (a configuration error).
     Auth(AuthError),
+    /// Bad `[mailboxes]` maps (a configuration error).
+    Mailboxes(String),
     /// The spool directory cannot be prepared.
     Spool { dir: String, err: io::Error },
     /// A listen address cannot be bound.
@@ -46,6 +50,8 @@ pub enum ServerError {
     /// A value [`Config::validate`] refuses (the dotted key and the problem), the same
     /// check `mailer check-config` and the binary's startup make (invariant 12).
     Config { key: String, message: String },
+    /// A bad `[[milter]]` address (a configuration error).
+    Milter(String),
 }
 
 impl ServerError {
@@ -53,7 +59,11 @@ impl ServerError {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            ServerError::Tls(_) | ServerError::Auth(_) | ServerError::Config { .. }
+            ServerError::Tls(_)
+                | ServerError::Auth(_)
+                | ServerError::Config { .. }
+                | ServerError::Milter(_)
+                | ServerError::Mailboxes(_)
         )
     }
 }
@@ -63,20 +73,76 @@ impl fmt::Display for ServerError {
         match self {
             ServerError::Tls(e) => e.fmt(f),
             ServerError::Auth(e) => e.fmt(f),
+            ServerError::Mailboxes(e) => e.fmt(f),
             ServerError::Spool { dir, err } => write!(f, "spool.dir {dir}: {err}"),
             ServerError::Bind { addr, err } => write!(f, "cannot listen on {addr}: {err}"),
             ServerError::Thread(e) => write!(f, "cannot start a thread: {e}"),
             ServerError::Config { key, message } => write!(f, "key `{key}`: {message}"),
+            ServerError::Milter(e) => write!(f, "milter.address: {e}"),
         }
     }
 }
 
 impl std::error::Error for ServerError {}
 
-/// What one live connection shares with the shutdown logic.
+/// The default stack of a worker thread. Only touched pages take memory, so a roomy
+/// stack costs address space, not RAM, and a hook that recurses deeply does not abort
+/// the whole process (a stack overflow cannot be caught).
+pub const DEFAULT_WORKER_STACK: usize = 2 * 1024 * 1024;
+
+/// While the pool is under stress, the longest wait for a command (SPEC invariant 8,
+/// after Postfix's stress-adaptive `smtpd_timeout`).
+const STRESS_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long an evicted session may take to write its 421 to a client that does not
+/// read: its worker is promised to a new client.
+const EVICT_WRITE_WAIT: Duration = Duration::from_secs(1);
+
+/// Where one live connection stands, for the shutdown logic and the acceptor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Running a command, a hook, a handshake: not to be interrupted.
+    Working,
+    /// Blocked waiting for a command (or the first one) since then.
+    Prompt(Instant),
+    /// Inside DATA or BDAT: never evicted, finished at shutdown.
+    Message,
+    /// Chosen to give its worker to a new client; its read side is shut.
+    Evicted,
+}
+
+/// What one live connection shares with the shutdown logic and the acceptor.
 struct Slot {
     tcp: TcpStream,
-    in_message: Mutex<bool>,
+    phase: Mutex<Phase>,
+    /// Set once the worker counts as free again (see [`Shared::release`]).
+    released: Arc<AtomicBool>,
+}
+
+impl Slot {
+    fn phase(&self) -> std::sync::MutexGuard<'_, Phase> {
+        self.phase.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The acceptors' view of the worker pool. Counted under one lock so that the
+/// decision "hand over, evict or refuse" never waits (SPEC invariant 8).
+struct Pool {
+    workers: usize,
+    /// Workers running a session.
+    busy: usize,
+    /// Sockets handed over but not yet taken by a worker.
+    queued: usize,
+    /// Sessions told to close for a new client that have not ended yet: each one's
+    /// worker is already promised to a queued socket.
+    evicting: usize,
+}
+
+impl Pool {
+    /// Workers free for a new socket now or as soon as an evicted session ends.
+    fn available(&self) -> usize {
+        (self.workers + self.evicting).saturating_sub(self.busy + self.queued)
+    }
 }
 
 /// State shared by acceptors, workers and the handle.
@@ -84,6 +150,11 @@ struct Shared {
     stopping: AtomicBool,
     slots: Mutex<HashMap<u64, Arc<Slot>>>,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
+    pool: Mutex<Pool>,
+    /// More than 80 % of the workers are busy: sessions waiting for a command get
+    /// [`STRESS_COMMAND_TIMEOUT`].
+    stressed: AtomicBool,
+    ipv6_prefix: u8,
     next_id: AtomicU64,
     stats: Arc<Stats>,
     stop_tx: Sender<()>,
@@ -222,11 +293,21 @@ pub struct ServerBuilder {
     config: Config,
     hooks: Option<Arc<dyn Hooks>>,
     faults: Option<Arc<dyn Faults>>,
-    router: Option<Arc<dyn Router>>,
+    stack_size: usize,
     reloaders: Vec<Reloader>,
+    router: Option<Arc<dyn Router>>,
 }
 
 impl ServerBuilder {
+    /// The stack size of each worker thread, in bytes; default
+    /// [`DEFAULT_WORKER_STACK`] (2 MiB). Hooks run on these threads: raise it for hooks
+    /// that recurse deeply, since a stack overflow aborts the whole process. The
+    /// memory is reserved as address space and only used as far as it is touched.
+    pub fn worker_stack_size(mut self, bytes: usize) -> Self {
+        self.stack_size = bytes;
+        self
+    }
+
     /// Delivers recipients to mailboxes (SPEC 8): each distinct mailbox gets its own
     /// copy; recipients the router does not know go to `spool.dir`.
     pub fn router(mut self, router: Arc<dyn Router>) -> Self {
@@ -258,13 +339,35 @@ impl ServerBuilder {
         if let Some(f) = self.faults {
             server.faults = f;
         }
-        server.router = self.router;
-        server
+        // Below this, a worker could not even run a session's own frames.
+        server.stack_size = self.stack_size.max(64 * 1024);
+        if self.router.is_some() {
+            server.router = self.router;
+        }
+        let mut reloaders = self.reloaders;
+        // SIGHUP re-reads the mailbox maps (SPEC 2), first among the reloaders so that
+        // a later one that fails rolls them back too. Without [mailboxes] at start
+        // there is no RCPT check or router to feed: adding the table needs a restart.
+        let mailbox_reloader: Reloader = match server.mailboxes.clone() {
+            Some(m) => Box::new(move |c: &Config| m.reload(c)),
+            None => Box::new(|c: &Config| {
+                if c.mailboxes.is_some() {
+                    log::warn!("reload: [mailboxes] was added; it takes effect at the next start");
+                }
+                Ok(())
+            }),
+        };
+        reloaders.insert(0, mailbox_reloader);
+        let mut state = server
             .handle
             .reload
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .reloaders = self.reloaders;
+            .unwrap_or_else(|p| p.into_inner());
+        // The server's own reloaders (milters) follow the mailbox maps, then the embedder's.
+        let own = std::mem::take(&mut state.reloaders);
+        reloaders.splice(1..1, own);
+        state.reloaders = reloaders;
+        drop(state);
         Ok(server)
     }
 }
@@ -281,6 +384,9 @@ pub struct Server {
     stop_rx: Receiver<()>,
     handle: Handle,
     faults: Arc<dyn Faults>,
+    stack_size: usize,
+    guards: Guards,
+    mailboxes: Option<Arc<Mailboxes>>,
     router: Option<Arc<dyn Router>>,
 }
 
@@ -300,8 +406,10 @@ struct IpGuard {
 }
 
 impl Shared {
-    /// Claims one of `max` connection slots for `ip`; `None` when all are taken.
+    /// Claims one of `max` connection slots for the client `ip` (an IPv6 client counts
+    /// by its `ipv6_prefix`); `None` when all are taken.
     fn claim_ip(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<IpGuard> {
+        let ip = client_key(ip, self.ipv6_prefix);
         let mut m = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
         let n = m.entry(ip).or_insert(0);
         if *n >= max {
@@ -323,22 +431,39 @@ impl Shared {
         if implicit_tls {
             return;
         }
+        // Nothing here may block: the acceptor refuses the next client right after
+        // this one (SPEC invariant 8). A fresh socket's send buffer takes a 421 whole,
+        // so a non-blocking write suffices.
+        let _ = tcp.set_nonblocking(true);
         // Read what already arrived (a PROXY header, pipelined commands): closing a
         // socket with unread input sends RST, which can destroy the 421 in flight.
-        if tcp.set_nonblocking(true).is_ok() {
-            let mut scratch = [0u8; 1024];
-            for _ in 0..8 {
-                if !matches!(tcp.read(&mut scratch), Ok(n) if n > 0) {
-                    break;
-                }
+        let mut scratch = [0u8; 1024];
+        for _ in 0..8 {
+            if !matches!(tcp.read(&mut scratch), Ok(n) if n > 0) {
+                break;
             }
-            let _ = tcp.set_nonblocking(false);
         }
         self.stats.count_reply(421);
-        let _ = tcp.set_write_timeout(Some(Duration::from_secs(1)));
         let r = Reply::new(421, Enhanced(4, 7, 0), format!("{} {why}", self.hostname));
         let _ = tcp.write_all(&r.to_bytes());
         let _ = tcp.shutdown(Shutdown::Both);
+    }
+}
+
+/// The key a client is counted under: an IPv4-mapped IPv6 address is the IPv4 client
+/// it stands for; any other IPv6 address counts by its first `ipv6_prefix` bits, since
+/// one host or site is usually given a whole /64 and can pick any address in it.
+pub(crate) fn client_key(ip: IpAddr, ipv6_prefix: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let bits = u32::from(ipv6_prefix.clamp(1, 128));
+                let mask = u128::MAX << (128 - bits);
+                IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
+            }
+        },
     }
 }
 
@@ -422,8 +547,9 @@ impl Server {
             config,
             hooks: None,
             faults: None,
-            router: None,
+            stack_size: DEFAULT_WORKER_STACK,
             reloaders: Vec::new(),
+            router: None,
         }
     }
 
@@ -459,10 +585,33 @@ impl Server {
             require_tls: config.tls.as_ref().is_some_and(|t| t.require_tls),
             auth,
         });
-        let hooks: Arc<dyn Hooks> = Arc::new(Chain(vec![
-            Arc::new(Policy::new(&config.policy.accept_domains)),
-            user_hooks,
-        ]));
+        let policy = Policy::new(&config.policy.accept_domains);
+        let mailboxes = match &config.mailboxes {
+            Some(m) => Some(Arc::new(
+                Mailboxes::new(m, &config.spool.dir).map_err(ServerError::Mailboxes)?,
+            )),
+            None => None,
+        };
+        // With [mailboxes], its RCPT check judges mailbox-domain recipients and leaves
+        // the others to [policy].
+        let first: Arc<dyn Hooks> = match &mailboxes {
+            Some(m) => Arc::new(RecipientCheck::new(Arc::clone(m), Some(policy))),
+            None => Arc::new(policy),
+        };
+        let mut chain: Vec<Arc<dyn Hooks>> = vec![first];
+        // The milters run after [policy], in configuration order (SPEC 9).
+        let mut reloaders: Vec<Reloader> = Vec::new();
+        if !config.milter.is_empty() {
+            let milters = Arc::new(
+                crate::milter::Milters::new(&config.hostname, &config.milter)
+                    .map_err(ServerError::Milter)?,
+            );
+            let m = Arc::clone(&milters);
+            reloaders.push(Box::new(move |c: &Config| m.reload(c)));
+            chain.push(milters);
+        }
+        chain.push(user_hooks);
+        let hooks: Arc<dyn Hooks> = Arc::new(Chain(chain));
         let mut listeners = Vec::new();
         let mut addrs = Vec::new();
         for (list, implicit) in [
@@ -482,10 +631,27 @@ impl Server {
             None => None,
         };
         let (stop_tx, stop_rx) = bounded(1);
+        let guards = Guards {
+            max_junk_commands: config.limits.max_junk_commands,
+            lifetime: Duration::from_secs(config.limits.session_timeout_secs),
+            auth_rate: config
+                .auth
+                .as_ref()
+                .filter(|a| a.rate_limit > 0)
+                .map(|a| Arc::new(RateLimit::new(a.rate_limit, config.server.ipv6_prefix))),
+        };
         let shared = Arc::new(Shared {
             stopping: AtomicBool::new(false),
             slots: Mutex::new(HashMap::new()),
             per_ip: Mutex::new(HashMap::new()),
+            pool: Mutex::new(Pool {
+                workers: config.server.workers,
+                busy: 0,
+                queued: 0,
+                evicting: 0,
+            }),
+            stressed: AtomicBool::new(false),
+            ipv6_prefix: config.server.ipv6_prefix,
             next_id: AtomicU64::new(1),
             stats: Arc::new(Stats::default()),
             stop_tx,
@@ -499,7 +665,7 @@ impl Server {
                 running: config.clone(),
                 applied: config.clone(),
                 tls: tls.as_ref().map(|(_, r)| Arc::clone(r)),
-                reloaders: Vec::new(),
+                reloaders,
             })),
         };
         Ok(Server {
@@ -513,8 +679,17 @@ impl Server {
             stop_rx,
             handle,
             faults: Arc::new(NoFaults),
-            router: None,
+            stack_size: DEFAULT_WORKER_STACK,
+            guards,
+            // With [mailboxes] the maps route delivery; an embedder's router wins.
+            router: mailboxes.clone().map(|m| m as Arc<dyn Router>),
+            mailboxes,
         })
+    }
+
+    /// The live `[mailboxes]` maps, for reloading them (SIGHUP).
+    pub fn mailboxes(&self) -> Option<Arc<Mailboxes>> {
+        self.mailboxes.clone()
     }
 
     /// A handle to stop the server and read its addresses and counters.
@@ -525,6 +700,11 @@ impl Server {
     /// Runs until [`Handle::shutdown`]; then stops gracefully and returns.
     pub fn run(self) -> Result<(), ServerError> {
         let cfg = &self.config;
+        // Before the spool opens (so before any delivery): a crash's debris in the
+        // mailboxes' tmp/ (invariant 1).
+        if let Some(m) = &cfg.mailboxes {
+            crate::mailboxes::clear_debris(&m.root, &cfg.hostname);
+        }
         let spool_opts = cfg
             .spool
             .file_mode()
@@ -559,11 +739,15 @@ impl Server {
         if let Some((_, resolver)) = &self.tls {
             resolver.watch(Duration::from_secs(1), Arc::clone(&reload_stop));
         }
+        if let Some(m) = &self.mailboxes {
+            m.watch(Duration::from_secs(1), Arc::clone(&reload_stop));
+        }
         let workers = cfg.server.workers;
-        // A rendezvous channel: a socket is handed over only to an idle worker, so when
-        // all workers are busy the client gets 421 4.7.0 at once instead of waiting
-        // silently in a queue (SPEC 4: never hang a client silently).
-        let (job_tx, job_rx) = bounded::<Job>(0);
+        // A socket is queued only when a worker is free for it (or will be, once an
+        // evicted session ends): the acceptor counts that in `Shared::pool`, so a
+        // client never waits in a queue behind busy workers (SPEC 4: never hang a
+        // client silently). The capacity is never reached; it is a safety bound.
+        let (job_tx, job_rx) = bounded::<Job>(workers * 2);
         let (done_tx, done_rx) = bounded::<()>(workers);
         let limits = WireLimits {
             max_line_length: cfg.limits.max_line_length,
@@ -595,10 +779,11 @@ impl Server {
                 ready: ready_tx.clone(),
                 proxy: cfg.server.proxy_protocol.then_some(proxy_timeout),
                 per_ip_max: cfg.server.max_connections_per_ip,
+                guards: self.guards.clone(),
             };
             std::thread::Builder::new()
                 .name(format!("worker-{i}"))
-                .stack_size(256 * 1024)
+                .stack_size(self.stack_size)
                 .spawn(move || w.run())
                 .map_err(ServerError::Thread)?;
         }
@@ -728,6 +913,110 @@ fn loopback_of(addr: SocketAddr) -> SocketAddr {
 }
 
 impl Shared {
+    /// A worker took a queued socket.
+    fn took_job(&self) {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        pool.queued = pool.queued.saturating_sub(1);
+        pool.busy += 1;
+        self.update_stress(&pool);
+    }
+
+    /// A worker's session is over (`evicted`: it had been told to make room): the
+    /// worker counts as free from now on, once. Called before the last reply is
+    /// written, so a client that reconnects on reading it never finds its own old
+    /// session still counted busy.
+    fn release(&self, released: &AtomicBool, evicted: bool) {
+        if released.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        pool.busy = pool.busy.saturating_sub(1);
+        if evicted {
+            pool.evicting = pool.evicting.saturating_sub(1);
+        }
+        self.update_stress(&pool);
+    }
+
+    /// Stress begins when more than 80 % of the workers are busy and ends at 70 % or
+    /// less: the gap keeps one episode from being logged many times when the count
+    /// hovers around the threshold.
+    fn update_stress(&self, pool: &Pool) {
+        let (busy, n) = (pool.busy, pool.workers);
+        let was = self.stressed.load(Ordering::SeqCst);
+        if !was && busy * 5 > n * 4 {
+            self.stressed.store(true, Ordering::SeqCst);
+            log::warn!(
+                "entering stress: {busy} of {n} workers busy; sessions waiting for a command get {}s, and when all are busy the longest waiting one is closed for a new client",
+                STRESS_COMMAND_TIMEOUT.as_secs()
+            );
+        } else if was && busy * 10 <= n * 7 {
+            self.stressed.store(false, Ordering::SeqCst);
+            log::warn!("leaving stress: {busy} of {n} workers busy");
+        }
+    }
+
+    /// The deadline for a command: shorter while under stress.
+    fn command_timeout(&self, normal: Duration) -> Duration {
+        if self.stressed.load(Ordering::SeqCst) {
+            normal.min(STRESS_COMMAND_TIMEOUT)
+        } else {
+            normal
+        }
+    }
+
+    /// Decides at once what happens to a new socket: queued for a free worker, queued
+    /// for the worker of the session that has waited longest for a command (which is
+    /// told to close), or refused (every session is working or inside a message).
+    fn admit(&self, tx: &Sender<Job>, job: Job) -> Result<(), Job> {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.available() == 0 {
+            if !self.evict_one(job.peer) {
+                return Err(job);
+            }
+            pool.evicting += 1;
+        }
+        match tx.try_send(job) {
+            Ok(()) => {
+                pool.queued += 1;
+                Ok(())
+            }
+            Err(e) => Err(e.into_inner()),
+        }
+    }
+
+    /// Tells the session that has waited longest at a command prompt to close (its
+    /// read side is shut, as at shutdown); false when no session waits for a command.
+    fn evict_one(&self, newcomer: SocketAddr) -> bool {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let mut best: Option<(Instant, u64, &Arc<Slot>)> = None;
+            for (id, slot) in slots.iter() {
+                if let Phase::Prompt(since) = *slot.phase() {
+                    if best.is_none_or(|(b, _, _)| since < b) {
+                        best = Some((since, *id, slot));
+                    }
+                }
+            }
+            let Some((since, id, slot)) = best else {
+                return false;
+            };
+            let mut phase = slot.phase();
+            // It may have received a command since it was looked at: then it is
+            // working, and the next longest waiting session is the one.
+            if *phase != Phase::Prompt(since) {
+                continue;
+            }
+            *phase = Phase::Evicted;
+            let _ = slot.tcp.set_write_timeout(Some(EVICT_WRITE_WAIT));
+            let _ = slot.tcp.shutdown(Shutdown::Read);
+            log::warn!(
+                "all workers busy: closing session {id} (waited {}s for a command) to serve {newcomer}",
+                since.elapsed().as_secs()
+            );
+            return true;
+        }
+    }
+
     /// Shuts the read side of every session that is not inside a message, so its
     /// blocked read returns and it answers 421 4.3.2.
     fn close_idle(&self) {
@@ -739,8 +1028,8 @@ impl Shared {
             .cloned()
             .collect();
         for s in slots {
-            let busy = s.in_message.lock().unwrap_or_else(|p| p.into_inner());
-            if !*busy {
+            let phase = s.phase();
+            if *phase != Phase::Message {
                 let _ = s.tcp.shutdown(Shutdown::Read);
             }
         }
@@ -757,9 +1046,6 @@ impl Shared {
         }
     }
 }
-
-/// How long a new connection may wait for an idle worker before it gets 421 4.7.0.
-const HANDOFF_WAIT: Duration = Duration::from_millis(200);
 
 struct Acceptor {
     listener: TcpListener,
@@ -810,18 +1096,13 @@ impl Acceptor {
                 implicit_tls: self.implicit_tls,
                 ip,
             };
-            // A short wait covers a worker that is between two sessions (or still
-            // starting); past it, every worker is truly busy.
-            match self.tx.send_timeout(job, HANDOFF_WAIT) {
-                Ok(()) => {}
-                Err(SendTimeoutError::Timeout(job)) | Err(SendTimeoutError::Disconnected(job)) => {
-                    self.shared.refuse(
-                        job.tcp,
-                        peer,
-                        self.implicit_tls,
-                        "Error: server busy, try again later",
-                    );
-                }
+            if let Err(job) = self.shared.admit(&self.tx, job) {
+                self.shared.refuse(
+                    job.tcp,
+                    peer,
+                    self.implicit_tls,
+                    "Error: server busy, try again later",
+                );
             }
         }
     }
@@ -843,6 +1124,7 @@ struct Worker {
     /// `Some(timeout)` when a PROXY header must come first.
     proxy: Option<Duration>,
     per_ip_max: usize,
+    guards: Guards,
 }
 
 /// The worker's view of the server lifecycle for one connection.
@@ -856,23 +1138,39 @@ impl Lifecycle for Life<'_> {
         self.shared.stopping.load(Ordering::SeqCst)
     }
     fn enter_message(&self) -> bool {
-        let mut busy = self
-            .slot
-            .in_message
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if self.stopping() {
+        let mut phase = self.slot.phase();
+        if self.stopping() || *phase == Phase::Evicted {
             return false;
         }
-        *busy = true;
+        *phase = Phase::Message;
         true
     }
     fn leave_message(&self) {
-        *self
-            .slot
-            .in_message
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = false;
+        let mut phase = self.slot.phase();
+        if *phase == Phase::Message {
+            *phase = Phase::Working;
+        }
+    }
+    fn command_timeout(&self, normal: Duration) -> Duration {
+        self.shared.command_timeout(normal)
+    }
+    fn at_prompt(&self) {
+        let mut phase = self.slot.phase();
+        if *phase == Phase::Working {
+            *phase = Phase::Prompt(Instant::now());
+        }
+    }
+    fn got_command(&self) -> bool {
+        let mut phase = self.slot.phase();
+        if *phase == Phase::Evicted {
+            return false;
+        }
+        *phase = Phase::Working;
+        true
+    }
+    fn closing(&self) {
+        let evicted = *self.slot.phase() == Phase::Evicted;
+        self.shared.release(&self.slot.released, evicted);
     }
 }
 
@@ -880,16 +1178,23 @@ impl Worker {
     fn run(self) {
         let _ = self.ready.send(());
         while let Ok(job) = self.rx.recv() {
+            self.shared.took_job();
             let peer = job.peer;
+            let evicted = Cell::new(false);
+            let released = Arc::new(AtomicBool::new(false));
             // A panic in one session must not end the worker or the server (invariant 5).
-            if catch_unwind(AssertUnwindSafe(|| self.serve(job))).is_err() {
+            let served = catch_unwind(AssertUnwindSafe(|| {
+                self.serve(job, &evicted, Arc::clone(&released))
+            }));
+            if served.is_err() {
                 log::error!("session with {peer} panicked; worker continues");
             }
+            self.shared.release(&released, evicted.get());
         }
         let _ = self.done.send(());
     }
 
-    fn serve(&self, job: Job) {
+    fn serve(&self, job: Job, evicted: &Cell<bool>, released: Arc<AtomicBool>) {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let _scope = crate::logfmt::SessionScope::enter(id);
         let began = Instant::now();
@@ -903,14 +1208,19 @@ impl Worker {
         let Ok(clone) = tcp.try_clone() else { return };
         let slot = Arc::new(Slot {
             tcp: clone,
-            in_message: Mutex::new(false),
+            phase: Mutex::new(Phase::Working),
+            released,
         });
         self.shared
             .slots
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, Arc::clone(&slot));
-        let _unregister = Unregister(&self.shared, id);
+        let _unregister = Unregister {
+            shared: &self.shared,
+            id,
+            evicted,
+        };
         let mut peer = job.peer;
         let mut _ip = job.ip;
         if let Some(timeout) = self.proxy {
@@ -950,7 +1260,26 @@ impl Worker {
         let tally = Arc::new(SessionTally::default());
         let stream = if job.implicit_tls {
             let Some(cfg) = &self.tls else { return };
-            match Stream::accept_tls(tcp, Arc::clone(cfg), self.limits.command_timeout) {
+            // A client that connects and stays silent holds a worker like one silent at
+            // a command prompt: it may be closed for a new client, and under stress it
+            // gets the short deadline.
+            *slot.phase() = Phase::Prompt(Instant::now());
+            let timeout = self.shared.command_timeout(self.limits.command_timeout);
+            let accepted = Stream::accept_tls(tcp, Arc::clone(cfg), timeout);
+            {
+                let mut phase = slot.phase();
+                if *phase == Phase::Evicted {
+                    log::warn!(
+                        "session {id}: client {}: closed during the TLS handshake for a new client",
+                        peer.ip()
+                    );
+                    drop(phase);
+                    log_summary(id, peer, began, &tally, "evicted");
+                    return;
+                }
+                *phase = Phase::Working;
+            }
+            match accepted {
                 Ok((s, tls)) => {
                     log::info!(
                         "session {id}: TLS established, {} {}",
@@ -976,7 +1305,8 @@ impl Worker {
                 tls: self.tls.clone(),
             }
         };
-        let session = Session::new(Arc::clone(&self.settings), Arc::clone(&self.hooks), info);
+        let mut session = Session::new(Arc::clone(&self.settings), Arc::clone(&self.hooks), info);
+        session.set_guards(self.guards.clone());
         let life = Life {
             shared: &self.shared,
             slot: &slot,
@@ -996,12 +1326,17 @@ impl Worker {
         )
         .with_router(self.router.clone());
         let end = conn.run();
+        // The stream goes first (a TLS session sends close_notify as it is dropped).
+        drop(conn);
+        linger(&slot.tcp);
         let reason = match end {
             End::Quit => "quit".to_string(),
             End::Eof => "client-closed".to_string(),
             End::Timeout => "timeout".to_string(),
             End::Closed => "server-closed".to_string(),
             End::ShuttingDown => "shutdown".to_string(),
+            End::Evicted => "evicted".to_string(),
+            End::Lifetime => "session-lifetime".to_string(),
             End::Io(kind) => format!("io-error({})", kind.to_string().replace(' ', "-")),
         };
         log_summary(id, peer, began, &tally, &reason);
@@ -1020,13 +1355,81 @@ fn log_summary(id: u64, peer: SocketAddr, began: Instant, tally: &SessionTally, 
     );
 }
 
-struct Unregister<'a>(&'a Shared, u64);
+/// Closes like a web server's lingering close, without waiting: FIN goes out behind
+/// the last reply, then what the client sent and the session did not read (pipelined
+/// commands after a 421, a dripping attacker's bytes) is read and dropped. Closing a
+/// socket with unread input makes the kernel send RST and drop replies not yet on the
+/// wire, so the client could miss the 421 that says why it was closed.
+fn linger(tcp: &TcpStream) {
+    if tcp.shutdown(Shutdown::Write).is_err() || tcp.set_nonblocking(true).is_err() {
+        return;
+    }
+    let mut scratch = [0u8; 4096];
+    let mut reader = tcp;
+    for _ in 0..16 {
+        if !matches!(reader.read(&mut scratch), Ok(n) if n > 0) {
+            break;
+        }
+    }
+}
+
+/// Removes a session's slot when it ends (a panic included) and notes whether it had
+/// been evicted, for the pool's count.
+struct Unregister<'a> {
+    shared: &'a Shared,
+    id: u64,
+    evicted: &'a Cell<bool>,
+}
+
 impl Drop for Unregister<'_> {
     fn drop(&mut self) {
-        self.0
+        let slot = self
+            .shared
             .slots
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.1);
+            .remove(&self.id);
+        if let Some(slot) = slot {
+            self.evicted.set(*slot.phase() == Phase::Evicted);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clients_are_counted_by_ipv4_address_or_ipv6_prefix() {
+        let key = |ip: &str, prefix| client_key(ip.parse().unwrap(), prefix).to_string();
+        assert_eq!(key("192.0.2.1", 64), "192.0.2.1");
+        assert_eq!(key("::ffff:192.0.2.1", 64), "192.0.2.1");
+        assert_eq!(key("2001:db8:1:2:3:4:5:6", 64), "2001:db8:1:2::");
+        assert_eq!(key("2001:db8:1:2:3:4:5:6", 48), "2001:db8:1::");
+        assert_eq!(key("2001:db8:1:2:3:4:5:6", 128), "2001:db8:1:2:3:4:5:6");
+        assert_eq!(key("2001:db8:1:2:3:4:5:6", 1), "::");
+    }
+
+    #[test]
+    fn the_pool_counts_evicted_workers_as_promised() {
+        let mut p = Pool {
+            workers: 2,
+            busy: 2,
+            queued: 0,
+            evicting: 0,
+        };
+        assert_eq!(p.available(), 0);
+        // One session told to close, its worker promised to one queued socket.
+        p.evicting = 1;
+        assert_eq!(p.available(), 1);
+        p.queued = 1;
+        assert_eq!(p.available(), 0);
+        // The evicted session ends, the worker takes the socket: still nothing free.
+        p.evicting = 0;
+        p.busy = 1;
+        assert_eq!(p.available(), 0);
+        p.queued = 0;
+        p.busy = 2;
+        assert_eq!(p.available(), 0);
     }
 }

@@ -2,7 +2,7 @@
 //! lines and returns the next [`Step`]; it never touches a socket or a file. The
 //! connection driver (`connection.rs`) does the I/O around it.
 
-use crate::auth::{self, AuthStep, Authenticator, Exchange};
+use crate::auth::{self, AuthStep, Authenticator, Exchange, RateLimit};
 use crate::hooks::{Content, DataVerdict, Envelope, Hooks, SessionError, SessionInfo, TlsInfo};
 use crate::protocol::address::{Address, ReversePath};
 use crate::protocol::command::{self, Command};
@@ -10,7 +10,7 @@ use crate::protocol::reply::{Enhanced, Reply};
 use crate::protocol::trace::{self, Trace};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 /// The per-server settings a session needs.
 pub struct Settings {
@@ -29,6 +29,29 @@ pub struct Settings {
 pub struct AuthSettings {
     pub allow_plaintext: bool,
     pub authenticator: Arc<dyn Authenticator>,
+}
+
+/// Bounds on what one session may spend beyond single commands (SPEC invariant 8).
+/// Set with [`Session::set_guards`]; the defaults are the shipped config's.
+#[derive(Clone)]
+pub struct Guards {
+    /// NOOP, RSET, VRFY, EXPN and HELP beyond this many each count as an error, as
+    /// Postfix's `smtpd_junk_command_limit` does.
+    pub max_junk_commands: u32,
+    /// The whole session's lifetime: the first command after it gets 421 4.4.2.
+    pub lifetime: Duration,
+    /// Failed AUTH attempts per client address, shared by all sessions.
+    pub auth_rate: Option<Arc<RateLimit>>,
+}
+
+impl Default for Guards {
+    fn default() -> Guards {
+        Guards {
+            max_junk_commands: 100,
+            lifetime: Duration::from_secs(3600),
+            auth_rate: None,
+        }
+    }
 }
 
 /// The mail transaction (RFC 5321 §3.3). Recipients live in the envelope; DATA needs
@@ -101,6 +124,12 @@ pub struct Session {
     /// Set when a hook panicked: the driver sends these replies after the current one
     /// and closes (see [`Session::take_close`]).
     closing: Option<Vec<Reply>>,
+    guards: Guards,
+    started: Instant,
+    /// Junk commands (NOOP, RSET, VRFY, EXPN, HELP) since the last stored message.
+    junk: u32,
+    /// The current command was junk beyond the limit: it counts as an error.
+    junk_over: bool,
     /// `data_start` was called and neither `data` nor `reset` since.
     content_open: bool,
     /// A `data_chunk` hook panicked: the message is refused at its end.
@@ -159,10 +188,67 @@ impl Session {
             errors: 0,
             auth: None,
             closing: None,
+            guards: Guards::default(),
+            started: Instant::now(),
+            junk: 0,
+            junk_over: false,
             content_open: false,
             chunk_panicked: false,
             auth_mechanism: None,
         }
+    }
+
+    /// Replaces the default [`Guards`] (the server sets them from its config).
+    pub fn set_guards(&mut self, guards: Guards) {
+        self.guards = guards;
+    }
+
+    /// How long this session may still wait for commands before its lifetime ends.
+    /// A BDAT transaction in progress may finish (its size is bounded by
+    /// `max_message_size`), so between its chunks the lifetime does not count.
+    pub fn lifetime_left(&self) -> Duration {
+        if self.is_chunking() {
+            return Duration::MAX;
+        }
+        self.guards.lifetime.saturating_sub(self.started.elapsed())
+    }
+
+    /// 421 4.4.2 once the session lifetime has passed (`session_timeout_secs`).
+    pub fn lifetime_over(&mut self) -> Reply {
+        log::info!(
+            "session {}: client {}: session lifetime of {}s exceeded; closing",
+            self.info.id,
+            self.info.peer.ip(),
+            self.guards.lifetime.as_secs()
+        );
+        self.notify_error(SessionError::Timeout);
+        r(
+            421,
+            (4, 4, 2),
+            format!(
+                "{} Error: session lifetime exceeded",
+                self.settings.hostname
+            ),
+        )
+    }
+
+    /// 421 4.4.2 for a session whose worker was given to a new client while it waited
+    /// for a command with every worker busy (SPEC invariant 8).
+    pub fn evicted(&mut self) -> Reply {
+        log::warn!(
+            "session {}: client {}: closed for a new client: all workers busy and this session waited longest for a command",
+            self.info.id,
+            self.info.peer.ip()
+        );
+        self.notify_error(SessionError::Timeout);
+        r(
+            421,
+            (4, 4, 2),
+            format!(
+                "{} Error: timeout exceeded, server busy",
+                self.settings.hostname
+            ),
+        )
     }
 
     /// The transaction is abandoned: tell the hooks (RSET, HELO/EHLO, STARTTLS, QUIT,
@@ -261,6 +347,12 @@ impl Session {
 
     /// Handles one command line (without CRLF), or one AUTH response line.
     pub fn command(&mut self, line: &[u8]) -> Step {
+        if self.lifetime_left().is_zero() {
+            // A message in transfer was allowed to finish; no new command starts.
+            self.auth = None;
+            return Step::Close(vec![self.lifetime_over()]);
+        }
+        self.junk_over = false;
         let in_auth = self.auth.is_some();
         let step = match self.auth.take() {
             Some(ex) => self.auth_response(&ex, line),
@@ -303,11 +395,21 @@ impl Session {
             }
             _ => false,
         };
-        if !failed {
+        let junk = std::mem::take(&mut self.junk_over);
+        if !failed && !junk {
             return step;
         }
-        if let Step::Reply(rep) | Step::Discard { reply: rep, .. } = &step {
-            self.notify_error(SessionError::Protocol(rep.clone()));
+        if failed {
+            if let Step::Reply(rep) | Step::Discard { reply: rep, .. } = &step {
+                self.notify_error(SessionError::Protocol(rep.clone()));
+            }
+        } else {
+            log::info!(
+                "session {}: client {}: more than {} NOOP/RSET/VRFY/EXPN/HELP; counted as an error",
+                self.info.id,
+                self.info.peer.ip(),
+                self.guards.max_junk_commands
+            );
         }
         self.errors += 1;
         if self.errors < self.settings.max_errors {
@@ -332,6 +434,13 @@ impl Session {
     }
 
     fn dispatch(&mut self, cmd: Command) -> Step {
+        if matches!(
+            cmd,
+            Command::Noop | Command::Rset | Command::Vrfy | Command::Expn | Command::Help
+        ) {
+            self.junk = self.junk.saturating_add(1);
+            self.junk_over = self.junk > self.guards.max_junk_commands;
+        }
         let s = &self.settings;
         match cmd {
             Command::Helo(name) => self.helo(name, false),
@@ -625,6 +734,8 @@ impl Session {
             .map_or((String::new(), 0), |e| (e.from.to_string(), e.rcpts.len()));
         let reply = match outcome {
             MessageOutcome::Stored(id) => {
+                // A session that delivers mail is doing work: its junk allowance starts over.
+                self.junk = 0;
                 log::info!(
                     "session {}: stored {id}: {size} bytes from <{from}> to {rcpts} recipient(s)",
                     self.info.id
@@ -702,6 +813,12 @@ impl Session {
     }
 
     fn auth_start(&mut self, mechanism: &str, initial: Option<&str>) -> Step {
+        if self.settings.auth.is_none() {
+            return Step::Reply(bad_sequence("authentication not enabled"));
+        }
+        if let Some(step) = self.auth_rate_exceeded() {
+            return step;
+        }
         let Some(auth) = &self.settings.auth else {
             return Step::Reply(bad_sequence("authentication not enabled"));
         };
@@ -730,6 +847,30 @@ impl Session {
         self.auth_step(step)
     }
 
+    /// 421 4.7.0 and close when this client has failed AUTH `auth.rate_limit` times in
+    /// the window (SPEC 4).
+    fn auth_rate_exceeded(&mut self) -> Option<Step> {
+        let rl = self.guards.auth_rate.as_ref()?;
+        let ip = self.info.peer.ip();
+        if !rl.blocked(ip) {
+            return None;
+        }
+        log::warn!(
+            "session {}: client {ip}: refused AUTH: too many failed attempts in the last {}s; closing",
+            self.info.id,
+            auth::RATE_WINDOW.as_secs()
+        );
+        self.auth = None;
+        Some(Step::Close(vec![r(
+            421,
+            (4, 7, 0),
+            format!(
+                "{} Error: too many failed authentications, try again later",
+                self.settings.hostname
+            ),
+        )]))
+    }
+
     fn auth_response(&mut self, ex: &Exchange, line: &[u8]) -> Step {
         match std::str::from_utf8(line) {
             Ok(l) => {
@@ -752,6 +893,11 @@ impl Session {
                 Step::Reply(r(504, (5, 5, 4), "Unsupported authentication mechanism"))
             }
             AuthStep::Verify { user, password } => {
+                // Checked again here: other sessions of this client may have failed
+                // since this exchange began. Nothing is hashed past the limit.
+                if let Some(step) = self.auth_rate_exceeded() {
+                    return step;
+                }
                 let ok = match &self.settings.auth {
                     Some(a) => !user.is_empty() && a.authenticator.verify(&user, &password),
                     None => false,
@@ -770,6 +916,9 @@ impl Session {
                         self.info.id,
                         self.info.peer.ip()
                     );
+                    if let Some(rl) = &self.guards.auth_rate {
+                        rl.failed(self.info.peer.ip());
+                    }
                     Step::Reply(r(535, (5, 7, 8), "Authentication credentials invalid"))
                 }
             }

@@ -240,28 +240,21 @@ pub(crate) struct SessionStore<'a> {
 
 impl Store for SessionStore<'_> {
     fn begin(&self) -> Result<Box<dyn MessageWriter>, StoreError> {
-        Ok(Box::new(CountingMessage {
-            inner: self.inner.inner.begin()?,
-            bytes: 0,
-            stats: Arc::clone(&self.inner.stats),
-            tally: Some(Arc::clone(&self.tally)),
-        }))
+        Ok(self
+            .inner
+            .wrap(self.inner.inner.begin()?, Some(Arc::clone(&self.tally))))
     }
 
     fn begin_in(
         &self,
         maildir: &std::path::Path,
     ) -> Option<Result<Box<dyn MessageWriter>, StoreError>> {
-        let inner = match self.inner.inner.begin_in(maildir)? {
-            Ok(m) => m,
-            Err(e) => return Some(Err(e)),
-        };
-        Some(Ok(Box::new(CountingMessage {
-            inner,
-            bytes: 0,
-            stats: Arc::clone(&self.inner.stats),
-            tally: Some(Arc::clone(&self.tally)),
-        })))
+        Some(
+            self.inner
+                .inner
+                .begin_in(maildir)?
+                .map(|m| self.inner.wrap(m, Some(Arc::clone(&self.tally)))),
+        )
     }
 }
 
@@ -272,30 +265,31 @@ pub(crate) struct CountingStore {
     pub(crate) stats: Arc<Stats>,
 }
 
-impl Store for CountingStore {
-    fn begin(&self) -> Result<Box<dyn MessageWriter>, StoreError> {
-        Ok(Box::new(CountingMessage {
-            inner: self.inner.begin()?,
+impl CountingStore {
+    fn wrap(
+        &self,
+        inner: Box<dyn MessageWriter>,
+        tally: Option<Arc<SessionTally>>,
+    ) -> Box<dyn MessageWriter> {
+        Box::new(CountingMessage {
+            inner,
             bytes: 0,
             stats: Arc::clone(&self.stats),
-            tally: None,
-        }))
+            tally,
+        })
+    }
+}
+
+impl Store for CountingStore {
+    fn begin(&self) -> Result<Box<dyn MessageWriter>, StoreError> {
+        Ok(self.wrap(self.inner.begin()?, None))
     }
 
     fn begin_in(
         &self,
         maildir: &std::path::Path,
     ) -> Option<Result<Box<dyn MessageWriter>, StoreError>> {
-        let inner = match self.inner.begin_in(maildir)? {
-            Ok(m) => m,
-            Err(e) => return Some(Err(e)),
-        };
-        Some(Ok(Box::new(CountingMessage {
-            inner,
-            bytes: 0,
-            stats: Arc::clone(&self.stats),
-            tally: None,
-        })))
+        Some(self.inner.begin_in(maildir)?.map(|m| self.wrap(m, None)))
     }
 }
 
@@ -441,6 +435,9 @@ impl<T: Write> Write for CountReplies<'_, T> {
 impl<T: Transport> Transport for CountReplies<'_, T> {
     fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
         self.inner.set_read_timeout(timeout)
+    }
+    fn set_write_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        self.inner.set_write_timeout(timeout)
     }
     fn start_tls(&mut self) -> io::Result<TlsInfo> {
         let info = self.inner.start_tls()?;

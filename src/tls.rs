@@ -289,6 +289,13 @@ impl Transport for Stream {
         }
     }
 
+    fn set_write_timeout(&mut self, t: Option<Duration>) -> io::Result<()> {
+        match self.tcp() {
+            Some(tcp) => tcp.set_write_timeout(t),
+            None => Err(broken()),
+        }
+    }
+
     fn start_tls(&mut self) -> io::Result<TlsInfo> {
         let (tcp, cfg) = match std::mem::replace(self, Stream::Broken) {
             Stream::Plain {
@@ -366,17 +373,23 @@ impl Write for Deadline<'_> {
     }
 }
 
-/// A TLS stream that says close_notify when dropped, so clients see a clean end.
+/// How long the closing `close_notify` may wait for a client that does not read:
+/// it is a courtesy, not worth holding a worker for.
+const CLOSE_NOTIFY_WAIT: Duration = Duration::from_secs(1);
+
+/// A TLS stream that sends close_notify when dropped (RFC 8446 §6.1: each side must
+/// send it before closing its write side), so clients can tell a clean end from a
+/// truncation attack.
 pub struct TlsStream(StreamOwned<ServerConnection, TcpStream>);
 
 impl Drop for TlsStream {
     fn drop(&mut self) {
         let s = &mut self.0;
-        {
-            while s.conn.wants_write() {
-                if s.conn.write_tls(&mut s.sock).is_err() {
-                    break;
-                }
+        s.conn.send_close_notify();
+        let _ = s.sock.set_write_timeout(Some(CLOSE_NOTIFY_WAIT));
+        while s.conn.wants_write() {
+            if s.conn.write_tls(&mut s.sock).is_err() {
+                break;
             }
         }
     }

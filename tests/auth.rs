@@ -480,6 +480,8 @@ fn credentials_never_appear_in_the_log_even_at_trace_level() {
     }
     // The user name itself is recorded (SPEC: the log names the authenticated user).
     assert_eq!(log.matches("authenticated as \"alice\"").count(), 4);
+    // Each failure names the client address, for fail2ban (three per round).
+    assert_eq!(log.matches("client 127.0.0.1: auth failed").count(), 6);
 }
 
 #[test]

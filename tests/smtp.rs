@@ -474,13 +474,17 @@ fn per_ip_connection_limit_is_421_4_7_0_at_once() {
 
 #[test]
 fn all_workers_busy_is_421_4_7_0_promptly_never_a_silent_hang() {
-    // One worker. Sockets are handed only to an idle worker (a rendezvous channel in
-    // src/server.rs), so while it is busy every further client is refused at once.
+    // One worker. Sockets are handed only to a free worker, so while it is busy inside
+    // a message (a session waiting at a prompt would be closed to make room: SPEC
+    // invariant 8) every further client is refused at once.
     let s = TestServer::start(Opts {
         server_extra: "workers = 1".into(),
         ..Opts::default()
     });
     let mut busy = s.ehlo(); // occupies the only worker
+    busy.ok("MAIL FROM:<a@x.test>", 250);
+    busy.ok("RCPT TO:<b@y.test>", 250);
+    busy.ok("DATA", 354);
     for _ in 0..2 {
         let mut next = TcpStream::connect(s.addr).unwrap();
         let (got, took) = read_all_within(&mut next, WAIT);
@@ -491,7 +495,8 @@ fn all_workers_busy_is_421_4_7_0_promptly_never_a_silent_hang() {
         assert!(took < Duration::from_secs(3), "refusal took {took:?}");
     }
     // The busy session was not disturbed, and once it ends the worker serves again.
-    busy.ok("NOOP", 250);
+    busy.send_raw(b"Subject: x\r\n\r\nx\r\n.\r\n");
+    assert_eq!(busy.reply().0, 250);
     busy.ok("QUIT", 221);
     busy.read_to_close();
     wait_until("the worker is free again", || greets(&s));

@@ -9,6 +9,7 @@
 pub mod address;
 pub mod command;
 pub mod data;
+pub mod milter;
 pub mod proxy;
 pub mod reply;
 pub mod trace;
