@@ -29,6 +29,52 @@ pub const MAX_HEAD: usize = 8 * 1024;
 /// The media type of the OpenMetrics text format (OpenMetrics 1.0, section 3.1).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// The classic Prometheus text format, served unless the scraper asks for OpenMetrics
+/// (as Prometheus itself does in its `Accept` header); promtool and older scrapers
+/// read only this one.
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Prometheus text format 0.0.4 from the OpenMetrics text prometheus-client writes:
+/// a counter's `# HELP`/`# TYPE` lines name its `_total` series (0.0.4 has no family
+/// name apart from the series), and the OpenMetrics-only `# UNIT` and `# EOF` go.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 256);
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| Some((p, line.strip_prefix(p)?)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                if counters.contains(name) && !name.ends_with("_total") {
+                    out.push_str(&format!("{prefix}{name}_total {tail}"));
+                } else {
+                    out.push_str(line);
+                }
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Whether the request head asks for OpenMetrics (`Accept: application/openmetrics-text`).
+fn wants_openmetrics(head: &[u8]) -> bool {
+    String::from_utf8_lossy(head).lines().any(|l| {
+        l.split_once(':').is_some_and(|(k, v)| {
+            k.trim().eq_ignore_ascii_case("accept") && v.contains("application/openmetrics-text")
+        })
+    })
+}
+
 /// Milter verdicts by milter name and action, process-wide: milter clients live
 /// inside hooks, which do not see a server's [`Stats`].
 static MILTER_ACTIONS: Mutex<BTreeMap<(String, String), u64>> = Mutex::new(BTreeMap::new());
@@ -226,7 +272,14 @@ fn serve_one(mut tcp: TcpStream, stats: &Stats, workers: usize) -> io::Result<()
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
     let (status, ctype, body) = match (method, path) {
-        ("GET", "/metrics") => ("200 OK", CONTENT_TYPE, render(stats, workers)),
+        ("GET", "/metrics") if wants_openmetrics(&head) => {
+            ("200 OK", CONTENT_TYPE, render(stats, workers))
+        }
+        ("GET", "/metrics") => (
+            "200 OK",
+            TEXT_CONTENT_TYPE,
+            to_prometheus_text(&render(stats, workers)),
+        ),
         (_, "/metrics") => (
             "405 Method Not Allowed",
             "text/plain; charset=utf-8",

@@ -33,7 +33,8 @@ fn http(addr: SocketAddr, request: &str) -> (String, String, String) {
 fn scrape(s: &TestServer) -> String {
     let (status, headers, body) = http(
         metrics_addr(s),
-        "GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\n\
+         Accept: application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5\r\n\r\n",
     );
     assert_eq!(status, "HTTP/1.1 200 OK");
     assert!(
@@ -282,6 +283,51 @@ print("accepted", float(acc[0]))
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "accepted 1.0\n");
+}
+
+/// Without an OpenMetrics `Accept`, the endpoint answers the Prometheus text format
+/// 0.0.4, which `promtool check metrics` (Debian's prometheus package) accepts whole.
+#[test]
+fn plain_scrape_is_prometheus_text_that_promtool_accepts() {
+    let s = metrics_server("");
+    let mut c = s.ehlo();
+    c.ok("MAIL FROM:<a@x.test>", 250);
+    c.ok("RCPT TO:<b@y.test>", 250);
+    c.ok("DATA", 354);
+    c.send_raw(b"Subject: t\r\n\r\nhello\r\n.\r\n");
+    assert_eq!(c.reply().0, 250);
+    c.ok("QUIT", 221);
+    wait_until("session ended", || s.handle.stats().connections_active == 0);
+    let (status, headers, body) = http(
+        metrics_addr(&s),
+        "GET /metrics HTTP/1.0\r\nAccept: */*\r\n\r\n",
+    );
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(
+        headers.contains("Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n"),
+        "{headers}"
+    );
+    assert!(
+        body.contains("# TYPE mailer_messages_accepted_total counter\n"),
+        "{body}"
+    );
+    assert_eq!(value(&body, "mailer_messages_accepted_total"), "1");
+    assert!(!body.contains("# EOF"), "{body}");
+    let path = s.dir.path().join("scrape.prom");
+    std::fs::write(&path, &body).unwrap();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("promtool check metrics < \"$1\"")
+        .arg("sh")
+        .arg(&path)
+        .output()
+        .expect("sh");
+    assert!(
+        out.status.success(),
+        "promtool check metrics (Debian package prometheus, .ci/install-packages installs it):\n{}{}\n{body}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Every series the shipped Grafana dashboard queries is one the endpoint exposes.
