@@ -100,6 +100,42 @@ for name, body in session.items():
         h = hdr(piece=2)
     write("session", name, h + body)
 
+
+
+# The client halves of the SMTP dialogue scripts in tests/dialogs/ (the reply contract
+# as conversations) are session seeds too: every line a script sends, in order.
+def unescape(text):
+    out = bytearray()
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c != "\\":
+            out += c.encode()
+            i += 1
+            continue
+        n = text[i + 1]
+        if n == "x":
+            out.append(int(text[i + 2:i + 4], 16))
+            i += 4
+            continue
+        out += {"r": b"\r", "n": b"\n", "t": b"\t", "\\": b"\\"}[n]
+        i += 2
+    return bytes(out)
+
+
+DIALOGS = os.path.join(HERE, "..", "tests", "dialogs")
+for script in sorted(os.listdir(DIALOGS)):
+    if not script.endswith(".smtp"):
+        continue
+    sent = b""
+    for line in open(os.path.join(DIALOGS, script), encoding="utf-8"):
+        line = line.rstrip("\n")
+        if line.startswith("C: "):
+            sent += line[3:].encode() + b"\r\n"
+        elif line.startswith("C> "):
+            sent += unescape(line[3:])
+    write("session", "dialog-" + script[:-len(".smtp")], hdr() + sent)
+
 # --- command: one command line, without CRLF ----------------------------------------
 commands = [
     b"EHLO client.test", b"helo c", b"MAIL FROM:<a@x.test> SIZE=1000 BODY=8BITMIME",
