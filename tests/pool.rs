@@ -417,11 +417,6 @@ fn plain(user: &str, password: &str) -> String {
     B64.encode(format!("\0{user}\0{password}"))
 }
 
-fn alice_hash() -> &'static str {
-    static HASH: OnceLock<String> = OnceLock::new();
-    HASH.get_or_init(|| mailer::auth::hash_password(b"right").unwrap())
-}
-
 /// Connects from `src`, says EHLO, sends `AUTH PLAIN <initial>`; returns the reply
 /// and how long the AUTH round trip took.
 fn auth_from(src: &str, addr: SocketAddr, password: &str) -> (TcpStream, String, Duration) {
