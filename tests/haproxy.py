@@ -369,7 +369,7 @@ def main():
         assert rc == 0, f"mx-a exited {rc} after SIGTERM"
         retries = sum(a - 1 for _, a in results)
         counts = check_spools(spools, acked)
-        pid_of = lambda qid: int(re.search(r"P(\d+)Q", qid).group(1))
+        pid_of = lambda qid: int(re.search(r"P(\d+)[RQ]", qid).group(1))
         assert all(pid_of(q) == pids["b"] for q in after_exit), "acknowledged by mx-a after it exited?"
         by_a = sum(1 for t, q in acked.items()
                    if t.startswith("p2-") and t != "p2-inflight" and pid_of(q) == pids["a"])
