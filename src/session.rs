@@ -2,11 +2,12 @@
 //! lines and returns the next [`Step`]; it never touches a socket or a file. The
 //! connection driver (`connection.rs`) does the I/O around it.
 
-use crate::auth::{self, AuthStep, Authenticator, Exchange, RateLimit};
+use crate::auth::{RateLimit, RATE_WINDOW};
 use crate::hooks::{Content, DataVerdict, Envelope, Hooks, SessionError, SessionInfo, TlsInfo};
 use crate::protocol::address::{Address, ReversePath};
 use crate::protocol::command::{self, Command};
 use crate::protocol::reply::{Enhanced, Reply};
+use crate::protocol::sasl::{self, AuthStep, Authenticator, Exchange};
 use crate::protocol::trace::{self, Trace};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -843,7 +844,7 @@ impl Session {
             return Step::Reply(bad_sequence("MAIL transaction in progress"));
         }
         self.auth_mechanism = Some(mechanism.to_ascii_uppercase());
-        let step = auth::start(mechanism, initial);
+        let step = sasl::start(mechanism, initial);
         self.auth_step(step)
     }
 
@@ -858,7 +859,7 @@ impl Session {
         log::warn!(
             "session {}: client {ip}: refused AUTH: too many failed attempts in the last {}s; closing",
             self.info.id,
-            auth::RATE_WINDOW.as_secs()
+            RATE_WINDOW.as_secs()
         );
         self.auth = None;
         Some(Step::Close(vec![r(
@@ -874,7 +875,7 @@ impl Session {
     fn auth_response(&mut self, ex: &Exchange, line: &[u8]) -> Step {
         match std::str::from_utf8(line) {
             Ok(l) => {
-                let step = auth::respond(ex, l);
+                let step = sasl::respond(ex, l);
                 self.auth_step(step)
             }
             Err(_) => self.auth_step(AuthStep::Malformed),

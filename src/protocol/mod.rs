@@ -5,6 +5,7 @@
 //! - [`address`]: RFC 5321 §4.1.2 paths and mailboxes.
 //! - [`data`]: the DATA reader (dot-unstuffing, end-of-data detection, bare LF policy).
 //! - [`trace`]: the trace headers written in front of every stored message.
+//! - [`sasl`]: the AUTH exchange (PLAIN and LOGIN decoding, RFC 4954).
 
 pub mod address;
 pub mod command;
@@ -12,4 +13,5 @@ pub mod data;
 pub mod milter;
 pub mod proxy;
 pub mod reply;
+pub mod sasl;
 pub mod trace;
