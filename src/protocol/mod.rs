@@ -1,6 +1,7 @@
 //! The SMTP wire protocol as pure functions and types: no sockets, no files.
 //!
 //! - [`reply`]: server replies (`Reply { code, enhanced, text }`) and their wire form.
+//! - [`replies`]: the catalogue of the replies the server itself sends.
 //! - [`command`]: parsing one command line into a typed [`command::Command`].
 //! - [`address`]: RFC 5321 §4.1.2 paths and mailboxes.
 //! - [`data`]: the DATA reader (dot-unstuffing, end-of-data detection, bare LF policy).
@@ -12,6 +13,7 @@ pub mod command;
 pub mod data;
 pub mod milter;
 pub mod proxy;
+pub mod replies;
 pub mod reply;
 pub mod sasl;
 pub mod trace;

@@ -5,7 +5,7 @@ use super::per_ip::canonical;
 use super::pool::{Phase, Slot};
 use super::worker::Job;
 use super::Shared;
-use crate::protocol::reply::{Enhanced, Reply};
+use crate::protocol::replies;
 use crossbeam_channel::Sender;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -107,7 +107,7 @@ impl Shared {
             }
         }
         self.stats.count_reply(421);
-        let r = Reply::new(421, Enhanced(4, 7, 0), format!("{} {why}", self.hostname));
+        let r = replies::refused(&self.hostname, why);
         let _ = tcp.write_all(&r.to_bytes());
         let _ = tcp.shutdown(Shutdown::Both);
     }
