@@ -1,6 +1,6 @@
 //! The server side of SMTP AUTH beyond the exchange itself: the `[auth] users` store
 //! (argon2id, RFC 9106) behind [`Authenticator`], and the limiter of failed attempts
-//! per client. The PLAIN/LOGIN decoding lives in [`crate::protocol::sasl`].
+//! per client. The PLAIN/LOGIN decoding lives in `protocol/sasl.rs`.
 
 use crate::config::{AuthConfig, User};
 pub use crate::protocol::sasl::{respond, start, AuthStep, Authenticator, Exchange};
