@@ -4,7 +4,7 @@
 use super::per_ip::canonical;
 use super::pool::{Phase, Slot};
 use super::worker::Job;
-use super::Shared;
+use super::{Shared, LOG_TARGET};
 use crate::protocol::replies;
 use crossbeam_channel::Sender;
 use std::io::{Read, Write};
@@ -38,7 +38,7 @@ impl Acceptor {
                 Ok(t) => t,
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
-                    log::warn!("accept failed: {e}");
+                    log::warn!(target: LOG_TARGET, "accept failed: {e}");
                     std::thread::sleep(Duration::from_millis(50));
                     continue;
                 }
@@ -90,7 +90,7 @@ impl Shared {
         why: &str,
     ) {
         self.stats.count_refusal(why);
-        log::warn!("client {}: refused connection: {why}", peer.ip());
+        log::warn!(target: LOG_TARGET, "client {}: refused connection: {why}", peer.ip());
         if implicit_tls {
             return;
         }
@@ -158,6 +158,7 @@ impl Shared {
             let _ = slot.tcp.set_write_timeout(Some(EVICT_WRITE_WAIT));
             let _ = slot.tcp.shutdown(Shutdown::Read);
             log::warn!(
+                target: LOG_TARGET,
                 "all workers busy: closing session {id} (waited {}s for a command) to serve {newcomer}",
                 since.elapsed().as_secs()
             );

@@ -102,6 +102,11 @@ impl fmt::Display for ServerError {
 
 impl std::error::Error for ServerError {}
 
+/// The log target of every line the server's parts write: the one `server.rs` had
+/// before it was split, which log filters (`RUST_LOG`, the fail2ban filter in
+/// `contrib/`) match.
+const LOG_TARGET: &str = "mailer::server";
+
 /// The default stack of a worker thread. Only touched pages take memory, so a roomy
 /// stack costs address space, not RAM, and a hook that recurses deeply does not abort
 /// the whole process (a stack overflow cannot be caught).

@@ -1,7 +1,7 @@
 //! The acceptors' and workers' shared count of the pool: which worker is busy, which
 //! session waits at a prompt, and when the pool is under stress (SPEC invariant 8).
 
-use super::Shared;
+use super::{Shared, LOG_TARGET};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -92,12 +92,13 @@ impl Shared {
         if !was && busy * 5 > n * 4 {
             self.stressed.store(true, Ordering::SeqCst);
             log::warn!(
+                target: LOG_TARGET,
                 "entering stress: {busy} of {n} workers busy; sessions waiting for a command get {}s, and when all are busy the longest waiting one is closed for a new client",
                 STRESS_COMMAND_TIMEOUT.as_secs()
             );
         } else if was && busy * 10 <= n * 7 {
             self.stressed.store(false, Ordering::SeqCst);
-            log::warn!("leaving stress: {busy} of {n} workers busy");
+            log::warn!(target: LOG_TARGET, "leaving stress: {busy} of {n} workers busy");
         }
     }
 

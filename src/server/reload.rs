@@ -1,7 +1,7 @@
 //! Reloading a running server (SIGHUP): which keys changed, the registered reloaders,
 //! all or nothing.
 
-use super::Handle;
+use super::{Handle, LOG_TARGET};
 use crate::config::Config;
 use crate::tls;
 use std::sync::Arc;
@@ -89,7 +89,10 @@ impl Handle {
                 // Put the ones that already took the new config back on the old one.
                 for undo in &state.reloaders[..i] {
                     if let Err(u) = undo(&state.applied) {
-                        log::error!("reload: rolling back a component failed: {u}");
+                        log::error!(
+                            target: LOG_TARGET,
+                            "reload: rolling back a component failed: {u}"
+                        );
                     }
                 }
                 return Err(e);

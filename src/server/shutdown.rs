@@ -2,7 +2,7 @@
 //! and closing the rest when the grace period ends.
 
 use super::pool::Phase;
-use super::Shared;
+use super::{Shared, LOG_TARGET};
 use crossbeam_channel::Receiver;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,7 +40,7 @@ impl Shared {
     /// sessions inside a message given `grace` to finish, then closed.
     pub(super) fn stop(&self, running: Running, grace: Duration) {
         let began = Instant::now();
-        log::info!("stopping: no new connections, {}s grace", grace.as_secs());
+        log::info!(target: LOG_TARGET, "stopping: no new connections, {}s grace", grace.as_secs());
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         self.stopping.store(true, Ordering::SeqCst);
         running.reload_stop.store(true, Ordering::SeqCst);
@@ -64,7 +64,10 @@ impl Shared {
                 Ok(()) => left -= 1,
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                    log::warn!("grace period over: closing {left} busy session(s)");
+                    log::warn!(
+                        target: LOG_TARGET,
+                        "grace period over: closing {left} busy session(s)"
+                    );
                     self.close_all();
                     while left > 0 && running.done.recv_timeout(Duration::from_secs(2)).is_ok() {
                         left -= 1;

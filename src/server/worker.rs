@@ -4,7 +4,7 @@
 use super::per_ip::{canonical, IpGuard};
 use super::pool::{Phase, Slot};
 use super::proxy_io::read_proxy_header;
-use super::Shared;
+use super::{Shared, LOG_TARGET};
 use crate::connection::{Connection, End, Lifecycle, WireLimits};
 use crate::delivery::Router;
 use crate::hooks::{Hooks, SessionInfo};
@@ -109,7 +109,7 @@ impl Worker {
                 self.serve(job, &evicted, Arc::clone(&released))
             }));
             if served.is_err() {
-                log::error!("session with {peer} panicked; worker continues");
+                log::error!(target: LOG_TARGET, "session with {peer} panicked; worker continues");
             }
             self.shared.release(&released, evicted.get());
         }
@@ -152,6 +152,7 @@ impl Worker {
                 Ok(source) => peer = source.map_or(peer, canonical),
                 Err(e) => {
                     log::info!(
+                        target: LOG_TARGET,
                         "session {id}: client {}: bad or missing PROXY header: {e}; closing",
                         peer.ip()
                     );
@@ -166,9 +167,12 @@ impl Worker {
                     return;
                 }
             }
-            log::info!("session {id}: connect from {peer} via proxy {}", job.peer);
+            log::info!(
+                target: LOG_TARGET,
+                "session {id}: connect from {peer} via proxy {}", job.peer
+            );
         } else {
-            log::info!("session {id}: connect from {peer}");
+            log::info!(target: LOG_TARGET, "session {id}: connect from {peer}");
         }
         let mut info = SessionInfo {
             id,
@@ -192,6 +196,7 @@ impl Worker {
                 let mut phase = slot.phase();
                 if *phase == Phase::Evicted {
                     log::warn!(
+                        target: LOG_TARGET,
                         "session {id}: client {}: closed during the TLS handshake for a new client",
                         peer.ip()
                     );
@@ -204,6 +209,7 @@ impl Worker {
             match accepted {
                 Ok((s, tls)) => {
                     log::info!(
+                        target: LOG_TARGET,
                         "session {id}: TLS established, {} {}",
                         tls.version,
                         tls.cipher
@@ -214,6 +220,7 @@ impl Worker {
                 }
                 Err(e) => {
                     log::info!(
+                        target: LOG_TARGET,
                         "session {id}: client {}: TLS handshake failed: {e}",
                         peer.ip()
                     );
@@ -268,6 +275,7 @@ impl Worker {
 /// The one line that ends every session (fail2ban matches `reason=timeout`).
 fn log_summary(id: u64, peer: SocketAddr, began: Instant, tally: &SessionTally, reason: &str) {
     log::info!(
+        target: LOG_TARGET,
         "session {id}: client {}: disconnect reason={reason} duration={:.3}s messages={} bytes={} tls={}",
         peer.ip(),
         began.elapsed().as_secs_f64(),
