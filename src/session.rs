@@ -2,11 +2,13 @@
 //! lines and returns the next [`Step`]; it never touches a socket or a file. The
 //! connection driver (`connection.rs`) does the I/O around it.
 
-use crate::auth::{self, AuthStep, Authenticator, Exchange, RateLimit};
+use crate::auth::{RateLimit, RATE_WINDOW};
 use crate::hooks::{Content, DataVerdict, Envelope, Hooks, SessionError, SessionInfo, TlsInfo};
 use crate::protocol::address::{Address, ReversePath};
 use crate::protocol::command::{self, Command};
-use crate::protocol::reply::{Enhanced, Reply};
+use crate::protocol::replies::{self, bad_sequence};
+use crate::protocol::reply::Reply;
+use crate::protocol::sasl::{self, AuthStep, Authenticator, Exchange};
 use crate::protocol::trace::{self, Trace};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -138,10 +140,6 @@ pub struct Session {
     auth_mechanism: Option<String>,
 }
 
-fn r(code: u16, e: (u8, u16, u16), text: impl Into<String>) -> Reply {
-    Reply::new(code, Enhanced(e.0, e.1, e.2), text)
-}
-
 /// What a refused line asked for, for the log: the command as sent (`MAIL
 /// FROM:<...>`, `RCPT TO:<...>`, `HELO name`; escaped by the log formatter), except
 /// that AUTH lines never show their credentials.
@@ -171,10 +169,6 @@ fn refused_what(line: &[u8], in_auth: bool) -> String {
         text[..head_end].to_ascii_uppercase(),
         &text[head_end..]
     )
-}
-
-fn bad_sequence(text: &str) -> Reply {
-    r(503, (5, 5, 1), format!("Error: {text}"))
 }
 
 impl Session {
@@ -222,14 +216,7 @@ impl Session {
             self.guards.lifetime.as_secs()
         );
         self.notify_error(SessionError::Timeout);
-        r(
-            421,
-            (4, 4, 2),
-            format!(
-                "{} Error: session lifetime exceeded",
-                self.settings.hostname
-            ),
-        )
+        replies::lifetime_exceeded(&self.settings.hostname)
     }
 
     /// 421 4.4.2 for a session whose worker was given to a new client while it waited
@@ -241,14 +228,7 @@ impl Session {
             self.info.peer.ip()
         );
         self.notify_error(SessionError::Timeout);
-        r(
-            421,
-            (4, 4, 2),
-            format!(
-                "{} Error: timeout exceeded, server busy",
-                self.settings.hostname
-            ),
-        )
+        replies::evicted(&self.settings.hostname)
     }
 
     /// The transaction is abandoned: tell the hooks (RSET, HELO/EHLO, STARTTLS, QUIT,
@@ -306,7 +286,7 @@ impl Session {
     /// The reply for a hook that misbehaved at the end of a message (logged here).
     pub fn hook_failed(&self, why: &str) -> Reply {
         log::error!("session {}: data hook: {why}; sending 451", self.info.id);
-        internal_error()
+        replies::INTERNAL_ERROR.into()
     }
 
     /// `Some(replies)` once a hook has panicked: send them (after the reply already
@@ -337,10 +317,7 @@ impl Session {
     pub fn greeting(&mut self) -> Step {
         let hooks = Arc::clone(&self.hooks);
         match self.hook(|s| hooks.connect(s)) {
-            Ok(()) => Step::Reply(Reply::plain(
-                220,
-                format!("{} ESMTP", self.settings.hostname),
-            )),
+            Ok(()) => Step::Reply(replies::greeting(&self.settings.hostname)),
             Err(step) => step_close(step),
         }
     }
@@ -383,7 +360,7 @@ impl Session {
             self.info.id,
             self.info.peer.ip()
         );
-        self.count_errors(Step::Reply(r(500, (5, 5, 6), "Error: line too long")))
+        self.count_errors(Step::Reply(replies::LINE_TOO_LONG.into()))
     }
 
     /// RFC 5321 §4.2.5: every failed command counts; when the count reaches
@@ -415,11 +392,7 @@ impl Session {
         if self.errors < self.settings.max_errors {
             return step;
         }
-        let bye = r(
-            421,
-            (4, 7, 0),
-            format!("{} Error: too many errors", self.settings.hostname),
-        );
+        let bye = replies::too_many_errors(&self.settings.hostname);
         match step {
             Step::Reply(rep) => Step::Close(vec![rep, bye]),
             // A refused chunk's bytes are still drained before the replies, so the
@@ -458,27 +431,23 @@ impl Session {
             Command::Bdat { size, last } => self.bdat(size, last),
             Command::Rset => {
                 self.abort_transaction(true);
-                Step::Reply(r(250, (2, 0, 0), "Ok"))
+                Step::Reply(replies::OK.into())
             }
-            Command::Noop => Step::Reply(r(250, (2, 0, 0), "Ok")),
+            Command::Noop => Step::Reply(replies::OK.into()),
             Command::Quit => {
                 self.abort_transaction(false);
-                Step::Close(vec![r(221, (2, 0, 0), "Bye")])
+                Step::Close(vec![replies::BYE.into()])
             }
-            Command::Vrfy => Step::Reply(r(
-                252,
-                (2, 5, 0),
-                "Cannot VRFY user, but will accept message and attempt delivery",
-            )),
-            Command::Expn => Step::Reply(r(502, (5, 5, 1), "Error: command not implemented")),
+            Command::Vrfy => Step::Reply(replies::CANNOT_VRFY.into()),
+            Command::Expn => Step::Reply(replies::NOT_IMPLEMENTED.into()),
             Command::Help => Step::Reply(self.help()),
             Command::StartTls => {
                 if self.info.tls.is_some() {
                     Step::Reply(bad_sequence("TLS already active"))
                 } else if !s.tls_available {
-                    Step::Reply(r(454, (4, 7, 0), "TLS not available"))
+                    Step::Reply(replies::TLS_NOT_AVAILABLE.into())
                 } else {
-                    Step::StartTls(r(220, (2, 0, 0), "Ready to start TLS"))
+                    Step::StartTls(replies::READY_FOR_TLS.into())
                 }
             }
             Command::Auth { mechanism, initial } => self.auth_start(&mechanism, initial.as_deref()),
@@ -526,11 +495,7 @@ impl Session {
         if self.settings.auth.is_some() {
             cmds.push_str(" AUTH");
         }
-        r(
-            214,
-            (2, 0, 0),
-            format!("Commands: {cmds}\nSee RFC 5321 and RFC 3030"),
-        )
+        replies::help(&cmds)
     }
 
     fn auth_offered(&self) -> bool {
@@ -542,7 +507,7 @@ impl Session {
 
     fn tls_required(&self) -> Option<Step> {
         (self.settings.require_tls && self.info.tls.is_none())
-            .then(|| Step::Reply(r(530, (5, 7, 0), "Must issue a STARTTLS command first")))
+            .then(|| Step::Reply(replies::MUST_STARTTLS.into()))
     }
 
     fn mail(&mut self, from: ReversePath, params: command::MailParams) -> Step {
@@ -559,15 +524,11 @@ impl Session {
             .size
             .is_some_and(|n| n > self.settings.max_message_size)
         {
-            return Step::Reply(r(552, (5, 3, 4), "Message size exceeds fixed limit"));
+            return Step::Reply(replies::SIZE_OVER_LIMIT.into());
         }
         if from.is_utf8() && !params.smtputf8 {
             // RFC 6531 §3.7.4.1
-            return Step::Reply(r(
-                553,
-                (5, 6, 7),
-                "Must declare SMTPUTF8 to send UTF8 addresses",
-            ));
+            return Step::Reply(replies::SMTPUTF8_REQUIRED.into());
         }
         let hooks = Arc::clone(&self.hooks);
         if let Err(step) = self.hook(|s| hooks.mail(s, &from, &params)) {
@@ -578,7 +539,7 @@ impl Session {
             params,
             rcpts: Vec::new(),
         });
-        Step::Reply(r(250, (2, 1, 0), "Ok"))
+        Step::Reply(replies::MAIL_OK.into())
     }
 
     fn rcpt(&mut self, to: crate::protocol::address::Address) -> Step {
@@ -588,14 +549,10 @@ impl Session {
             Txn::Chunking { .. } => return Step::Reply(bad_sequence("RCPT during BDAT")),
         };
         if env.rcpts.len() >= self.settings.max_recipients {
-            return Step::Reply(r(452, (4, 5, 3), "Error: too many recipients"));
+            return Step::Reply(replies::TOO_MANY_RECIPIENTS.into());
         }
         if to.is_utf8() && !env.params.smtputf8 {
-            return Step::Reply(r(
-                553,
-                (5, 6, 7),
-                "Must declare SMTPUTF8 to send UTF8 addresses",
-            ));
+            return Step::Reply(replies::SMTPUTF8_REQUIRED.into());
         }
         let hooks = Arc::clone(&self.hooks);
         let env_snapshot = env.clone();
@@ -605,7 +562,7 @@ impl Session {
         if let Txn::Mail(env) = &mut self.txn {
             env.rcpts.push(to);
         }
-        Step::Reply(r(250, (2, 1, 5), "Ok"))
+        Step::Reply(replies::RCPT_OK.into())
     }
 
     fn bdat(&mut self, size: u64, last: bool) -> Step {
@@ -634,7 +591,7 @@ impl Session {
             // The transaction fails; txn stays Idle so later chunks get 503 (drained).
             return Step::Discard {
                 size,
-                reply: r(552, (5, 3, 4), "Error: message file too big"),
+                reply: replies::MESSAGE_TOO_BIG.into(),
                 close: None,
             };
         }
@@ -649,14 +606,14 @@ impl Session {
     /// message is dropped). For the LAST chunk call [`message_end`](Self::message_end).
     pub fn chunk_end(&mut self, size: u64, write: Result<(), MessageOutcome>) -> Reply {
         match write {
-            Ok(()) => r(250, (2, 0, 0), format!("{size} octets received")),
+            Ok(()) => replies::chunk_received(size),
             Err(outcome) => self.message_end(outcome, size),
         }
     }
 
     /// The 354 reply to DATA.
     pub fn data_prompt() -> Reply {
-        Reply::plain(354, "End data with <CR><LF>.<CR><LF>")
+        replies::data_prompt()
     }
 
     /// The trace headers for the message in progress (SPEC 5), naming every recipient.
@@ -696,7 +653,7 @@ impl Session {
         if std::mem::take(&mut self.chunk_panicked) {
             // As for any deciding hook that panics: 451, then close.
             self.closing = Some(Vec::new());
-            return Err(internal_error());
+            return Err(replies::INTERNAL_ERROR.into());
         }
         match self.hook(|s| hooks.data_from(s, &env, content)) {
             Ok(verdict) => Ok(verdict),
@@ -707,7 +664,7 @@ impl Session {
                 self.closing = Some(replies);
                 Err(first)
             }
-            Err(_) => Err(internal_error()),
+            Err(_) => Err(replies::INTERNAL_ERROR.into()),
         }
     }
 
@@ -745,27 +702,27 @@ impl Session {
                     // The message is stored whatever the hook does: the reply stays 250.
                     self.notify(|s| hooks.done(s, env, &id));
                 }
-                return r(250, (2, 0, 0), format!("Ok: queued as {id}"));
+                return replies::queued(&id);
             }
             MessageOutcome::Discarded(id) => {
                 log::warn!(
                     "session {}: discarded {id} as a data hook asked: {size} bytes from <{from}> to {rcpts} recipient(s)",
                     self.info.id
                 );
-                return r(250, (2, 0, 0), format!("Ok: queued as {id}"));
+                return replies::queued(&id);
             }
-            MessageOutcome::TooBig => r(552, (5, 3, 4), "Error: message file too big"),
-            MessageOutcome::BareLf => r(550, (5, 5, 2), "Error: bare <LF> received"),
+            MessageOutcome::TooBig => replies::MESSAGE_TOO_BIG.into(),
+            MessageOutcome::BareLf => replies::BARE_LF.into(),
             MessageOutcome::Refused(rep) => rep,
             MessageOutcome::StorageFull(e) => {
                 log::error!("session {}: storage failure: {e}", self.info.id);
                 self.notify_error(SessionError::Storage(e));
-                r(452, (4, 3, 1), "Error: insufficient system storage")
+                replies::INSUFFICIENT_STORAGE.into()
             }
             MessageOutcome::StorageError(e) => {
                 log::error!("session {}: storage failure: {e}", self.info.id);
                 self.notify_error(SessionError::Storage(e));
-                r(451, (4, 3, 0), "Error: queue file write error")
+                replies::WRITE_ERROR.into()
             }
         };
         if reply.code >= 500 {
@@ -793,23 +750,12 @@ impl Session {
     /// 421 for a command or data deadline, or a too slow transfer.
     pub fn timeout(&mut self) -> Reply {
         self.notify_error(SessionError::Timeout);
-        r(
-            421,
-            (4, 4, 2),
-            format!("{} Error: timeout exceeded", self.settings.hostname),
-        )
+        replies::timeout(&self.settings.hostname)
     }
 
     /// 421 when the server is stopping.
     pub fn shutting_down(&self) -> Reply {
-        r(
-            421,
-            (4, 3, 2),
-            format!(
-                "{} Service shutting down, closing transmission channel",
-                self.settings.hostname
-            ),
-        )
+        replies::shutting_down(&self.settings.hostname)
     }
 
     fn auth_start(&mut self, mechanism: &str, initial: Option<&str>) -> Step {
@@ -826,11 +772,7 @@ impl Session {
             return step;
         }
         if self.info.tls.is_none() && !auth.allow_plaintext {
-            return Step::Reply(r(
-                538,
-                (5, 7, 11),
-                "Encryption required for requested authentication mechanism",
-            ));
+            return Step::Reply(replies::ENCRYPTION_REQUIRED.into());
         }
         if self.info.helo.is_none() || !self.esmtp {
             // AUTH is an ESMTP extension: it exists only after EHLO (RFC 4954 §3).
@@ -843,7 +785,7 @@ impl Session {
             return Step::Reply(bad_sequence("MAIL transaction in progress"));
         }
         self.auth_mechanism = Some(mechanism.to_ascii_uppercase());
-        let step = auth::start(mechanism, initial);
+        let step = sasl::start(mechanism, initial);
         self.auth_step(step)
     }
 
@@ -858,23 +800,18 @@ impl Session {
         log::warn!(
             "session {}: client {ip}: refused AUTH: too many failed attempts in the last {}s; closing",
             self.info.id,
-            auth::RATE_WINDOW.as_secs()
+            RATE_WINDOW.as_secs()
         );
         self.auth = None;
-        Some(Step::Close(vec![r(
-            421,
-            (4, 7, 0),
-            format!(
-                "{} Error: too many failed authentications, try again later",
-                self.settings.hostname
-            ),
+        Some(Step::Close(vec![replies::auth_rate_exceeded(
+            &self.settings.hostname,
         )]))
     }
 
     fn auth_response(&mut self, ex: &Exchange, line: &[u8]) -> Step {
         match std::str::from_utf8(line) {
             Ok(l) => {
-                let step = auth::respond(ex, l);
+                let step = sasl::respond(ex, l);
                 self.auth_step(step)
             }
             Err(_) => self.auth_step(AuthStep::Malformed),
@@ -885,13 +822,11 @@ impl Session {
         match step {
             AuthStep::Challenge(c, next) => {
                 self.auth = Some(next);
-                Step::Reply(Reply::plain(334, c))
+                Step::Reply(replies::challenge(c))
             }
-            AuthStep::Cancelled => Step::Reply(r(501, (5, 7, 0), "Authentication aborted")),
-            AuthStep::Malformed => Step::Reply(r(501, (5, 5, 2), "Cannot decode response")),
-            AuthStep::UnknownMechanism => {
-                Step::Reply(r(504, (5, 5, 4), "Unsupported authentication mechanism"))
-            }
+            AuthStep::Cancelled => Step::Reply(replies::AUTH_ABORTED.into()),
+            AuthStep::Malformed => Step::Reply(replies::AUTH_UNDECODABLE.into()),
+            AuthStep::UnknownMechanism => Step::Reply(replies::AUTH_UNKNOWN_MECHANISM.into()),
             AuthStep::Verify { user, password } => {
                 // Checked again here: other sessions of this client may have failed
                 // since this exchange began. Nothing is hashed past the limit.
@@ -909,7 +844,7 @@ impl Session {
                     log::info!("session {}: authenticated as {user:?}", self.info.id);
                     self.info.auth_user = Some(user);
                     self.info.auth_mechanism = self.auth_mechanism.take();
-                    Step::Reply(r(235, (2, 7, 0), "Authentication successful"))
+                    Step::Reply(replies::AUTH_OK.into())
                 } else {
                     log::warn!(
                         "session {}: client {}: auth failed",
@@ -919,7 +854,7 @@ impl Session {
                     if let Some(rl) = &self.guards.auth_rate {
                         rl.failed(self.info.peer.ip());
                     }
-                    Step::Reply(r(535, (5, 7, 8), "Authentication credentials invalid"))
+                    Step::Reply(replies::AUTH_FAILED.into())
                 }
             }
         }
@@ -950,14 +885,7 @@ impl Session {
                 self.info.id
             );
             if self.closing.is_none() {
-                self.closing = Some(vec![r(
-                    421,
-                    (4, 3, 0),
-                    format!(
-                        "{} Error: internal error, closing connection",
-                        self.settings.hostname
-                    ),
-                )]);
+                self.closing = Some(vec![replies::hook_panicked(&self.settings.hostname)]);
             }
         }
     }
@@ -986,21 +914,17 @@ impl Session {
                     "session {}: hook refused with a non-error or inconsistent reply {reply}; sending 451",
                     self.info.id,
                 );
-                Err(Step::Reply(internal_error()))
+                Err(Step::Reply(replies::INTERNAL_ERROR.into()))
             }
             Err(_) => {
                 log::error!(
                     "session {}: a hook panicked; closing the session",
                     self.info.id
                 );
-                Err(Step::Close(vec![internal_error()]))
+                Err(Step::Close(vec![replies::INTERNAL_ERROR.into()]))
             }
         }
     }
-}
-
-fn internal_error() -> Reply {
-    r(451, (4, 3, 0), "Error: internal error")
 }
 
 fn step_close(step: Step) -> Step {
