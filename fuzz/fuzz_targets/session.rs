@@ -26,7 +26,9 @@
 use libfuzzer_sys::fuzz_target;
 use mailer::connection::End;
 use mailer::protocol::command::{parse, Command};
-use mailer_fuzz::{first_terminator, parse_replies, read_data, run_session, split_trace, Knobs};
+use mailer_fuzz::{
+    first_terminator, guarded, parse_replies, read_data, run_session, split_trace, Knobs,
+};
 
 /// Input offsets just after each LF-terminated line, with the line (no CR/LF).
 fn lines(input: &[u8]) -> Vec<(usize, &[u8])> {
@@ -139,8 +141,9 @@ fuzz_target!(|data: &[u8]| {
             rcpts >= 1 && rcpts <= k.max_recipients,
             "{rcpts} recipients"
         );
+        // The guard may add an empty line (2 bytes) in front of what was received.
         assert!(
-            body.len() as u64 <= k.max_message_size,
+            body.len() as u64 <= k.max_message_size + 2,
             "stored {} > {}",
             body.len(),
             k.max_message_size
@@ -149,7 +152,7 @@ fuzz_target!(|data: &[u8]| {
             // The content is what followed some later DATA line, unstuffed.
             let found = data_starts[next_candidate..].iter().position(|&p| {
                 let (out, _, r) = read_data(&input[p..], k.max_message_size, k.bare_lf);
-                r.is_done() && r.is_keeping() && out == body
+                r.is_done() && r.is_keeping() && guarded(&out) == body
             });
             let Some(j) = found else {
                 panic!("stored DATA message {} matches no DATA in the input", m.id);
@@ -166,7 +169,13 @@ fuzz_target!(|data: &[u8]| {
             next_candidate += j + 1;
         } else {
             assert!(
-                last_chunks.iter().any(|c| body.ends_with(c)),
+                // A LAST chunk still in the header section may lose a Return-Path field.
+                last_chunks.iter().any(|c| {
+                    body.ends_with(c)
+                        || c.to_ascii_lowercase()
+                            .windows(11)
+                            .any(|w| w == b"return-path")
+                }),
                 "stored BDAT message {} does not end with a LAST chunk",
                 m.id
             );

@@ -420,6 +420,54 @@ pub fn normalise(content: &[u8]) -> Vec<u8> {
     v
 }
 
+/// The stored form of received content (SPEC 5, invariant 11), written here apart from
+/// the server's streaming filter so the two can be compared: content whose first byte
+/// is a space or tab gets an empty line before it; otherwise every `Return-Path:` field
+/// of the header section (the lines before the first empty line), with its continuation
+/// lines, is left out. A field name counts when `Return-Path`, any case, is followed by
+/// spaces or tabs and the colon within the first 64 bytes of its line (the filter
+/// decides within that many bytes).
+pub fn guarded(content: &[u8]) -> Vec<u8> {
+    if matches!(content.first(), Some(b' ' | b'\t')) {
+        return [b"\r\n".as_slice(), content].concat();
+    }
+    let mut out = Vec::with_capacity(content.len());
+    let mut dropping = false;
+    let mut pos = 0;
+    while pos < content.len() {
+        let end = content[pos..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(content.len(), |n| pos + n + 1);
+        let line = &content[pos..end];
+        if line == b"\r\n" || line == b"\n" {
+            out.extend_from_slice(&content[pos..]);
+            return out;
+        }
+        if !matches!(line[0], b' ' | b'\t') {
+            dropping = is_return_path_field(line);
+        }
+        if !dropping {
+            out.extend_from_slice(line);
+        }
+        pos = end;
+    }
+    out
+}
+
+/// Whether a header line starts a `Return-Path:` field (see [`guarded`]).
+pub fn is_return_path_field(line: &[u8]) -> bool {
+    const NAME: &[u8] = b"return-path";
+    if line.len() <= NAME.len() || !line[..NAME.len()].eq_ignore_ascii_case(NAME) {
+        return false;
+    }
+    let colon = line[NAME.len()..]
+        .iter()
+        .position(|&b| !matches!(b, b' ' | b'\t'))
+        .map(|i| NAME.len() + i);
+    matches!(colon, Some(i) if line[i] == b':' && i < 64)
+}
+
 /// Where the first end-of-data marker ends: a leading `.\r\n` or the first `\r\n.\r\n`.
 pub fn first_terminator(input: &[u8]) -> Option<usize> {
     if input.starts_with(b".\r\n") {
