@@ -354,7 +354,7 @@ pub fn parse_replies(out: &[u8]) -> Vec<WireReply> {
 
 /// A stored file split into its trace block and the message content. Asserts the
 /// trace block's shape (SPEC 5): Return-Path, one X-Original-To per recipient,
-/// the two-line Received header naming `id`.
+/// the Received header (folded, its last line naming `id`).
 pub fn split_trace(bytes: &[u8], id: &str) -> (usize, Vec<u8>) {
     let mut pos = 0;
     let next_line = |pos: &mut usize| -> Vec<u8> {
@@ -384,13 +384,22 @@ pub fn split_trace(bytes: &[u8], id: &str) -> (usize, Vec<u8>) {
         break l;
     };
     assert!(received.starts_with(b"Received: from "), "{received:?}");
-    let idline = next_line(&mut pos);
+    assert!(received.len() <= 998, "Received line over 998 octets");
+    // A long HELO name folds the header before `by` (invariant 11): the id line is the
+    // last continuation line, and every line stays within RFC 5322's 998 octets.
     let want = format!("        id {id} ; ");
-    assert!(
-        idline.starts_with(want.as_bytes()),
-        "id line {:?} does not name {id}",
-        String::from_utf8_lossy(&idline)
-    );
+    loop {
+        let l = next_line(&mut pos);
+        assert!(l.len() <= 998, "Received line over 998 octets");
+        assert!(
+            l.starts_with(b" ") || l.starts_with(b"\t"),
+            "Received ends without naming {id}: {:?}",
+            String::from_utf8_lossy(&l)
+        );
+        if l.starts_with(want.as_bytes()) {
+            break;
+        }
+    }
     (rcpts, bytes[pos..].to_vec())
 }
 
