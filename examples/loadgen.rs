@@ -105,7 +105,7 @@ fn tls_config(insecure: bool) -> Result<Arc<ClientConfig>, String> {
     let cfg = if insecure {
         builder
             .dangerous()
-            .with_custom_certificate_verifier(mailer::client::AnyCertificate::new())
+            .with_custom_certificate_verifier(mailer::client::dangerous::AnyCertificate::new())
             .with_no_client_auth()
     } else {
         let roots = rustls::RootCertStore {

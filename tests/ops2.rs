@@ -6,7 +6,7 @@ mod common;
 use common::process::{free_port, write_config, ChildServer, CHILD_WAIT};
 use common::*;
 
-use mailer::client::AnyCertificate;
+use mailer::client::dangerous::AnyCertificate;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
 use std::io::{BufRead, BufReader, Write};

@@ -25,7 +25,14 @@ pub mod report;
 mod smtp;
 
 pub use job::{Job, JobError, Pipelining, StartTls};
-pub use net::AnyCertificate;
+
+/// Things that turn off a safety check, kept out of the way as rustls does: a caller
+/// has to name `dangerous` to reach them.
+pub mod dangerous {
+    /// A certificate verifier that accepts any server certificate (still checking the
+    /// handshake signature): what `tls_verify: false` uses, for self-signed test servers.
+    pub use super::net::AnyCertificate;
+}
 pub use reply::{parse_reply, ReplyError, ServerReply};
 pub use report::{DeliveryStatus, Report, Status};
 
