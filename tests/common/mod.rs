@@ -240,7 +240,7 @@ pub fn read_maildir(dir: &Path) -> Vec<(String, Vec<u8>)> {
 }
 
 /// Splits a stored file into (trace headers, message). The trace block is the
-/// Return-Path, X-Original-To and Received lines (with the folded `id` line).
+/// Return-Path, X-Original-To and Received lines (with its folded continuation lines).
 pub fn split_stored(file: &[u8]) -> (String, Vec<u8>) {
     let text = file;
     let mut pos = 0;
@@ -249,7 +249,8 @@ pub fn split_stored(file: &[u8]) -> (String, Vec<u8>) {
         let is_trace = rest.starts_with(b"Return-Path: ")
             || rest.starts_with(b"X-Original-To: ")
             || rest.starts_with(b"Received: ")
-            || (pos > 0 && rest.starts_with(b"        id "));
+            // Continuation lines of a folded trace header (`        by …`, `        id …`).
+            || (pos > 0 && rest.starts_with(b"        "));
         if !is_trace {
             break;
         }
