@@ -460,13 +460,16 @@ impl<'a, T: Transport> Connection<'a, T> {
             if life_left.is_zero() {
                 return Ok(Read1::Lifetime);
             }
-            // Replies go out before the session counts as waiting at a prompt: only a
-            // session blocked on reading may be chosen to make room for a new client.
+            // The session counts as waiting at a prompt before its replies go out: a
+            // client that has read its reply must find this worker available to make
+            // room for a new client (invariant 8), or a newcomer arriving right then
+            // would be refused although this session is idle. Evicting it now only
+            // shuts the read side; the replies still go out, then 421 4.4.2.
             // Between BDAT chunks a message is in transfer: that session never is.
-            self.flush_bounded()?;
             if !self.session.is_chunking() {
                 self.life.at_prompt();
             }
+            self.flush_bounded()?;
             let life_end = now.checked_add(life_left).unwrap_or(deadline);
             let wake = deadline.min(life_end).min(now + RECHECK);
             match self.fill(wake) {
