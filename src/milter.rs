@@ -911,18 +911,7 @@ impl Milters {
                 proto::NOMAIL,
                 proto::NR_MAIL,
             );
-            match r.and_then(|r| match r {
-                None => Ok(Verdict::Continue),
-                Some(r) => self.envelope_verdict(s, conn, "mail", r),
-            }) {
-                Ok(Verdict::Continue) => {}
-                Ok(Verdict::Refuse(rep)) => return Err(rep),
-                Err(f) => {
-                    if let Some(rep) = Self::fail(s, conn, "mail", f, false) {
-                        return Err(rep);
-                    }
-                }
-            }
+            self.envelope_outcome(s, conn, "mail", r)?;
         }
         Ok(())
     }
@@ -952,20 +941,31 @@ impl Milters {
                 proto::NORCPT,
                 proto::NR_RCPT,
             );
-            match r.and_then(|r| match r {
-                None => Ok(Verdict::Continue),
-                Some(r) => self.envelope_verdict(s, conn, "rcpt", r),
-            }) {
-                Ok(Verdict::Continue) => {}
-                Ok(Verdict::Refuse(rep)) => return Err(rep),
-                Err(f) => {
-                    if let Some(rep) = Self::fail(s, conn, "rcpt", f, false) {
-                        return Err(rep);
-                    }
-                }
-            }
+            self.envelope_outcome(s, conn, "rcpt", r)?;
         }
         Ok(())
+    }
+
+    /// What one milter's answer to MAIL or RCPT means for the client: a refusal, or
+    /// its `default_action` when it failed, or nothing (go on).
+    fn envelope_outcome(
+        &self,
+        s: &SessionInfo,
+        conn: &mut Conn,
+        stage: &str,
+        r: Result<Option<Response>, Failure>,
+    ) -> Result<(), Reply> {
+        match r.and_then(|r| match r {
+            None => Ok(Verdict::Continue),
+            Some(r) => self.envelope_verdict(s, conn, stage, r),
+        }) {
+            Ok(Verdict::Continue) => Ok(()),
+            Ok(Verdict::Refuse(rep)) => Err(rep),
+            Err(f) => match Self::fail(s, conn, stage, f, false) {
+                Some(rep) => Err(rep),
+                None => Ok(()),
+            },
+        }
     }
 
     /// `Some(Ok)`: skip this milter for this event; `Some(Err)`: refuse with this;

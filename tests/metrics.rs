@@ -240,8 +240,8 @@ fn python_with_prometheus_client() -> Option<&'static str> {
     })
 }
 
-#[test]
-fn output_parses_as_openmetrics() {
+/// A metrics server that has stored one message in one finished session.
+fn server_after_one_message() -> TestServer {
     let s = metrics_server("");
     let mut c = s.ehlo();
     c.ok("MAIL FROM:<a@x.test>", 250);
@@ -251,6 +251,12 @@ fn output_parses_as_openmetrics() {
     assert_eq!(c.reply().0, 250);
     c.ok("QUIT", 221);
     wait_until("session ended", || s.handle.stats().connections_active == 0);
+    s
+}
+
+#[test]
+fn output_parses_as_openmetrics() {
+    let s = server_after_one_message();
     // A family without samples is left out by the parser: give it one.
     mailer::metrics::milter_action("parser-test", "accept");
     let body = scrape(&s);
@@ -289,15 +295,7 @@ print("accepted", float(acc[0]))
 /// 0.0.4, which `promtool check metrics` (Debian's prometheus package) accepts whole.
 #[test]
 fn plain_scrape_is_prometheus_text_that_promtool_accepts() {
-    let s = metrics_server("");
-    let mut c = s.ehlo();
-    c.ok("MAIL FROM:<a@x.test>", 250);
-    c.ok("RCPT TO:<b@y.test>", 250);
-    c.ok("DATA", 354);
-    c.send_raw(b"Subject: t\r\n\r\nhello\r\n.\r\n");
-    assert_eq!(c.reply().0, 250);
-    c.ok("QUIT", 221);
-    wait_until("session ended", || s.handle.stats().connections_active == 0);
+    let s = server_after_one_message();
     let (status, headers, body) = http(
         metrics_addr(&s),
         "GET /metrics HTTP/1.0\r\nAccept: */*\r\n\r\n",
