@@ -199,14 +199,18 @@ field() { sed -n "s/.*\"$2\":\([0-9.]*\).*/\1/p" <<<"$1"; }
 
 median() { tr ' ' '\n' | awk 'NF' | sort -g | awk '{a[NR]=$1} END {if (NR==0) print "n/a"; else if (NR%2) print a[(NR+1)/2]; else printf "%.3f\n", (a[NR/2]+a[NR/2+1])/2}'; }
 
+settle() {
+    timeout 60 sync -f "$WORK" || true
+    sleep 0.5
+}
+
 # run TARGET ARGS... -> prints the loadgen JSON line; aborts on failed messages
 run() {
     local target=$1 out
     shift
     # Start every run from a quiet disk: what the previous server left dirty (its
     # queue files' metadata) is written back now, not during this run's fsyncs.
-    timeout 60 sync -f "$WORK" || true
-    sleep 0.5
+    [ -n "${SETTLED:-}" ] || settle
     out=$(timeout $((SECS + 120)) "$LOADGEN" --port "$(port_of "$target")" --messages 100000000 \
         --timeout "$SECS" --pipelining "$@" 2>"$WORK/loadgen.err") || {
         log "loadgen against $target failed: $out $(head -c 500 "$WORK/loadgen.err")"
@@ -229,21 +233,33 @@ done
 
 declare -A R # R[cell,target] = "v1 v2 v3"
 for c in tput lat big; do for t in "${TARGETS[@]}"; do R[$c,$t]=""; done; done
-LG_CPU=""
+declare -A CPU # CPU[target] = one note per tput run
+for t in "${TARGETS[@]}"; do CPU[$t]=""; done
+# machine_cpu -> "busy total" jiffies summed over all CPUs (iowait counts as idle)
+machine_cpu() { awk '/^cpu / {print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat; }
+# proc_cpu PID -> utime+stime jiffies of that process (all its threads), 0 without one
+proc_cpu() { if [ -n "$1" ]; then awk '{print $14+$15}' "/proc/$1/stat"; else echo 0; fi; }
 cell() { # name metric loadgen-args...
     local name=$1 metric=$2 rep t out v
     shift 2
     for rep in $(seq 0 $((REPS - 1))); do
         for t in $(order "$rep"); do
-            if [ "$name" = tput ] && [ "$t" = sink ]; then
-                # How much CPU the generator itself needs (is it the bottleneck?).
-                local before after
-                before=$(awk '{print $14+$15}' /proc/$SINK_PID/stat)
+            if [ "$name" = tput ]; then
+                # Where the CPU goes (is the box saturated? who uses it?): the whole
+                # machine from /proc/stat, the generator by `time`, the server's own
+                # process (Postfix is many processes: not counted).
+                local pid="" sb sa b0 b1 tb ta
+                case $t in sink) pid=$SINK_PID ;; mailer) pid=$MAILER_PID ;; esac
+                settle
+                sb=$(proc_cpu "$pid")
+                read -r b0 tb < <(machine_cpu)
                 TIMEFORMAT='%U %S %R'
-                { time out=$(run "$t" "$@"); } 2>"$WORK/time"
-                after=$(awk '{print $14+$15}' /proc/$SINK_PID/stat)
-                LG_CPU+="$(awk -v s=$((after - before)) -v hz="$(getconf CLK_TCK)" \
-                    '{printf "loadgen %.0f%% of one core, smtp-sink %.0f%%;", 100*($1+$2)/$3, 100*s/hz/$3}' "$WORK/time") "
+                { time out=$(SETTLED=1 run "$t" "$@"); } 2>"$WORK/time"
+                read -r b1 ta < <(machine_cpu)
+                sa=$(proc_cpu "$pid")
+                CPU[$t]+="$(awk -v s=$((sa - sb)) -v hz="$(getconf CLK_TCK)" -v busy=$((b1 - b0)) \
+                    -v tot=$((ta - tb)) -v n="$(field "$out" messages)" -v srv="$pid" \
+                    '{printf "%s: machine busy %.0f%%, loadgen %.0f us/msg, server %s us/msg;", t, 100*busy/tot, 1e6*($1+$2)/n, (srv == "" ? "n/a" : sprintf("%.0f", 1e6*s/hz/n))}' t="$t" "$WORK/time") "
             else
                 out=$(run "$t" "$@")
             fi
@@ -337,5 +353,6 @@ Postfix $(postconf -d -h mail_version 2>/dev/null), held in its queue after fsyn
 
 All runs: ${R[tput,sink]}| ${R[tput,postfix]}| ${R[tput,mailer]}(msgs/s sink | postfix | mailer);
 ${R[lat,sink]}| ${R[lat,postfix]}| ${R[lat,mailer]}(p99 ms); ${R[big,sink]}| ${R[big,postfix]}| ${R[big,mailer]}(MiB/s);
-RSS $IDLE_RSS(MiB); growth $GROWTH(MiB). Generator against smtp-sink: $LG_CPU
+RSS $IDLE_RSS(MiB); growth $GROWTH(MiB).
+CPU in the 32-session runs: ${CPU[sink]}${CPU[postfix]}${CPU[mailer]}
 EOF
