@@ -50,6 +50,7 @@ pub mod server;
 pub mod session;
 pub mod spool;
 pub mod stats;
+mod stream;
 pub mod tls;
 
 pub use config::Config;

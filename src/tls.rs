@@ -1,23 +1,24 @@
 //! TLS with rustls (ring provider): certificate loading, reload when the files change,
-//! and the [`Stream`] that sessions run over, plain or encrypted (RFC 3207, RFC 8314).
+//! and the server side of the [`Stream`] that sessions run over (RFC 3207, RFC 8314).
 
-use crate::connection::Transport;
 use crate::hooks::TlsInfo;
+pub(crate) use crate::stream::Stream;
+use crate::stream::Upgrade;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::{ServerConfig, ServerConnection, StreamOwned};
+use rustls::{ServerConfig, ServerConnection};
 use std::collections::hash_map::DefaultHasher;
 use std::fmt;
 use std::hash::{Hash, Hasher};
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A certificate or key that cannot be used.
 #[derive(Debug)]
@@ -210,187 +211,27 @@ pub fn server_config(
     Ok((Arc::new(cfg), resolver))
 }
 
-/// A session's stream: plain TCP (maybe upgraded by STARTTLS) or TLS.
-pub enum Stream {
-    Plain {
-        tcp: TcpStream,
-        tls: Option<Arc<ServerConfig>>,
-    },
-    Tls(Box<TlsStream>),
-    /// Only during an upgrade, or after a failed one.
-    Broken,
+/// The server side of a [`Stream`]: a TLS session from the server configuration.
+impl Upgrade for Arc<ServerConfig> {
+    type Conn = ServerConnection;
+    type Side = rustls::server::ServerConnectionData;
+    fn connection(self, _tcp: &TcpStream) -> io::Result<ServerConnection> {
+        ServerConnection::new(self).map_err(io::Error::other)
+    }
 }
 
-impl Stream {
-    /// An implicit-TLS connection (RFC 8314): handshake before anything else.
-    pub fn accept_tls(
+impl Stream<Arc<ServerConfig>> {
+    /// An implicit-TLS connection (RFC 8314): the handshake before anything else,
+    /// bounded by `timeout`, which also stays the socket's read and write timeout.
+    pub(crate) fn accept_tls(
         tcp: TcpStream,
         cfg: Arc<ServerConfig>,
         timeout: Duration,
-    ) -> io::Result<(Stream, TlsInfo)> {
+    ) -> io::Result<(Self, TlsInfo)> {
         tcp.set_read_timeout(Some(timeout))?;
         tcp.set_write_timeout(Some(timeout))?;
-        let mut s = Stream::Plain {
-            tcp,
-            tls: Some(cfg),
-        };
-        let info = s.start_tls()?;
+        let mut s = Stream::plain(tcp, Some(cfg));
+        let info = s.handshake(timeout)?;
         Ok((s, info))
-    }
-
-    fn tcp(&self) -> Option<&TcpStream> {
-        match self {
-            Stream::Plain { tcp, .. } => Some(tcp),
-            Stream::Tls(s) => Some(&s.0.sock),
-            Stream::Broken => None,
-        }
-    }
-}
-
-fn broken() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::NotConnected,
-        "connection closed after failed TLS",
-    )
-}
-
-impl Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Plain { tcp, .. } => tcp.read(buf),
-            Stream::Tls(s) => s.0.read(buf),
-            Stream::Broken => Err(broken()),
-        }
-    }
-}
-
-impl Write for Stream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Plain { tcp, .. } => tcp.write(buf),
-            Stream::Tls(s) => s.0.write(buf),
-            Stream::Broken => Err(broken()),
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Stream::Plain { tcp, .. } => tcp.flush(),
-            Stream::Tls(s) => s.0.flush(),
-            Stream::Broken => Err(broken()),
-        }
-    }
-}
-
-impl Transport for Stream {
-    fn set_read_timeout(&mut self, t: Option<Duration>) -> io::Result<()> {
-        match self.tcp() {
-            Some(tcp) => tcp.set_read_timeout(t),
-            None => Err(broken()),
-        }
-    }
-
-    fn set_write_timeout(&mut self, t: Option<Duration>) -> io::Result<()> {
-        match self.tcp() {
-            Some(tcp) => tcp.set_write_timeout(t),
-            None => Err(broken()),
-        }
-    }
-
-    fn start_tls(&mut self) -> io::Result<TlsInfo> {
-        let (tcp, cfg) = match std::mem::replace(self, Stream::Broken) {
-            Stream::Plain {
-                tcp,
-                tls: Some(cfg),
-            } => (tcp, cfg),
-            other => {
-                *self = other;
-                return Err(io::Error::new(
-                    io::ErrorKind::Unsupported,
-                    "TLS not available",
-                ));
-            }
-        };
-        // The read timeout set on the socket (the command timeout) bounds the whole
-        // handshake, not each read: a client that trickles bytes cannot hold a worker
-        // longer than that (SPEC invariant 4).
-        let budget = tcp.read_timeout()?.unwrap_or(HANDSHAKE_DEFAULT);
-        let conn = ServerConnection::new(cfg).map_err(io::Error::other)?;
-        let mut s = StreamOwned::new(conn, tcp);
-        {
-            let mut sock = Deadline {
-                tcp: &mut s.sock,
-                deadline: Instant::now() + budget,
-            };
-            while s.conn.is_handshaking() {
-                s.conn.complete_io(&mut sock)?;
-            }
-        }
-        let info = TlsInfo {
-            version: s
-                .conn
-                .protocol_version()
-                .map_or_else(|| "unknown".into(), |v| format!("{v:?}")),
-            cipher: s
-                .conn
-                .negotiated_cipher_suite()
-                .map_or_else(|| "unknown".into(), |c| format!("{:?}", c.suite())),
-        };
-        *self = Stream::Tls(Box::new(TlsStream(s)));
-        Ok(info)
-    }
-}
-
-/// The handshake bound when the socket has no read timeout set.
-const HANDSHAKE_DEFAULT: Duration = Duration::from_secs(300);
-
-/// The socket during a handshake: each read may only wait for the time left until
-/// `deadline`, so the handshake as a whole ends by then.
-struct Deadline<'a> {
-    tcp: &'a mut TcpStream,
-    deadline: Instant,
-}
-
-impl Read for Deadline<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "TLS handshake timed out",
-            ));
-        }
-        self.tcp.set_read_timeout(Some(left))?;
-        self.tcp.read(buf)
-    }
-}
-
-impl Write for Deadline<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.tcp.write(buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.tcp.flush()
-    }
-}
-
-/// How long the closing `close_notify` may wait for a client that does not read:
-/// it is a courtesy, not worth holding a worker for.
-const CLOSE_NOTIFY_WAIT: Duration = Duration::from_secs(1);
-
-/// A TLS stream that sends close_notify when dropped (RFC 8446 §6.1: each side must
-/// send it before closing its write side), so clients can tell a clean end from a
-/// truncation attack.
-pub struct TlsStream(StreamOwned<ServerConnection, TcpStream>);
-
-impl Drop for TlsStream {
-    fn drop(&mut self) {
-        let s = &mut self.0;
-        s.conn.send_close_notify();
-        let _ = s.sock.set_write_timeout(Some(CLOSE_NOTIFY_WAIT));
-        while s.conn.wants_write() {
-            if s.conn.write_tls(&mut s.sock).is_err() {
-                break;
-            }
-        }
     }
 }

@@ -139,3 +139,106 @@ fn ca_file_with_another_certificate_still_fails_under_require() {
     );
     assert!(s.stored().is_empty());
 }
+
+/// The client ends its TLS session with close_notify (RFC 8446 §6.1), as the server
+/// does (tests/pool.rs): a scripted rustls server reads to the end of the stream after
+/// QUIT and gets a clean end, not the `UnexpectedEof` of a truncated session.
+#[test]
+fn the_client_ends_its_tls_session_with_close_notify() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use std::io::{BufRead, BufReader, Read, Write};
+
+    let dir = tempfile::tempdir().unwrap();
+    let cert = make_cert(dir.path(), "scripted");
+    let chain = vec![CertificateDer::from_pem_file(&cert.cert).unwrap()];
+    let key = PrivateKeyDer::from_pem_file(&cert.key).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+
+    // The server's side of the dialogue; returns what the final read saw.
+    let server = std::thread::spawn(move || {
+        let (mut tcp, _) = listener.accept().unwrap();
+        tcp.set_read_timeout(Some(WAIT)).unwrap();
+        let mut clear = BufReader::new(tcp.try_clone().unwrap());
+        let mut line = String::new();
+        let mut expect = |r: &mut BufReader<std::net::TcpStream>,
+                          w: &mut std::net::TcpStream,
+                          starts: &str,
+                          reply: &str| {
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            assert!(line.starts_with(starts), "expected {starts}, got {line:?}");
+            w.write_all(reply.as_bytes()).unwrap();
+        };
+        tcp.write_all(b"220 scripted.test ESMTP\r\n").unwrap();
+        expect(
+            &mut clear,
+            &mut tcp,
+            "EHLO",
+            "250-scripted.test\r\n250 STARTTLS\r\n",
+        );
+        expect(
+            &mut clear,
+            &mut tcp,
+            "STARTTLS",
+            "220 2.0.0 Ready to start TLS\r\n",
+        );
+        let conn = rustls::ServerConnection::new(std::sync::Arc::new(cfg)).unwrap();
+        let mut tls = BufReader::new(rustls::StreamOwned::new(conn, tcp));
+        let mut say = |tls: &mut BufReader<
+            rustls::StreamOwned<rustls::ServerConnection, std::net::TcpStream>,
+        >,
+                       starts: &str,
+                       reply: &str| {
+            let mut line = String::new();
+            tls.read_line(&mut line).unwrap();
+            assert!(line.starts_with(starts), "expected {starts}, got {line:?}");
+            tls.get_mut().write_all(reply.as_bytes()).unwrap();
+        };
+        say(&mut tls, "EHLO", "250 scripted.test\r\n");
+        say(&mut tls, "MAIL FROM:<foo@bar.test>", "250 2.1.0 Ok\r\n");
+        say(&mut tls, "RCPT TO:<a@x.test>", "250 2.1.5 Ok\r\n");
+        say(&mut tls, "DATA", "354 End data with <CR><LF>.<CR><LF>\r\n");
+        loop {
+            let mut line = String::new();
+            assert!(tls.read_line(&mut line).unwrap() > 0, "the message ends");
+            if line == ".\r\n" {
+                break;
+            }
+        }
+        tls.get_mut()
+            .write_all(b"250 2.0.0 Ok: queued as X1\r\n")
+            .unwrap();
+        say(&mut tls, "QUIT", "221 2.0.0 Bye\r\n");
+        let mut rest = Vec::new();
+        tls.read_to_end(&mut rest).map(|_| rest)
+    });
+
+    let mut j = Job::new(
+        "localhost".to_string(),
+        Some("foo@bar.test".into()),
+        vec!["a@x.test".into()],
+        MESSAGE.to_vec(),
+    );
+    j.port = port;
+    j.helo = "client.test".into();
+    j.connection_timeout = WAIT;
+    j.starttls = StartTls::Require;
+    j.tls_verify = false;
+    let report = send(&j);
+    assert!(report.all_ok(), "{}", report.to_json());
+    let end = server.join().unwrap();
+    assert_eq!(
+        end.map_err(|e| e.kind()),
+        Ok(Vec::new()),
+        "a clean TLS close after QUIT (close_notify), nothing more"
+    );
+}

@@ -3,19 +3,19 @@
 //! no certificate verification at all.
 
 use super::job::{Job, StartTls};
-use super::smtp::Wire;
 use super::SendError;
+use crate::stream::{Stream, Upgrade};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{verify_server_name, WebPkiServerVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::ParsedCertificate;
-use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore, StreamOwned};
-use std::io::{self, ErrorKind, Read, Write};
+use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore};
+use std::io;
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How to run a handshake when the server says 220 to STARTTLS.
 pub(crate) struct TlsSetup {
@@ -300,7 +300,7 @@ pub(crate) fn connect(job: &Job, tls: Option<TlsSetup>) -> Result<NetStream, Sen
                     continue;
                 }
                 log::debug!("client: connected to {addr}");
-                return Ok(NetStream::Plain { tcp, tls });
+                return Ok(Stream::plain(tcp, tls));
             }
             Err(err) => errors.push((addr, err)),
         }
@@ -308,124 +308,19 @@ pub(crate) fn connect(job: &Job, tls: Option<TlsSetup>) -> Result<NetStream, Sen
     Err(SendError::Connect { errors })
 }
 
-/// The client's stream: clear text, or TLS after STARTTLS.
-pub(crate) enum NetStream {
-    Plain {
-        tcp: TcpStream,
-        tls: Option<TlsSetup>,
-    },
-    Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
-    /// After a failed upgrade.
-    Broken,
-}
-
-fn broken() -> io::Error {
-    io::Error::new(
-        ErrorKind::NotConnected,
-        "connection lost in a failed TLS upgrade",
-    )
-}
-
-impl Read for NetStream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            NetStream::Plain { tcp, .. } => tcp.read(buf),
-            NetStream::Tls(s) => s.read(buf),
-            NetStream::Broken => Err(broken()),
-        }
-    }
-}
-
-impl Write for NetStream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            NetStream::Plain { tcp, .. } => tcp.write(buf),
-            NetStream::Tls(s) => s.write(buf),
-            NetStream::Broken => Err(broken()),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            NetStream::Plain { tcp, .. } => tcp.flush(),
-            NetStream::Tls(s) => s.flush(),
-            NetStream::Broken => Err(broken()),
-        }
-    }
-}
-
-impl Wire for NetStream {
-    fn set_read_timeout(&mut self, timeout: Duration) -> io::Result<()> {
-        match self {
-            NetStream::Plain { tcp, .. } => tcp.set_read_timeout(Some(timeout)),
-            NetStream::Tls(s) => s.sock.set_read_timeout(Some(timeout)),
-            NetStream::Broken => Err(broken()),
-        }
-    }
-
-    fn start_tls(&mut self, timeout: Duration) -> Result<(), SendError> {
-        let (tcp, setup) = match std::mem::replace(self, NetStream::Broken) {
-            NetStream::Plain {
-                tcp,
-                tls: Some(setup),
-            } => (tcp, setup),
-            other => {
-                *self = other;
-                return Err(SendError::Tls("TLS is not set up for this job".into()));
-            }
-        };
-        let name = match setup.name {
+/// The client side of a [`Stream`]: a TLS session for the job's server name, or for
+/// the peer's address when the host is not a DNS name (verification is off then).
+impl Upgrade for TlsSetup {
+    type Conn = ClientConnection;
+    type Side = rustls::client::ClientConnectionData;
+    fn connection(self, tcp: &TcpStream) -> io::Result<ClientConnection> {
+        let name = match self.name {
             Some(n) => n,
-            None => {
-                let peer = tcp.peer_addr().map_err(|err| SendError::Io {
-                    step: "the TLS handshake".into(),
-                    err,
-                })?;
-                ServerName::IpAddress(peer.ip().into())
-            }
+            None => ServerName::IpAddress(tcp.peer_addr()?.ip().into()),
         };
-        let conn =
-            ClientConnection::new(setup.config, name).map_err(|e| SendError::Tls(e.to_string()))?;
-        let mut s = StreamOwned::new(conn, tcp);
-        let deadline = Instant::now() + timeout;
-        while s.conn.is_handshaking() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let timed_out = || SendError::Timeout {
-                step: "the TLS handshake".into(),
-                after: timeout,
-            };
-            if left.is_zero() {
-                return Err(timed_out());
-            }
-            s.sock
-                .set_read_timeout(Some(left))
-                .map_err(|e| SendError::Tls(e.to_string()))?;
-            match s.conn.complete_io(&mut s.sock) {
-                Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                    return Err(timed_out())
-                }
-                Err(e) => return Err(SendError::Tls(e.to_string())),
-            }
-        }
-        log::debug!(
-            "client: TLS {:?} {:?}",
-            s.conn.protocol_version(),
-            s.conn.negotiated_cipher_suite().map(|c| c.suite())
-        );
-        *self = NetStream::Tls(Box::new(s));
-        Ok(())
-    }
-
-    fn close(&mut self) {
-        if let NetStream::Tls(s) = self {
-            s.conn.send_close_notify();
-            while s.conn.wants_write() {
-                if s.conn.write_tls(&mut s.sock).is_err() {
-                    break;
-                }
-            }
-        }
+        ClientConnection::new(self.config, name).map_err(io::Error::other)
     }
 }
+
+/// The client's stream: clear text, or TLS after STARTTLS.
+pub(crate) type NetStream = Stream<TlsSetup>;

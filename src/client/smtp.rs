@@ -1,24 +1,15 @@
 //! The client session (RFC 5321 §3, §4.1): greeting, EHLO/HELO, STARTTLS, one
-//! transaction, QUIT. Generic over [`Wire`] so that unit tests can script a server in
+//! transaction, QUIT. Generic over [`Transport`] so that unit tests can script a server in
 //! memory; `net` supplies the TCP/TLS stream.
 
 use super::job::{Job, Pipelining, StartTls};
 use super::reply::{parse_reply, ServerReply};
 use super::report::DeliveryStatus;
 use super::SendError;
+use crate::connection::Transport;
 use crate::protocol::data::dot_stuff;
-use std::io::{self, ErrorKind, Read, Write};
+use std::io::{self, ErrorKind};
 use std::time::{Duration, Instant};
-
-/// A byte stream the session can bound in time and upgrade to TLS.
-pub(crate) trait Wire: Read + Write {
-    /// Bounds the next blocking read (never called with zero).
-    fn set_read_timeout(&mut self, timeout: Duration) -> io::Result<()>;
-    /// Runs the client side of the TLS handshake in place (RFC 3207), within `timeout`.
-    fn start_tls(&mut self, timeout: Duration) -> Result<(), SendError>;
-    /// Ends the stream politely (TLS close_notify); errors do not matter any more.
-    fn close(&mut self) {}
-}
 
 fn is_timeout(e: &io::Error) -> bool {
     matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
@@ -31,7 +22,7 @@ struct Conn<W> {
     timeout: Duration,
 }
 
-impl<W: Wire> Conn<W> {
+impl<W: Transport> Conn<W> {
     fn write(&mut self, bytes: &[u8], what: &str) -> Result<(), SendError> {
         let res = self.w.write_all(bytes).and_then(|()| self.w.flush());
         res.map_err(|err| {
@@ -79,7 +70,7 @@ impl<W: Wire> Conn<W> {
             }
             let read = self
                 .w
-                .set_read_timeout(left)
+                .set_read_timeout(Some(left))
                 .and_then(|()| self.w.read(&mut chunk));
             match read {
                 Ok(0) => {
@@ -131,7 +122,28 @@ impl<W: Wire> Conn<W> {
         if self.write(b"QUIT\r\n", "QUIT").is_ok() {
             let _ = self.reply("the reply to QUIT");
         }
-        self.w.close();
+        // Dropping a TLS stream sends close_notify (RFC 8446 §6.1).
+    }
+}
+
+/// The handshake after `220` to STARTTLS, bounded as a whole by the reply timeout.
+fn start_tls<W: Transport>(c: &mut Conn<W>) -> Result<(), SendError> {
+    let started =
+        c.w.set_read_timeout(Some(c.timeout))
+            .and_then(|()| c.w.start_tls());
+    match started {
+        Ok(info) => {
+            log::debug!("client: TLS {} {}", info.version, info.cipher);
+            Ok(())
+        }
+        Err(e) if is_timeout(&e) => Err(SendError::Timeout {
+            step: "the TLS handshake".into(),
+            after: c.timeout,
+        }),
+        Err(e) if e.kind() == ErrorKind::Unsupported => {
+            Err(SendError::Tls("TLS is not set up for this job".into()))
+        }
+        Err(e) => Err(SendError::Tls(e.to_string())),
     }
 }
 
@@ -182,7 +194,7 @@ fn wire_size(m: &[u8]) -> usize {
 }
 
 /// Runs the whole session on a connected stream.
-pub(crate) fn run<W: Wire>(job: &Job, w: W) -> Result<Vec<DeliveryStatus>, SendError> {
+pub(crate) fn run<W: Transport>(job: &Job, w: W) -> Result<Vec<DeliveryStatus>, SendError> {
     let mut c = Conn {
         w,
         buf: Vec::new(),
@@ -206,7 +218,7 @@ pub(crate) fn run<W: Wire>(job: &Job, w: W) -> Result<Vec<DeliveryStatus>, SendE
                     // CVE-2011-0411).
                     return Err(SendError::TlsInjection);
                 }
-                c.w.start_tls(c.timeout)?;
+                start_tls(&mut c)?;
                 // RFC 3207 §4.2: discard all knowledge from before TLS and EHLO again.
                 ext = hello(job, &mut c)?;
             } else if job.starttls == StartTls::Require {
@@ -244,7 +256,7 @@ pub(crate) fn run<W: Wire>(job: &Job, w: W) -> Result<Vec<DeliveryStatus>, SendE
 
 /// EHLO, or HELO when the server does not know EHLO (RFC 5321 §3.2: it answers 5xx,
 /// typically 500 or 502). HELO means no extensions.
-fn hello<W: Wire>(job: &Job, c: &mut Conn<W>) -> Result<Ext, SendError> {
+fn hello<W: Transport>(job: &Job, c: &mut Conn<W>) -> Result<Ext, SendError> {
     let r = c.cmd(&format!("EHLO {}", job.helo), "EHLO")?;
     if r.is_ok() {
         return Ok(Ext::parse(&r));
@@ -268,7 +280,7 @@ fn hello<W: Wire>(job: &Job, c: &mut Conn<W>) -> Result<Ext, SendError> {
 }
 
 /// MAIL, RCPT for each recipient, DATA and the message; the report per recipient.
-fn transaction<W: Wire>(
+fn transaction<W: Transport>(
     job: &Job,
     c: &mut Conn<W>,
     ext: Ext,
@@ -376,7 +388,9 @@ fn transaction<W: Wire>(
 mod tests {
     use super::super::report::Status;
     use super::*;
+    use crate::hooks::TlsInfo;
     use std::collections::VecDeque;
+    use std::io::{Read, Write};
 
     /// A scripted server: each read returns the next chunk; everything written is kept.
     struct Mock {
@@ -421,14 +435,17 @@ mod tests {
         }
     }
 
-    impl Wire for &mut Mock {
-        fn set_read_timeout(&mut self, t: Duration) -> io::Result<()> {
-            assert!(!t.is_zero());
+    impl Transport for &mut Mock {
+        fn set_read_timeout(&mut self, t: Option<Duration>) -> io::Result<()> {
+            assert!(t.is_some_and(|t| !t.is_zero()));
             Ok(())
         }
-        fn start_tls(&mut self, _: Duration) -> Result<(), SendError> {
+        fn start_tls(&mut self) -> io::Result<TlsInfo> {
             self.tls = true;
-            Ok(())
+            Ok(TlsInfo {
+                version: "TLSv1_3".into(),
+                cipher: "TLS13_AES_128_GCM_SHA256".into(),
+            })
         }
     }
 
