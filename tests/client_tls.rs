@@ -165,48 +165,21 @@ fn the_client_ends_its_tls_session_with_close_notify() {
 
     // The server's side of the dialogue; returns what the final read saw.
     let server = std::thread::spawn(move || {
-        let (mut tcp, _) = listener.accept().unwrap();
+        let (tcp, _) = listener.accept().unwrap();
         tcp.set_read_timeout(Some(WAIT)).unwrap();
-        let mut clear = BufReader::new(tcp.try_clone().unwrap());
-        let mut line = String::new();
-        let mut expect = |r: &mut BufReader<std::net::TcpStream>,
-                          w: &mut std::net::TcpStream,
-                          starts: &str,
-                          reply: &str| {
-            line.clear();
-            r.read_line(&mut line).unwrap();
-            assert!(line.starts_with(starts), "expected {starts}, got {line:?}");
-            w.write_all(reply.as_bytes()).unwrap();
-        };
-        tcp.write_all(b"220 scripted.test ESMTP\r\n").unwrap();
-        expect(
-            &mut clear,
-            &mut tcp,
-            "EHLO",
-            "250-scripted.test\r\n250 STARTTLS\r\n",
-        );
-        expect(
-            &mut clear,
-            &mut tcp,
-            "STARTTLS",
-            "220 2.0.0 Ready to start TLS\r\n",
-        );
+        let mut clear = BufReader::new(tcp);
+        clear
+            .get_mut()
+            .write_all(b"220 scripted.test ESMTP\r\n")
+            .unwrap();
+        step(&mut clear, "EHLO", "250-scripted.test\r\n250 STARTTLS\r\n");
+        step(&mut clear, "STARTTLS", "220 2.0.0 Ready to start TLS\r\n");
         let conn = rustls::ServerConnection::new(std::sync::Arc::new(cfg)).unwrap();
-        let mut tls = BufReader::new(rustls::StreamOwned::new(conn, tcp));
-        let mut say = |tls: &mut BufReader<
-            rustls::StreamOwned<rustls::ServerConnection, std::net::TcpStream>,
-        >,
-                       starts: &str,
-                       reply: &str| {
-            let mut line = String::new();
-            tls.read_line(&mut line).unwrap();
-            assert!(line.starts_with(starts), "expected {starts}, got {line:?}");
-            tls.get_mut().write_all(reply.as_bytes()).unwrap();
-        };
-        say(&mut tls, "EHLO", "250 scripted.test\r\n");
-        say(&mut tls, "MAIL FROM:<foo@bar.test>", "250 2.1.0 Ok\r\n");
-        say(&mut tls, "RCPT TO:<a@x.test>", "250 2.1.5 Ok\r\n");
-        say(&mut tls, "DATA", "354 End data with <CR><LF>.<CR><LF>\r\n");
+        let mut tls = BufReader::new(rustls::StreamOwned::new(conn, clear.into_inner()));
+        step(&mut tls, "EHLO", "250 scripted.test\r\n");
+        step(&mut tls, "MAIL FROM:<foo@bar.test>", "250 2.1.0 Ok\r\n");
+        step(&mut tls, "RCPT TO:<a@x.test>", "250 2.1.5 Ok\r\n");
+        step(&mut tls, "DATA", "354 End data with <CR><LF>.<CR><LF>\r\n");
         loop {
             let mut line = String::new();
             assert!(tls.read_line(&mut line).unwrap() > 0, "the message ends");
@@ -217,7 +190,7 @@ fn the_client_ends_its_tls_session_with_close_notify() {
         tls.get_mut()
             .write_all(b"250 2.0.0 Ok: queued as X1\r\n")
             .unwrap();
-        say(&mut tls, "QUIT", "221 2.0.0 Bye\r\n");
+        step(&mut tls, "QUIT", "221 2.0.0 Bye\r\n");
         let mut rest = Vec::new();
         tls.read_to_end(&mut rest).map(|_| rest)
     });
@@ -241,4 +214,17 @@ fn the_client_ends_its_tls_session_with_close_notify() {
         Ok(Vec::new()),
         "a clean TLS close after QUIT (close_notify), nothing more"
     );
+}
+
+/// One line of a scripted server: the client's line starts with `starts`; `reply` answers.
+fn step<S: std::io::Read + std::io::Write>(
+    s: &mut std::io::BufReader<S>,
+    starts: &str,
+    reply: &str,
+) {
+    use std::io::BufRead;
+    let mut line = String::new();
+    s.read_line(&mut line).unwrap();
+    assert!(line.starts_with(starts), "expected {starts}, got {line:?}");
+    s.get_mut().write_all(reply.as_bytes()).unwrap();
 }
