@@ -3,7 +3,7 @@
 //! per client. The PLAIN/LOGIN decoding lives in `protocol/sasl.rs`.
 
 use crate::config::{AuthConfig, User};
-pub use crate::protocol::sasl::{respond, start, AuthStep, Authenticator, Exchange};
+pub use crate::protocol::sasl::Authenticator;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
 use std::collections::{HashMap, VecDeque};
@@ -17,9 +17,12 @@ use std::time::{Duration, Instant};
 pub enum AuthError {
     /// The user's `password_hash` is not an argon2 PHC string.
     BadHash {
+        /// The account.
         user: String,
+        /// What the PHC parser said.
         reason: String,
     },
+    /// Two accounts with one name.
     DuplicateUser(String),
 }
 

@@ -33,6 +33,7 @@ pub fn escape_log(s: &str) -> Cow<'_, str> {
 
 /// Like [`escape_log`] for bytes that may not be UTF-8 (a raw command line): valid
 /// UTF-8 runs are escaped as text, every invalid byte becomes `\xNN`.
+#[cfg(any(test, feature = "testing"))]
 pub fn escape_log_bytes(b: &[u8]) -> Cow<'_, str> {
     match std::str::from_utf8(b) {
         Ok(s) => escape_log(s),

@@ -363,11 +363,6 @@ impl Maps {
             .collect()
     }
 
-    /// The mailbox domains, in lower-case `xn--` form.
-    pub fn domains(&self) -> impl Iterator<Item = &str> {
-        self.domains.iter().map(String::as_str)
-    }
-
     fn mailbox(&self, k: &Key) -> Dest {
         Dest::Mailbox {
             address: k.address(),

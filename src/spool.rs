@@ -270,6 +270,7 @@ pub struct SpoolStats {
 impl Maildir {
     /// Opens (creating if needed) the Maildir at `dir`, clears debris from `tmp/` (invariant 1) and starts
     /// the writer thread. Join the handle after dropping every clone of the store.
+    #[cfg(any(test, feature = "testing"))]
     pub fn open(
         dir: &Path,
         hostname: &str,
@@ -280,6 +281,7 @@ impl Maildir {
     }
 
     /// [`open`](Self::open) with a fault injector (tests).
+    #[cfg(any(test, feature = "testing"))]
     pub fn open_with_faults(
         dir: &Path,
         hostname: &str,
@@ -1015,7 +1017,7 @@ mod probe {
     use std::sync::Mutex;
 
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    pub enum Event {
+    pub(super) enum Event {
         /// The message file's fsync returned (key: the file name).
         FileSynced,
         /// The writer renamed it into new/.
@@ -1027,9 +1029,9 @@ mod probe {
         Acked,
     }
 
-    pub static EVENTS: Mutex<Vec<(Event, String)>> = Mutex::new(Vec::new());
+    pub(super) static EVENTS: Mutex<Vec<(Event, String)>> = Mutex::new(Vec::new());
 
-    pub fn record(event: Event, key: &str) {
+    pub(super) fn record(event: Event, key: &str) {
         EVENTS
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -22,22 +22,34 @@ use std::time::{Duration, Instant};
 /// A certificate or key that cannot be used.
 #[derive(Debug)]
 pub enum TlsError {
+    /// A file could not be read.
     Read {
+        /// The file.
         path: PathBuf,
+        /// Why.
         err: io::Error,
     },
+    /// The certificate file holds no certificate.
     NoCertificate(PathBuf),
+    /// The key file holds no private key.
     NoKey(PathBuf),
+    /// A file is not valid PEM.
     BadPem {
+        /// The file.
         path: PathBuf,
+        /// The PEM parser's error.
         err: String,
     },
     /// The key does not belong to the certificate, or is of an unsupported type.
     Mismatch {
+        /// The certificate file.
         cert: PathBuf,
+        /// The key file.
         key: PathBuf,
+        /// What rustls said.
         err: String,
     },
+    /// rustls refused the resulting configuration.
     Config(String),
 }
 

@@ -1,116 +1,15 @@
-//! Shared pieces of the fuzz targets: an in-memory [`Transport`] that serves the fuzz
-//! bytes in arbitrary-sized reads, a [`Store`] that records messages, a session
-//! runner, and checkers for the server's output.
+//! Shared pieces of the fuzz targets: the knobs a fuzz input chooses, a session runner
+//! over the crate's own in-memory transport and store (`mailer::testing`), and checkers
+//! for the server's output.
 //!
 //! Every checker panics (which libFuzzer reports as a crash) when a property fails.
 
-use mailer::auth::Authenticator;
-use mailer::connection::{Connection, End, Forever, Transport, WireLimits};
-use mailer::hooks::{NoHooks, SessionInfo, TlsInfo};
+use mailer::connection::End;
 use mailer::protocol::data::{BareLf, DataReader};
-use mailer::session::{AuthSettings, Session, Settings};
-use mailer::spool::{MessageWriter, Store, StoreError};
-use std::io::{self, Read, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use mailer::testing::{Mem, OneUser};
+use std::sync::Arc;
 
-/// A tiny deterministic PRNG (xorshift64*), so read sizes come from the fuzz input.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed ^ 0x9E37_79B9_7F4A_7C15 | 1)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    /// A number in `1..=max`.
-    pub fn size(&mut self, max: usize) -> usize {
-        1 + (self.next_u64() % max.max(1) as u64) as usize
-    }
-}
-
-/// What the fake TLS handshake does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FakeTls {
-    /// `start_tls` fails (the connection ends).
-    Fail,
-    /// `start_tls` "succeeds" and the stream goes on in clear, so the session after a
-    /// handshake is explored too.
-    Succeed,
-}
-
-/// Serves `input` in reads of pseudo-random size `1..=max_piece`; records writes.
-pub struct MemTransport {
-    input: Vec<u8>,
-    pos: usize,
-    rng: Rng,
-    max_piece: usize,
-    pub out: Vec<u8>,
-    tls: FakeTls,
-    /// Input offset and output length at each `start_tls` call.
-    pub handshakes: Vec<(usize, usize)>,
-}
-
-impl MemTransport {
-    pub fn new(input: Vec<u8>, seed: u64, max_piece: usize, tls: FakeTls) -> MemTransport {
-        MemTransport {
-            input,
-            pos: 0,
-            rng: Rng::new(seed),
-            max_piece: max_piece.max(1),
-            out: Vec::new(),
-            tls,
-            handshakes: Vec::new(),
-        }
-    }
-    /// How many input bytes the server has read.
-    pub fn consumed(&self) -> usize {
-        self.pos
-    }
-}
-
-impl Read for MemTransport {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = self.input.len() - self.pos;
-        let n = self.rng.size(self.max_piece).min(left).min(buf.len());
-        buf[..n].copy_from_slice(&self.input[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
-    }
-}
-
-impl Write for MemTransport {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.out.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Transport for MemTransport {
-    fn set_read_timeout(&mut self, _timeout: Option<Duration>) -> io::Result<()> {
-        Ok(())
-    }
-    fn start_tls(&mut self) -> io::Result<TlsInfo> {
-        self.handshakes.push((self.pos, self.out.len()));
-        match self.tls {
-            FakeTls::Fail => Err(io::Error::new(io::ErrorKind::InvalidData, "no TLS here")),
-            FakeTls::Succeed => Ok(TlsInfo {
-                version: "TLSv1_3".into(),
-                cipher: "FAKE".into(),
-            }),
-        }
-    }
-}
+pub use mailer::testing::FakeTls;
 
 /// One committed message: queue id and the bytes written (trace headers + content).
 #[derive(Clone, Debug)]
@@ -119,70 +18,10 @@ pub struct Stored {
     pub bytes: Vec<u8>,
 }
 
-/// A [`Store`] keeping committed messages in memory; ids are `Q1`, `Q2`, …
-#[derive(Default)]
-pub struct MemStore {
-    next: AtomicU64,
-    committed: Arc<Mutex<Vec<Stored>>>,
-}
-
-impl MemStore {
-    /// The committed messages, in commit order.
-    pub fn messages(&self) -> Vec<Stored> {
-        self.committed.lock().unwrap().clone()
-    }
-}
-
-impl Store for MemStore {
-    fn begin(&self) -> Result<Box<dyn MessageWriter>, StoreError> {
-        let n = self.next.fetch_add(1, Ordering::Relaxed) + 1;
-        Ok(Box::new(MemMessage {
-            id: format!("Q{n}"),
-            bytes: Vec::new(),
-            committed: Arc::clone(&self.committed),
-        }))
-    }
-}
-
-/// A message being written; dropped without commit, it vanishes.
-struct MemMessage {
-    id: String,
-    bytes: Vec<u8>,
-    committed: Arc<Mutex<Vec<Stored>>>,
-}
-
-impl Write for MemMessage {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.bytes.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl MessageWriter for MemMessage {
-    fn queue_id(&self) -> &str {
-        &self.id
-    }
-    fn commit(self: Box<Self>) -> Result<(), StoreError> {
-        let MemMessage {
-            id,
-            bytes,
-            committed,
-        } = *self;
-        committed.lock().unwrap().push(Stored { id, bytes });
-        Ok(())
-    }
-}
-
-/// Accepts exactly alice / secret.
-pub struct OneUser;
-
-impl Authenticator for OneUser {
-    fn verify(&self, user: &str, password: &[u8]) -> bool {
-        user == "alice" && password == b"secret"
-    }
+/// What the transport saw of the session.
+pub struct Transcript {
+    /// Input offset and output length at each `start_tls` call.
+    pub handshakes: Vec<(usize, usize)>,
 }
 
 /// The knobs a fuzz input chooses.
@@ -232,51 +71,37 @@ pub struct Run {
     /// Everything the server wrote.
     pub out: Vec<u8>,
     pub stored: Vec<Stored>,
-    pub transport: MemTransport,
+    pub transport: Transcript,
 }
 
 /// Runs a whole session over `input` with the given knobs.
 pub fn run_session(input: &[u8], k: &Knobs) -> Run {
-    let settings = Arc::new(Settings {
-        hostname: "mx.test".into(),
+    let mem = Mem {
         max_message_size: k.max_message_size,
         max_recipients: k.max_recipients,
         max_errors: k.max_errors,
-        tls_available: k.tls_available,
-        require_tls: false,
-        auth: k.auth.then(|| AuthSettings {
-            allow_plaintext: true,
-            authenticator: Arc::new(OneUser),
-        }),
-    });
-    let info = SessionInfo {
-        id: 1,
-        peer: "192.0.2.1:4000".parse().unwrap(),
-        tls: None,
-        auth_user: None,
-        helo: None,
-        local: "192.0.2.2:25".parse().unwrap(),
-        auth_mechanism: None,
-    };
-    let session = Session::new(settings, Arc::new(NoHooks), info);
-    let limits = WireLimits {
         max_line_length: k.max_line_length,
-        max_message_size: k.max_message_size,
         bare_lf: k.bare_lf,
-        command_timeout: Duration::from_secs(300),
-        data_timeout: Duration::from_secs(300),
-        min_data_rate: 0,
+        random_reads: Some((k.seed, k.max_piece)),
+        peer: "192.0.2.1:4000".parse().expect("a literal address"),
+        starttls: k.tls_available.then_some(k.tls),
+        auth: k
+            .auth
+            .then(|| Arc::new(OneUser("alice", "secret")) as Arc<dyn mailer::auth::Authenticator>),
+        ..Mem::default()
     };
-    let store = MemStore::default();
-    let t = MemTransport::new(input.to_vec(), k.seed, k.max_piece, k.tls);
-    let mut conn = Connection::new(t, session, &store, &Forever, limits, false);
-    let end = conn.run();
-    let transport = conn.into_transport();
+    let run = mem.run(input);
     Run {
-        end,
-        out: transport.out.clone(),
-        stored: store.messages(),
-        transport,
+        end: run.end,
+        out: run.output,
+        stored: run
+            .stored
+            .into_iter()
+            .map(|(id, bytes)| Stored { id, bytes })
+            .collect(),
+        transport: Transcript {
+            handshakes: run.handshakes,
+        },
     }
 }
 

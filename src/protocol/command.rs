@@ -9,7 +9,9 @@ use super::reply::{Enhanced, Reply};
 /// The `BODY=` value of MAIL (RFC 6152).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Body {
+    /// `7BIT`: plain ASCII.
     SevenBit,
+    /// `8BITMIME`: octets above 127 in the content.
     EightBitMime,
 }
 
@@ -17,8 +19,11 @@ pub enum Body {
 /// SMTPUTF8 (RFC 6531) and AUTH (RFC 4954 §5).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MailParams {
+    /// `SIZE=`: the client's estimate of the message size in octets.
     pub size: Option<u64>,
+    /// `BODY=`: the content's type.
     pub body: Option<Body>,
+    /// `SMTPUTF8`: addresses or headers may be UTF-8.
     pub smtputf8: bool,
     /// The `AUTH=` identity as sent (xtext, or `<>`); informational only.
     pub auth: Option<String>,

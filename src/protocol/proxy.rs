@@ -271,6 +271,7 @@ fn v2(buf: &[u8]) -> Parse {
 /// Builds a v2 header (for clients, tests and tools): `PROXY` with the given
 /// addresses (both of one family), or `LOCAL` when `addrs` is `None`; `tlvs` are
 /// appended as they are.
+#[cfg(any(test, feature = "testing"))]
 pub fn v2_header(addrs: Option<(SocketAddr, SocketAddr)>, tlvs: &[u8]) -> Vec<u8> {
     let mut h = V2_SIGNATURE.to_vec();
     let mut body = Vec::new();

@@ -3,8 +3,6 @@
 //! to read the spool. Every wait is bounded.
 #![allow(dead_code)]
 
-/// In-memory sessions (no sockets): see `memory.rs`.
-pub mod memory;
 /// The real binary as a child process: see `process.rs`.
 pub mod process;
 
