@@ -4,6 +4,7 @@
 //!
 //! Every checker panics (which libFuzzer reports as a crash) when a property fails.
 
+use mailer::client::parse_reply;
 use mailer::connection::End;
 use mailer::protocol::data::{BareLf, DataReader};
 use mailer::testing::{Mem, OneUser};
@@ -126,54 +127,49 @@ impl WireReply {
     }
 }
 
-/// Splits the server's output into replies, asserting that every line matches
-/// `^\d{3}[ -]`, ends in CRLF, carries no other CR or LF, and that continuation lines
-/// share their reply's code (RFC 5321 §4.2.1).
+/// Splits the server's output into replies with the library's parser
+/// (`mailer::client::parse_reply`), asserting that every line matches `^[2-5]\d\d[ -]`,
+/// ends in CRLF, carries no other CR or LF, and that continuation lines share their
+/// reply's code (RFC 5321 §4.2.1).
 pub fn parse_replies(out: &[u8]) -> Vec<WireReply> {
     assert!(
         out.is_empty() || out.ends_with(b"\r\n"),
         "output does not end in CRLF: {:?}",
         String::from_utf8_lossy(&out[out.len().saturating_sub(80)..])
     );
-    let mut replies = Vec::new();
-    let mut cur: Option<WireReply> = None;
-    let mut rest = out;
-    while !rest.is_empty() {
-        let end = rest
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .expect("checked: ends in CRLF");
-        let line = &rest[..end];
-        rest = &rest[end + 2..];
+    let mut lines = out.split(|&b| b == b'\n');
+    // The piece after the final LF is empty (checked above).
+    lines.next_back();
+    for line in lines {
+        let line = line
+            .strip_suffix(b"\r")
+            .unwrap_or_else(|| panic!("bare LF in a reply: {:?}", String::from_utf8_lossy(line)));
         assert!(
-            !line.contains(&b'\r') && !line.contains(&b'\n'),
-            "bare CR or LF inside a reply line: {:?}",
+            !line.contains(&b'\r'),
+            "bare CR inside a reply line: {:?}",
             String::from_utf8_lossy(line)
         );
         assert!(
-            line.len() >= 4
-                && line[..3].iter().all(u8::is_ascii_digit)
-                && (line[3] == b' ' || line[3] == b'-'),
+            line.len() >= 4,
             "not an SMTP reply line: {:?}",
             String::from_utf8_lossy(line)
         );
-        assert!(
-            line[0] >= b'2' && line[0] <= b'5',
-            "bad reply class: {line:?}"
-        );
-        let code: u16 = std::str::from_utf8(&line[..3]).unwrap().parse().unwrap();
-        let text = String::from_utf8_lossy(&line[4..]).into_owned();
-        let r = cur.get_or_insert_with(|| WireReply {
-            code,
-            lines: Vec::new(),
-        });
-        assert_eq!(r.code, code, "continuation with another code: {line:?}");
-        r.lines.push(text);
-        if line[3] == b' ' {
-            replies.push(cur.take().unwrap());
+    }
+    let mut replies = Vec::new();
+    let mut rest = out;
+    while !rest.is_empty() {
+        match parse_reply(rest) {
+            Ok(Some((r, n))) => {
+                replies.push(WireReply {
+                    code: r.code,
+                    lines: r.texts().map(str::to_string).collect(),
+                });
+                rest = &rest[n..];
+            }
+            Ok(None) => panic!("multi-line reply without its last line"),
+            Err(e) => panic!("not an SMTP reply: {e}"),
         }
     }
-    assert!(cur.is_none(), "multi-line reply without its last line");
     replies
 }
 

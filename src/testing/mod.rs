@@ -27,9 +27,51 @@ use crate::connection::{Connection, End, Forever, WireLimits};
 use crate::hooks::{Hooks, NoHooks, SessionInfo, TlsInfo};
 use crate::protocol::data::BareLf;
 use crate::session::{AuthSettings, Session, Settings};
+use std::io::{self, BufRead, Read};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Reads one reply from a live connection with the client's parser, insisting that
+/// every line ends in CRLF, as a server must send it (RFC 5321 §2.3.8). Returns the
+/// reply and its wire text, CRLFs included.
+///
+/// # Errors
+/// The reader's errors; `UnexpectedEof` (naming what arrived) when the stream ends
+/// inside the reply; `InvalidData` for a line without CRLF or a malformed reply.
+pub fn read_wire_reply<R: BufRead>(r: &mut R) -> io::Result<(ServerReply, String)> {
+    let mut wire = Vec::new();
+    loop {
+        let limit = (crate::client::reply::MAX_LINE + 1) as u64;
+        let n = Read::take(&mut *r, limit).read_until(b'\n', &mut wire)?;
+        let text = || String::from_utf8_lossy(&wire).into_owned();
+        if n == 0 {
+            let got = text();
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("the connection closed while waiting for a reply; got {got:?}"),
+            ));
+        }
+        if !wire.ends_with(b"\r\n") {
+            let got = text();
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("reply line without CRLF: {got:?}"),
+            ));
+        }
+        match parse_reply(&wire) {
+            Ok(Some((reply, _))) => return Ok((reply, text())),
+            Ok(None) => {}
+            Err(e) => {
+                let got = text();
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{e}: {got:?}"),
+                ));
+            }
+        }
+    }
+}
 
 /// An authenticator with one user and password, compared in the clear (no argon2 cost).
 pub struct OneUser(pub &'static str, pub &'static str);
