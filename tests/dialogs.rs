@@ -21,6 +21,9 @@
 //! | `@closed` | the server closes the connection now |
 //! | `@stored N` | `new/` holds exactly N messages |
 //! | `@content bytes` | the newest stored message, after the trace headers, is exactly these bytes |
+//! | `@store-fails full` | storing fails as on a full disk (ENOSPC when the file is created) |
+//! | `@store-fails io` | storing fails with an I/O error (EIO when the message file is synced) |
+//! | `@shutdown` | the server is asked to stop now (TCP only) |
 //!
 //! In memory the client's bytes all arrive at once, as if pipelined, and the replies
 //! are matched afterwards. A script runs there too when its `@config` sets only keys
@@ -32,10 +35,32 @@ mod common;
 use common::{split_stored, wait_until, Client, Opts, TestServer};
 use mailer::config::BareLfPolicy;
 use mailer::hooks::Policy;
-use mailer::testing::{read_wire_reply, Mem, MemRun};
+use mailer::testing::{read_wire_reply, Fail, Faults, Mem, MemRun, Op};
 use mailer::Config;
+use rustix::io::Errno;
 use std::path::Path;
 use std::sync::Arc;
+
+/// A storage failure a script asks for.
+#[derive(Clone, Copy)]
+enum StoreFails {
+    /// Out of space when the message file is created: 452 4.3.1.
+    Full,
+    /// An I/O error when the message is made durable: 451 4.3.0.
+    Io,
+}
+
+/// Fails one storage step with one errno (the TCP server's `@store-fails`).
+struct FailAt(Op, Errno);
+
+impl Faults for FailAt {
+    fn before(&self, op: Op) -> std::io::Result<()> {
+        if op == self.0 {
+            return Err(std::io::Error::from_raw_os_error(self.1.raw_os_error()));
+        }
+        Ok(())
+    }
+}
 
 /// A parsed script: the server's configuration and the steps, each with its position.
 struct Script {
@@ -43,6 +68,8 @@ struct Script {
     opts: Opts,
     /// Why the script cannot run in memory, if it cannot.
     tcp_only: Option<String>,
+    /// `@store-fails`: where the store fails.
+    store_fails: Option<StoreFails>,
     steps: Vec<(String, String)>,
 }
 
@@ -82,6 +109,7 @@ fn parse(path: &Path) -> Script {
     let text = std::fs::read_to_string(path).unwrap();
     let mut opts = Opts::default();
     let mut tcp_only = None;
+    let mut store_fails = None;
     let mut steps = Vec::new();
     let mut in_config = false;
     for (n, l) in text.lines().enumerate() {
@@ -106,18 +134,32 @@ fn parse(path: &Path) -> Script {
             opts.tls_extra.push_str(v);
             opts.tls_extra.push('\n');
             tcp_only = Some("@tls-extra".to_string());
+        } else if let Some(v) = l.strip_prefix("@store-fails ") {
+            store_fails = Some(match v.trim() {
+                "full" => StoreFails::Full,
+                "io" => StoreFails::Io,
+                _ => panic!("{at}: @store-fails full|io"),
+            });
         } else if !(l.trim().is_empty() || l.starts_with('#')) {
-            if l == "@starttls" {
-                tcp_only = Some("@starttls".to_string());
+            if l == "@starttls" || l == "@shutdown" {
+                tcp_only = Some(l.to_string());
             }
             steps.push((at, l.to_string()));
         }
     }
     assert!(!in_config, "{name}: @config without @end");
+    if let Some(f) = store_fails {
+        let faults = Arc::new(match f {
+            StoreFails::Full => FailAt(Op::Create, Errno::NOSPC),
+            StoreFails::Io => FailAt(Op::SyncFile, Errno::IO),
+        });
+        opts.hooks = Some(Box::new(move |b| b.spool_faults(faults)));
+    }
     Script {
         name,
         opts,
         tcp_only,
+        store_fails,
         steps,
     }
 }
@@ -150,6 +192,8 @@ fn play_tcp(script: Script) {
             assert_eq!(got.to_string(), code.trim(), "{at}: reply {all:?}");
         } else if step == "@starttls" {
             c.upgrade(server.tls_client_config());
+        } else if step == "@shutdown" {
+            server.handle.shutdown();
         } else if step == "@closed" {
             assert!(c.is_closed(), "{at}: the connection is still open");
         } else if let Some(n) = step.strip_prefix("@stored ") {
@@ -225,6 +269,11 @@ fn memory_session(script: &Script) -> Result<Mem, String> {
         },
         // The server's own `[policy]` hook, as `Server::builder` installs it.
         hooks: Arc::new(Policy::new(&cfg.policy.accept_domains)),
+        fail: match script.store_fails {
+            None => Fail::Never,
+            Some(StoreFails::Full) => Fail::Begin,
+            Some(StoreFails::Io) => Fail::Commit,
+        },
         ..Mem::default()
     })
 }
