@@ -302,7 +302,7 @@ pub struct User {
 }
 
 /// `[mailboxes]` (SPEC 8): recipients validated at RCPT and delivered per mailbox.
-/// The maps themselves are built and checked by [`crate::mailboxes`].
+/// The maps themselves are built and checked by the crate's `mailboxes` module.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct MailboxesConfig {

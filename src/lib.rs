@@ -1,10 +1,24 @@
 //! `mailer`: a mail-receiving SMTP server with a durable Maildir spool, and a small
 //! SMTP client. No async runtime: a fixed pool of threads runs blocking sessions.
 //!
-//! The core is sans-IO: [`protocol`] (parsing, replies, the DATA reader) and
-//! [`session`] (the state machine) never touch a socket or a file. The edges are
-//! [`connection`] (drives a session over a stream), [`server`] (listeners, pool,
-//! shutdown), [`tls`], [`spool`] and [`client`].
+//! The public API is what an embedder needs (the README's Library section shows it in
+//! use):
+//!
+//! - [`Server`], built from a [`Config`] by a [`ServerBuilder`] and stopped through its
+//!   [`Handle`]; [`StatsSnapshot`] is what the handle reports.
+//! - [`hooks`]: the session events an embedder may refuse or watch, with [`Reply`] and
+//!   [`Enhanced`] (RFC 3463) for the answer and [`protocol::address`] for the typed
+//!   RFC 5321 paths; [`prelude`] gathers the usual names.
+//! - [`Router`] and [`Mailbox`]: where accepted recipients are delivered.
+//! - [`client`]: sending one message (`mailer send`), with a reply parser of its own.
+//! - [`hash_password`]: the argon2id hashes `[auth] users` holds (RFC 9106).
+//! - [`cli`]: the `mailer` command line, which the binary only calls.
+//!
+//! Inside, the protocol core is sans-IO (parsing, replies, the DATA reader and the
+//! session state machine never touch a socket or a file); the edges drive it over
+//! sockets, TLS and the Maildir spool. Those modules are crate-private; the `testing`
+//! feature opens them, and adds the `testing` module's in-memory scaffolding, for
+//! this crate's own tests and fuzz targets only.
 //!
 //! ```no_run
 //! use mailer::{Config, Server, hooks::{Hooks, SessionInfo}, Reply};

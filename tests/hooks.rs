@@ -5,11 +5,11 @@
 //! its own session.
 mod common;
 use common::*;
+use mailer::hooks::MailParams;
 use mailer::hooks::{
     Chain, DataVerdict, Envelope, Header, Hooks, Policy, SessionError, SessionInfo,
 };
 use mailer::protocol::address::{Address, ReversePath};
-use mailer::protocol::command::MailParams;
 use mailer::testing::{Mem, OneUser};
 use mailer::{Enhanced, Reply};
 use std::sync::{Arc, Mutex};

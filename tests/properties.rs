@@ -36,18 +36,7 @@ fn content() -> impl Strategy<Value = Vec<u8>> {
 /// last line without one (the client's `dot_stuff` does the same), then the trace
 /// guards (an empty line before leading white space, no incoming `Return-Path:`).
 fn normalise(content: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(content.len() + 8);
-    let mut prev = 0u8;
-    for &b in content {
-        if b == b'\n' && prev != b'\r' {
-            v.push(b'\r');
-        }
-        v.push(b);
-        prev = b;
-    }
-    if !v.is_empty() && !v.ends_with(b"\n") {
-        v.extend_from_slice(b"\r\n");
-    }
+    let v = mailer::testing::normalise(content);
     let mut f = mailer::delivery::ContentFilter::new();
     let mut out = Vec::new();
     f.push(&v, &mut out);

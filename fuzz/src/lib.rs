@@ -10,7 +10,7 @@ use mailer::protocol::data::{BareLf, DataReader};
 use mailer::testing::{Mem, OneUser};
 use std::sync::Arc;
 
-pub use mailer::testing::FakeTls;
+pub use mailer::testing::{normalise, FakeTls};
 
 /// One committed message: queue id and the bytes written (trace headers + content).
 #[derive(Clone, Debug)]
@@ -230,24 +230,6 @@ pub fn read_data(input: &[u8], max: u64, bare: BareLf) -> (Vec<u8>, usize, DataR
     let mut out = Vec::new();
     let n = r.feed(input, &mut out);
     (out, n, r)
-}
-
-/// CRLF-normalises content as the client side does before sending: a bare LF becomes
-/// CRLF, and a non-empty text that does not end in LF gets a final CRLF.
-pub fn normalise(content: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(content.len() + 8);
-    let mut prev = 0u8;
-    for &b in content {
-        if b == b'\n' && prev != b'\r' {
-            v.push(b'\r');
-        }
-        v.push(b);
-        prev = b;
-    }
-    if !v.is_empty() && !v.ends_with(b"\n") {
-        v.extend_from_slice(b"\r\n");
-    }
-    v
 }
 
 /// The stored form of received content (SPEC 5, invariant 11), written here apart from

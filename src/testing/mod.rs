@@ -73,6 +73,25 @@ pub fn read_wire_reply<R: BufRead>(r: &mut R) -> io::Result<(ServerReply, String
     }
 }
 
+/// CRLF-normalises content as the client side does before sending: a bare LF becomes
+/// CRLF, and a non-empty text that does not end in LF gets a final CRLF (the oracle
+/// the property tests and fuzz targets compare stored messages with).
+pub fn normalise(content: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(content.len() + 8);
+    let mut prev = 0u8;
+    for &b in content {
+        if b == b'\n' && prev != b'\r' {
+            v.push(b'\r');
+        }
+        v.push(b);
+        prev = b;
+    }
+    if !v.is_empty() && !v.ends_with(b"\n") {
+        v.extend_from_slice(b"\r\n");
+    }
+    v
+}
+
 /// An authenticator with one user and password, compared in the clear (no argon2 cost).
 pub struct OneUser(pub &'static str, pub &'static str);
 
