@@ -81,6 +81,7 @@ fn provider() -> Arc<CryptoProvider> {
 
 /// Loads a PEM chain and key (PKCS#8, PKCS#1 or SEC1; RSA, ECDSA, Ed25519) and checks
 /// that they belong together.
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
     let read = |p: &Path| {
         std::fs::read(p).map_err(|err| TlsError::Read {
@@ -123,7 +124,7 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsEr
 
 /// Serves the current certificate; a watcher swaps it when the files change.
 #[derive(Debug)]
-pub struct Reloading {
+pub(crate) struct Reloading {
     current: RwLock<Arc<CertifiedKey>>,
     /// The files as they were when `current` was first loaded.
     loaded: Fingerprint,
@@ -158,19 +159,19 @@ fn fingerprint(cert: &Path, key: &Path) -> Fingerprint {
 
 impl Reloading {
     /// Reads the certificate and key files again (SIGHUP), without installing them.
-    pub fn load_files(&self) -> Result<CertifiedKey, TlsError> {
+    pub(crate) fn load_files(&self) -> Result<CertifiedKey, TlsError> {
         load_certified_key(&self.cert, &self.key)
     }
 
     /// Serves `ck` from the next handshake on.
-    pub fn install(&self, ck: CertifiedKey) {
+    pub(crate) fn install(&self, ck: CertifiedKey) {
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ck);
         log::info!("tls: reloaded certificate {}", self.cert.display());
     }
 
     /// Polls the files every `every`; a broken new pair is logged and the old stays.
     /// The watcher ends when `stop` is set.
-    pub fn watch(self: &Arc<Self>, every: Duration, stop: Arc<AtomicBool>) {
+    pub(crate) fn watch(self: &Arc<Self>, every: Duration, stop: Arc<AtomicBool>) {
         let me = Arc::clone(self);
         let spawned = std::thread::Builder::new()
             .name("tls-reload".into())
@@ -201,7 +202,7 @@ impl Reloading {
 }
 
 /// Builds the server TLS config (TLS 1.2 and 1.3 only) with a reloading resolver.
-pub fn server_config(
+pub(crate) fn server_config(
     cert: &Path,
     key: &Path,
 ) -> Result<(Arc<ServerConfig>, Arc<Reloading>), TlsError> {
@@ -223,7 +224,7 @@ pub fn server_config(
 }
 
 /// A session's stream: plain TCP (maybe upgraded by STARTTLS) or TLS.
-pub enum Stream {
+pub(crate) enum Stream {
     Plain {
         tcp: TcpStream,
         tls: Option<Arc<ServerConfig>>,
@@ -235,7 +236,7 @@ pub enum Stream {
 
 impl Stream {
     /// An implicit-TLS connection (RFC 8314): handshake before anything else.
-    pub fn accept_tls(
+    pub(crate) fn accept_tls(
         tcp: TcpStream,
         cfg: Arc<ServerConfig>,
         timeout: Duration,
@@ -392,7 +393,7 @@ const CLOSE_NOTIFY_WAIT: Duration = Duration::from_secs(1);
 /// A TLS stream that sends close_notify when dropped (RFC 8446 §6.1: each side must
 /// send it before closing its write side), so clients can tell a clean end from a
 /// truncation attack.
-pub struct TlsStream(StreamOwned<ServerConnection, TcpStream>);
+pub(crate) struct TlsStream(StreamOwned<ServerConnection, TcpStream>);
 
 impl Drop for TlsStream {
     fn drop(&mut self) {

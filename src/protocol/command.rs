@@ -31,6 +31,7 @@ pub struct MailParams {
 
 /// One parsed command.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub enum Command {
     Helo(String),
     Ehlo(String),
@@ -65,6 +66,7 @@ fn bad_address(e: AddressError) -> Reply {
 }
 
 /// Parses a command line. `Err` holds the reply to send.
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub fn parse(line: &[u8]) -> Result<Command, Reply> {
     let line = std::str::from_utf8(line)
         .map_err(|_| Reply::new(500, Enhanced(5, 5, 2), "Error: command is not valid UTF-8"))?;
