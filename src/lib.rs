@@ -46,8 +46,9 @@
 
 /// Declares internal modules: crate-private in a normal build; public but hidden from
 /// the docs with the `testing` feature, so this crate's tests and fuzz targets reach
-/// them at their usual paths. Their `pub` items are that testing surface, which is why
-/// `unreachable_pub` is allowed on them in a normal build.
+/// them at their usual paths. Inside them an item is `pub(crate)` unless the tests
+/// use it; those few are `pub` and carry
+/// `cfg_attr(not(feature = "testing"), allow(unreachable_pub))`.
 macro_rules! internal {
     ($($(#[$attr:meta])* $name:ident;)*) => {$(
         $(#[$attr])*
