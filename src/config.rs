@@ -60,7 +60,14 @@ impl fmt::Display for ConfigError {
     }
 }
 
-impl std::error::Error for ConfigError {}
+impl std::error::Error for ConfigError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ConfigError::Read { err, .. } => Some(err),
+            ConfigError::Parse { .. } | ConfigError::Invalid { .. } => None,
+        }
+    }
+}
 
 /// The whole configuration file.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -726,6 +733,14 @@ fn line_of_key(text: &str, dotted: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_read_error_keeps_its_io_source() {
+        use std::error::Error as _;
+        let err = Config::load(Path::new("/nonexistent/mailer.toml")).unwrap_err();
+        let io = err.source().and_then(|s| s.downcast_ref::<std::io::Error>());
+        assert_eq!(io.map(std::io::Error::kind), Some(std::io::ErrorKind::NotFound));
+    }
 
     fn parse(s: &str) -> Result<Config, ConfigError> {
         Config::from_toml(s, Path::new("t.toml"))

@@ -175,7 +175,18 @@ impl fmt::Display for SendError {
     }
 }
 
-impl std::error::Error for SendError {}
+impl std::error::Error for SendError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            SendError::BadJob(e) => Some(e),
+            SendError::Io { err, .. } => Some(err),
+            SendError::Protocol { err, .. } => Some(err),
+            // The last address tried.
+            SendError::Connect { errors } => errors.last().map(|(_, e)| e as _),
+            _ => None,
+        }
+    }
+}
 
 /// Delivers `job` and reports the outcome. Never panics on any server behaviour;
 /// every wait is bounded by `job.connection_timeout` (DNS and connect included).

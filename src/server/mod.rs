@@ -117,7 +117,17 @@ impl fmt::Display for ServerError {
     }
 }
 
-impl std::error::Error for ServerError {}
+impl std::error::Error for ServerError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ServerError::Tls(e) => Some(e),
+            ServerError::Auth(e) => Some(e),
+            ServerError::Spool { err, .. } | ServerError::Bind { err, .. } => Some(err),
+            ServerError::Thread(e) => Some(e),
+            ServerError::Mailboxes(_) | ServerError::Config { .. } | ServerError::Milter(_) => None,
+        }
+    }
+}
 
 /// The log target of every line the server's parts write: the one `server.rs` had
 /// before it was split, which log filters (`RUST_LOG`, the fail2ban filter in
