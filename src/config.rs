@@ -738,8 +738,13 @@ mod tests {
     fn a_read_error_keeps_its_io_source() {
         use std::error::Error as _;
         let err = Config::load(Path::new("/nonexistent/mailer.toml")).unwrap_err();
-        let io = err.source().and_then(|s| s.downcast_ref::<std::io::Error>());
-        assert_eq!(io.map(std::io::Error::kind), Some(std::io::ErrorKind::NotFound));
+        let io = err
+            .source()
+            .and_then(|s| s.downcast_ref::<std::io::Error>());
+        assert_eq!(
+            io.map(std::io::Error::kind),
+            Some(std::io::ErrorKind::NotFound)
+        );
     }
 
     fn parse(s: &str) -> Result<Config, ConfigError> {
