@@ -24,6 +24,7 @@
 //! | `@store-fails full` | storing fails as on a full disk (ENOSPC when the file is created) |
 //! | `@store-fails io` | storing fails with an I/O error (EIO when the message file is synced) |
 //! | `@shutdown` | the server is asked to stop now (TCP only) |
+//! | `@sleep MS` | the client waits this many milliseconds (TCP only) |
 //!
 //! In memory the client's bytes all arrive at once, as if pipelined, and the replies
 //! are matched afterwards. A script runs there too when its `@config` sets only keys
@@ -141,7 +142,7 @@ fn parse(path: &Path) -> Script {
                 _ => panic!("{at}: @store-fails full|io"),
             });
         } else if !(l.trim().is_empty() || l.starts_with('#')) {
-            if l == "@starttls" || l == "@shutdown" {
+            if l == "@starttls" || l == "@shutdown" || l.starts_with("@sleep ") {
                 tcp_only = Some(l.to_string());
             }
             steps.push((at, l.to_string()));
@@ -194,6 +195,12 @@ fn play_tcp(script: Script) {
             c.upgrade(server.tls_client_config());
         } else if step == "@shutdown" {
             server.handle.shutdown();
+        } else if let Some(ms) = step.strip_prefix("@sleep ") {
+            let ms = ms
+                .trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("{at}: @sleep MS"));
+            std::thread::sleep(std::time::Duration::from_millis(ms));
         } else if step == "@closed" {
             assert!(c.is_closed(), "{at}: the connection is still open");
         } else if let Some(n) = step.strip_prefix("@stored ") {
