@@ -25,6 +25,7 @@
 //! | `@store-fails io` | storing fails with an I/O error (EIO when the message file is synced) |
 //! | `@shutdown` | the server is asked to stop now (TCP only) |
 //! | `@sleep MS` | the client waits this many milliseconds (TCP only) |
+//! | `@connect` | a second connection from the same address; the steps after it are its own, the first stays open (TCP only) |
 //!
 //! In memory the client's bytes all arrive at once, as if pipelined, and the replies
 //! are matched afterwards. A script runs there too when its `@config` sets only keys
@@ -142,7 +143,7 @@ fn parse(path: &Path) -> Script {
                 _ => panic!("{at}: @store-fails full|io"),
             });
         } else if !(l.trim().is_empty() || l.starts_with('#')) {
-            if l == "@starttls" || l == "@shutdown" || l.starts_with("@sleep ") {
+            if ["@starttls", "@shutdown", "@connect"].contains(&l) || l.starts_with("@sleep ") {
                 tcp_only = Some(l.to_string());
             }
             steps.push((at, l.to_string()));
@@ -181,6 +182,8 @@ fn play_tcp(script: Script) {
     let Script { opts, steps, .. } = script;
     let server = TestServer::start(opts);
     let mut c = Client::connect(server.addr);
+    // Connections a later `@connect` moved past, kept open until the script ends.
+    let mut earlier = Vec::new();
     for (at, step) in steps {
         if let Some(t) = step.strip_prefix("C: ") {
             c.send(t);
@@ -193,6 +196,8 @@ fn play_tcp(script: Script) {
             assert_eq!(got.to_string(), code.trim(), "{at}: reply {all:?}");
         } else if step == "@starttls" {
             c.upgrade(server.tls_client_config());
+        } else if step == "@connect" {
+            earlier.push(std::mem::replace(&mut c, Client::connect(server.addr)));
         } else if step == "@shutdown" {
             server.handle.shutdown();
         } else if let Some(ms) = step.strip_prefix("@sleep ") {
