@@ -17,7 +17,7 @@
 
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -169,24 +169,14 @@ impl Conn {
         w.flush()
     }
 
-    /// Reads one (possibly multi-line) reply; returns its code.
+    /// Reads one (possibly multi-line) reply with the library's parser; returns its
+    /// code and keeps its last line in `line`.
     fn reply(&mut self) -> io::Result<u16> {
-        loop {
-            self.line.clear();
-            if self.rd.read_line(&mut self.line)? == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            let b = self.line.as_bytes();
-            if b.len() < 4 {
-                return Err(io::Error::other(format!("short reply {:?}", self.line)));
-            }
-            let code: u16 = self.line[..3]
-                .parse()
-                .map_err(|_| io::Error::other(format!("bad reply {:?}", self.line)))?;
-            if b[3] != b'-' {
-                return Ok(code);
-            }
-        }
+        let reply = mailer::client::read_reply(&mut self.rd)?;
+        self.line.clear();
+        self.line
+            .push_str(reply.lines.last().map_or("", String::as_str));
+        Ok(reply.code)
     }
 
     fn expect(&mut self, code: u16) -> io::Result<()> {

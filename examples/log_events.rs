@@ -7,9 +7,9 @@
 //! Runs with `config.toml` from the current directory by default, until Ctrl-C.
 //! Try it with `swaks --server 127.0.0.1:2525 --to you@example.org`.
 
+use mailer::hooks::MailParams;
 use mailer::hooks::{DataVerdict, Envelope, Hooks, SessionError, SessionInfo};
 use mailer::protocol::address::{Address, ReversePath};
-use mailer::protocol::command::MailParams;
 use mailer::{Config, Enhanced, Reply, Server};
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;

@@ -27,7 +27,7 @@
 
 use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -137,18 +137,8 @@ fn rss_kib(pid: Option<u32>) -> u64 {
 
 /// Reads one reply; returns its last line.
 fn reply(r: &mut BufReader<TcpStream>) -> std::io::Result<String> {
-    loop {
-        let mut line = String::new();
-        if r.read_line(&mut line)? == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "closed",
-            ));
-        }
-        if line.as_bytes().get(3) != Some(&b'-') {
-            return Ok(line.trim_end().to_string());
-        }
-    }
+    let reply = mailer::client::read_reply(r)?;
+    Ok(reply.lines.last().map_or("", |l| l.trim_end()).to_string())
 }
 
 fn expect(r: &mut BufReader<TcpStream>, code: &str) -> Result<String, String> {

@@ -3,7 +3,8 @@
 //! per client. The PLAIN/LOGIN decoding lives in `protocol/sasl.rs`.
 
 use crate::config::{AuthConfig, User};
-pub use crate::protocol::sasl::{respond, start, AuthStep, Authenticator, Exchange};
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
+pub use crate::protocol::sasl::Authenticator;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
 use std::collections::{HashMap, VecDeque};
@@ -17,9 +18,12 @@ use std::time::{Duration, Instant};
 pub enum AuthError {
     /// The user's `password_hash` is not an argon2 PHC string.
     BadHash {
+        /// The account.
         user: String,
+        /// What the PHC parser said.
         reason: String,
     },
+    /// Two accounts with one name.
     DuplicateUser(String),
 }
 
@@ -38,7 +42,7 @@ impl fmt::Display for AuthError {
 impl std::error::Error for AuthError {}
 
 /// The `[auth] users` table, verified with argon2.
-pub struct Users {
+pub(crate) struct Users {
     hashes: HashMap<String, String>,
     /// Verified when the user is unknown, so timing does not reveal who exists.
     dummy: String,
@@ -47,7 +51,7 @@ pub struct Users {
 }
 
 impl Users {
-    pub fn from_config(cfg: &AuthConfig) -> Result<Users, AuthError> {
+    pub(crate) fn from_config(cfg: &AuthConfig) -> Result<Users, AuthError> {
         let mut hashes = HashMap::new();
         for User {
             name,
@@ -130,7 +134,7 @@ pub fn hash_password(password: &[u8]) -> Result<String, String> {
 }
 
 /// The window in which failed AUTH attempts are counted.
-pub const RATE_WINDOW: Duration = Duration::from_secs(60);
+pub(crate) const RATE_WINDOW: Duration = Duration::from_secs(60);
 
 /// How many client addresses the rate limiter remembers. Past this, the address whose
 /// last failure is oldest is forgotten, so a flood of addresses cannot grow memory.
@@ -140,6 +144,7 @@ const RATE_MAX_CLIENTS: usize = 10_000;
 /// the per-IP connection limit) in a sliding window of [`RATE_WINDOW`]. Shared by all
 /// sessions; the check comes before any password hashing, so a client past the limit
 /// costs no argon2 run.
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub struct RateLimit {
     limit: usize,
     ipv6_prefix: u8,
@@ -148,7 +153,7 @@ pub struct RateLimit {
 
 impl RateLimit {
     /// `limit` failures per window (at least 1); IPv6 addresses grouped by `ipv6_prefix`.
-    pub fn new(limit: u32, ipv6_prefix: u8) -> RateLimit {
+    pub(crate) fn new(limit: u32, ipv6_prefix: u8) -> RateLimit {
         RateLimit {
             limit: (limit as usize).max(1),
             ipv6_prefix,
@@ -157,7 +162,7 @@ impl RateLimit {
     }
 
     /// True when `ip` has used up its failed attempts in the current window.
-    pub fn blocked(&self, ip: IpAddr) -> bool {
+    pub(crate) fn blocked(&self, ip: IpAddr) -> bool {
         self.blocked_at(ip, Instant::now())
     }
 
@@ -176,7 +181,7 @@ impl RateLimit {
     }
 
     /// Records one failed attempt by `ip`; returns the failures in the window so far.
-    pub fn failed(&self, ip: IpAddr) -> usize {
+    pub(crate) fn failed(&self, ip: IpAddr) -> usize {
         self.failed_at(ip, Instant::now())
     }
 

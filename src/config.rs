@@ -10,18 +10,29 @@ use std::path::{Path, PathBuf};
 /// A configuration problem: which file, which key, which line, what is wrong.
 #[derive(Debug)]
 pub enum ConfigError {
+    /// The file could not be read.
     Read {
+        /// The file.
         path: PathBuf,
+        /// Why.
         err: std::io::Error,
     },
+    /// The file is not valid TOML, or has a key of the wrong type or an unknown key.
     Parse {
+        /// The file.
         path: PathBuf,
+        /// The parser's message, with its line and column.
         message: String,
     },
+    /// A value is out of its bounds or inconsistent with another.
     Invalid {
+        /// The file.
         path: PathBuf,
+        /// The dotted key, e.g. `limits.max_errors`.
         key: String,
+        /// The key's line in the file, when it is there (not a default).
         line: Option<usize>,
+        /// What is wrong.
         message: String,
     },
 }
@@ -49,20 +60,37 @@ impl fmt::Display for ConfigError {
     }
 }
 
-impl std::error::Error for ConfigError {}
+impl std::error::Error for ConfigError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ConfigError::Read { err, .. } => Some(err),
+            ConfigError::Parse { .. } | ConfigError::Invalid { .. } => None,
+        }
+    }
+}
 
 /// The whole configuration file.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// The name the server gives itself: in the greeting, the EHLO reply and the
+    /// `Received:` header (default `localhost`).
     pub hostname: String,
+    /// `[server]`: listeners, workers, connection limits.
     pub server: ServerConfig,
+    /// `[tls]`: STARTTLS and implicit TLS; absent, neither is offered.
     pub tls: Option<TlsConfig>,
+    /// `[limits]`: sizes, counts and timeouts per session.
     pub limits: Limits,
+    /// `[spool]`: where and how messages are stored.
     pub spool: SpoolConfig,
+    /// `[policy]`: which recipient domains are accepted.
     pub policy: PolicyConfig,
+    /// `[auth]`: SMTP AUTH (RFC 4954); absent, AUTH is not offered.
     pub auth: Option<AuthConfig>,
+    /// `[mailboxes]`: recipient validation and per-mailbox delivery.
     pub mailboxes: Option<MailboxesConfig>,
+    /// `[metrics]`: the Prometheus endpoint.
     pub metrics: MetricsConfig,
     /// `[[milter]]` tables, called in this order (SPEC 9).
     pub milter: Vec<MilterConfig>,
@@ -74,9 +102,13 @@ pub struct Config {
 pub struct MilterConfig {
     /// `inet:host:port` or `unix:/path` (Postfix syntax).
     pub address: String,
+    /// Seconds to connect to the filter (default 30).
     pub connect_timeout_secs: u64,
+    /// Seconds to wait for each reply to a command (default 30).
     pub command_timeout_secs: u64,
+    /// Seconds to wait for the reply to the end of the message (default 300).
     pub content_timeout_secs: u64,
+    /// What the client gets when the filter fails (default tempfail).
     pub default_action: DefaultAction,
 }
 
@@ -104,38 +136,62 @@ impl Default for MilterConfig {
     }
 }
 
+/// `[server]`: where the server listens and how many sessions it runs.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
+    /// `address:port` listeners for plain SMTP with STARTTLS (default
+    /// `127.0.0.1:2525`).
     pub listen: Vec<String>,
+    /// `address:port` listeners where TLS starts at once (RFC 8314 implicit TLS).
     pub tls_listen: Vec<String>,
+    /// Worker threads, one session each at a time (default 64).
     pub workers: usize,
+    /// Sessions one client address may hold at once (default 16).
     pub max_connections_per_ip: usize,
     /// IPv6 clients share one `max_connections_per_ip` budget per prefix of this length.
     pub ipv6_prefix: u8,
+    /// Every connection starts with a PROXY protocol header (v1 or v2) naming the
+    /// real client.
     pub proxy_protocol: bool,
+    /// Seconds sessions get to finish after a stop is asked for (default 30).
     pub shutdown_grace_secs: u64,
+    /// Seconds between statistics lines in the log; 0: none (default 60).
     pub stats_interval_secs: u64,
 }
 
+/// `[tls]`: the server's certificate for STARTTLS (RFC 3207) and implicit TLS.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
     pub cert: PathBuf,
+    /// PEM private key of the leaf.
     pub key: PathBuf,
+    /// MAIL and AUTH are refused (530 5.7.0) until TLS is active.
     pub require_tls: bool,
 }
 
+/// `[limits]`: what one session may send and how long it may take.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
+    /// Largest message in bytes, advertised as SIZE (RFC 1870; default 25 MiB).
     pub max_message_size: u64,
+    /// Recipients per transaction (default 100).
     pub max_recipients: usize,
+    /// Longest command or text line, CRLF included (default 1000, RFC 5321 §4.5.3.1).
     pub max_line_length: usize,
+    /// What a bare LF in message data gets.
     pub bare_lf: BareLfPolicy,
+    /// Failed commands before the session is closed with 421 (default 10).
     pub max_errors: u32,
+    /// Seconds to wait for a command (default 300, RFC 5321 §4.5.3.2.7).
     pub command_timeout_secs: u64,
+    /// Seconds to wait for each block of message data (default 180).
     pub data_timeout_secs: u64,
+    /// Bytes per second a message must keep up once `data_timeout_secs` has passed;
+    /// 0: no floor (default 500).
     pub min_data_rate: u64,
     /// NOOP/RSET/VRFY/EXPN/HELP beyond this many each count as an error.
     pub max_junk_commands: u32,
@@ -147,7 +203,9 @@ pub struct Limits {
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum BareLfPolicy {
+    /// A bare LF is stored as CRLF.
     Normalize,
+    /// A message with a bare LF is refused (SMTP smuggling defence).
     Reject,
 }
 
@@ -160,10 +218,13 @@ impl From<BareLfPolicy> for BareLf {
     }
 }
 
+/// `[spool]`: the Maildir messages are stored in.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SpoolConfig {
+    /// The Maildir (`tmp/`, `new/`, `cur/` are created; default `spool`).
     pub dir: PathBuf,
+    /// Make each message durable before it is acknowledged (default true).
     pub fsync: bool,
     /// Octal permissions of stored files, e.g. "0640"; directories get the same bits
     /// plus x (see [`SpoolConfig::file_mode`]).
@@ -178,8 +239,10 @@ pub struct SpoolConfig {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DataSyncPolicy {
+    /// One fdatasync per message, by its session.
     #[default]
     File,
+    /// One syncfs per batch, by the spool writer.
     Batch,
 }
 
@@ -207,16 +270,21 @@ impl SpoolConfig {
     }
 }
 
+/// `[policy]`: the built-in relay check.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PolicyConfig {
+    /// Recipient domains accepted; empty: every domain. Others get 550 5.7.1.
     pub accept_domains: Vec<String>,
 }
 
+/// `[auth]`: SMTP AUTH PLAIN and LOGIN (RFC 4954, RFC 4616).
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
+    /// Offer AUTH without TLS too (default false: passwords never travel in clear).
     pub allow_plaintext: bool,
+    /// The accounts.
     pub users: Vec<User>,
     /// Failed AUTH attempts per client address per 60 s before AUTH is refused; 0: off.
     pub rate_limit: u32,
@@ -230,15 +298,18 @@ pub struct MetricsConfig {
     pub listen: String,
 }
 
+/// One `[[auth.users]]` account.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct User {
+    /// The login name.
     pub name: String,
+    /// An argon2 PHC string, as `mailer hash-password` prints (RFC 9106).
     pub password_hash: String,
 }
 
 /// `[mailboxes]` (SPEC 8): recipients validated at RCPT and delivered per mailbox.
-/// The maps themselves are built and checked by [`crate::mailboxes`].
+/// The maps themselves are built and checked by the crate's `mailboxes` module.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct MailboxesConfig {
@@ -552,7 +623,7 @@ const GIB: u64 = 1 << 30;
 
 /// Checks that `value` of the dotted `key` is within `min..=max` (invariant 12). Other
 /// parts of the configuration call it for their own keys, one line each.
-pub fn range(key: &str, value: u64, min: u64, max: u64) -> Result<(), (String, String)> {
+pub(crate) fn range(key: &str, value: u64, min: u64, max: u64) -> Result<(), (String, String)> {
     let problem = if value < min && min == 1 {
         "must be greater than 0".to_string()
     } else if value < min {
@@ -662,6 +733,19 @@ fn line_of_key(text: &str, dotted: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_read_error_keeps_its_io_source() {
+        use std::error::Error as _;
+        let err = Config::load(Path::new("/nonexistent/mailer.toml")).unwrap_err();
+        let io = err
+            .source()
+            .and_then(|s| s.downcast_ref::<std::io::Error>());
+        assert_eq!(
+            io.map(std::io::Error::kind),
+            Some(std::io::ErrorKind::NotFound)
+        );
+    }
 
     fn parse(s: &str) -> Result<Config, ConfigError> {
         Config::from_toml(s, Path::new("t.toml"))

@@ -58,6 +58,7 @@ enum State {
 /// The streaming content guard (see the module docs). Feed it the content in pieces
 /// of any size; it holds back at most [`DECIDE_MAX`] bytes.
 #[derive(Debug)]
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub struct ContentFilter {
     state: State,
     held: Vec<u8>,
@@ -79,11 +80,13 @@ impl Default for ContentFilter {
 }
 
 impl ContentFilter {
+    #[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
     pub fn new() -> ContentFilter {
         ContentFilter::default()
     }
 
     /// Filters `input`, appending what is to be stored to `out`.
+    #[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
     pub fn push(&mut self, input: &[u8], out: &mut Vec<u8>) {
         let before = out.len();
         let mut i = 0;
@@ -186,16 +189,17 @@ impl ContentFilter {
 
     /// True once in the body, where every byte passes unchanged: the caller may then
     /// store its bytes directly and report them with [`pass`](Self::pass).
-    pub fn is_body(&self) -> bool {
+    pub(crate) fn is_body(&self) -> bool {
         self.state == State::Body
     }
 
     /// Counts `n` bytes stored directly (only in the body).
-    pub fn pass(&mut self, n: usize) {
+    pub(crate) fn pass(&mut self, n: usize) {
         self.emitted += n as u64;
     }
 
     /// The end of the content: releases anything held back.
+    #[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
     pub fn finish(&mut self, out: &mut Vec<u8>) {
         if self.state == State::Deciding {
             out.extend_from_slice(&self.held);
@@ -207,13 +211,13 @@ impl ContentFilter {
 
     /// The length of the stored header section: everything before the empty line that
     /// ends it, or all of the content when there is none.
-    pub fn header_len(&self) -> u64 {
+    pub(crate) fn header_len(&self) -> u64 {
         self.header_end.unwrap_or(self.emitted)
     }
 }
 
 /// What [`plan`] needs besides the verdict.
-pub struct PlanInput<'a> {
+pub(crate) struct PlanInput<'a> {
     /// The recipients as accepted, in order.
     pub rcpts: &'a [Address],
     /// Each recipient's route, in the same order (all `None` without a router).
@@ -228,7 +232,7 @@ pub struct PlanInput<'a> {
 
 /// The copies to store, or why the verdict cannot be applied (a hook bug: 451).
 /// A discard verdict gives no copies.
-pub fn plan(input: &PlanInput<'_>, verdict: &DataVerdict) -> Result<Vec<Copy>, String> {
+pub(crate) fn plan(input: &PlanInput<'_>, verdict: &DataVerdict) -> Result<Vec<Copy>, String> {
     if verdict.discard {
         return Ok(Vec::new());
     }
@@ -346,7 +350,7 @@ fn field_name(field: &[u8]) -> &[u8] {
 /// Applies a milter's header changes (`chgheader`: by name and 1-based occurrence;
 /// a missing occurrence is added at the end, as Postfix does) and then its inserts
 /// (`insheader`: by index, 0 = first), returning the new header section.
-pub fn edit_header_section(
+pub(crate) fn edit_header_section(
     section: &[u8],
     insert: &[(usize, Header)],
     change: &[HeaderChange],

@@ -61,7 +61,7 @@
 //! ```
 
 use crate::protocol::address::{Address, ReversePath};
-use crate::protocol::command::MailParams;
+pub use crate::protocol::command::{Body, MailParams};
 use crate::protocol::reply::{Enhanced, Reply};
 use std::io::{self, Read};
 use std::net::SocketAddr;

@@ -21,10 +21,10 @@ thread_local! {
 }
 
 /// Marks the current thread as serving session `id` until dropped.
-pub struct SessionScope(());
+pub(crate) struct SessionScope(());
 
 impl SessionScope {
-    pub fn enter(id: u64) -> SessionScope {
+    pub(crate) fn enter(id: u64) -> SessionScope {
         SESSION.with(|s| s.set(Some(id)));
         SessionScope(())
     }
@@ -38,7 +38,7 @@ impl Drop for SessionScope {
 
 /// The syslog priority of a level (RFC 5424 severities: err 3, warning 4, info 6,
 /// debug 7).
-pub fn priority(level: Level) -> u8 {
+pub(crate) fn priority(level: Level) -> u8 {
     match level {
         Level::Error => 3,
         Level::Warn => 4,
@@ -60,7 +60,7 @@ fn needs_escape(c: char) -> bool {
 
 /// `line` with every character of [`needs_escape`] written as `\n`, `\r`, `\t`,
 /// `\xNN` (ASCII) or `\u{NNNN}`.
-pub fn escape_line(line: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn escape_line(line: &str) -> std::borrow::Cow<'_, str> {
     if !line.chars().any(needs_escape) {
         return std::borrow::Cow::Borrowed(line);
     }
@@ -85,7 +85,7 @@ pub fn escape_line(line: &str) -> std::borrow::Cow<'_, str> {
 /// True when `journal_stream` (the value of `JOURNAL_STREAM`, `<dev>:<ino>` in
 /// decimal) names the file that stderr is. A child that inherited the variable but
 /// has its stderr redirected elsewhere must not prefix priorities.
-pub fn names_stderr(journal_stream: &str) -> bool {
+pub(crate) fn names_stderr(journal_stream: &str) -> bool {
     let Some((dev, ino)) = journal_stream.split_once(':') else {
         return false;
     };
@@ -122,7 +122,7 @@ fn format_line(journal: bool, time: &str, record: &log::Record<'_>) -> String {
 
 /// Installs the logger: `RUST_LOG` filters (default `default_filter`), lines go to
 /// stderr in the format above.
-pub fn init(default_filter: &str) {
+pub(crate) fn init(default_filter: &str) {
     let journal = std::env::var("JOURNAL_STREAM").is_ok_and(|v| names_stderr(&v));
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_filter))
         .format(move |buf, record| {

@@ -20,7 +20,7 @@ use std::borrow::Cow;
 use std::fmt::Write;
 
 /// `s` with every non-printable character escaped; borrowed when nothing needed it.
-pub fn escape_log(s: &str) -> Cow<'_, str> {
+pub(crate) fn escape_log(s: &str) -> Cow<'_, str> {
     if !s.chars().any(needs_escape) {
         return Cow::Borrowed(s);
     }
@@ -33,6 +33,7 @@ pub fn escape_log(s: &str) -> Cow<'_, str> {
 
 /// Like [`escape_log`] for bytes that may not be UTF-8 (a raw command line): valid
 /// UTF-8 runs are escaped as text, every invalid byte becomes `\xNN`.
+#[cfg(any(test, feature = "testing"))]
 pub fn escape_log_bytes(b: &[u8]) -> Cow<'_, str> {
     match std::str::from_utf8(b) {
         Ok(s) => escape_log(s),
@@ -65,12 +66,13 @@ fn push_char(out: &mut String, c: char) {
 }
 
 /// True for what must not reach a log line raw.
-pub fn needs_escape(c: char) -> bool {
+pub(crate) fn needs_escape(c: char) -> bool {
     c == '\\' || c.is_control() || is_bidi_or_invisible(c)
 }
 
 /// Bidi marks, embeddings, overrides and isolates (Unicode UAX #9), and the other
 /// zero-width format characters that hide or reorder text without showing.
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub fn is_bidi_or_invisible(c: char) -> bool {
     matches!(c,
         '\u{061C}'                 // ARABIC LETTER MARK

@@ -42,7 +42,7 @@ use std::time::Duration;
 
 /// The most alias levels between a recipient and its mailboxes (SPEC 8); deeper is a
 /// configuration error, as is a loop.
-pub const MAX_DEPTH: usize = 10;
+pub(crate) const MAX_DEPTH: usize = 10;
 
 /// An address in its lookup form: ASCII letters of the local part folded, quotes
 /// removed; the domain in lower-case `xn--` form. A catch-all has an empty local part
@@ -140,7 +140,7 @@ enum Target {
 
 /// Where a recipient's mail goes.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Dest {
+pub(crate) enum Dest {
     /// A mailbox: its address (bare, for `Delivered-To:`) and Maildir.
     Mailbox { address: String, maildir: PathBuf },
     /// An external alias target, stored in `spool.dir` (mailer does not relay).
@@ -149,7 +149,7 @@ pub enum Dest {
 
 /// The answer for one recipient.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Lookup {
+pub(crate) enum Lookup {
     /// Not in a mailbox domain (or no domain at all: bare `Postmaster`): `[policy]`
     /// decides, and the message goes to `spool.dir`.
     Outside,
@@ -168,7 +168,7 @@ enum Entry {
 
 /// The built, checked maps. Immutable: a reload builds a new one.
 #[derive(Debug, Default)]
-pub struct Maps {
+pub(crate) struct Maps {
     users: HashSet<Key>,
     aliases: HashMap<Key, Vec<Target>>,
     /// Every alias (and catch-all) expanded to its final destinations.
@@ -217,7 +217,7 @@ fn parse_alias_key(s: &str) -> Result<Key, String> {
 /// Checks what the config file itself holds (syntax of users, alias keys and
 /// targets, the delimiter), without reading `users_file`. Returns (key, problem).
 /// Loops and dangling targets need the whole maps: [`Maps::build`] checks those.
-pub fn check_inline(cfg: &MailboxesConfig) -> Result<(), (String, String)> {
+pub(crate) fn check_inline(cfg: &MailboxesConfig) -> Result<(), (String, String)> {
     if cfg.root.as_os_str().is_empty() {
         return Err(("root".into(), "must not be empty".into()));
     }
@@ -286,7 +286,7 @@ fn fingerprint(path: &Path) -> Option<u64> {
 impl Maps {
     /// Builds and checks the maps from the config and, when set, `users_file`.
     /// Errors name the key, or the file and line.
-    pub fn build(cfg: &MailboxesConfig) -> Result<Maps, String> {
+    pub(crate) fn build(cfg: &MailboxesConfig) -> Result<Maps, String> {
         check_inline(cfg).map_err(|(k, e)| format!("mailboxes.{k}: {e}"))?;
         let mut users: HashSet<Key> = HashSet::new();
         for u in &cfg.users {
@@ -343,13 +343,13 @@ impl Maps {
     }
 
     /// Counts for `check-config`: (users, aliases incl. catch-alls, mailbox domains).
-    pub fn counts(&self) -> (usize, usize, usize) {
+    pub(crate) fn counts(&self) -> (usize, usize, usize) {
         (self.users.len(), self.aliases.len(), self.domains.len())
     }
 
     /// Mailbox domains where `postmaster@` leads nowhere, although RFC 5321 §4.5.1
     /// requires every domain to accept it (`check-config` warns).
-    pub fn without_postmaster(&self) -> Vec<String> {
+    pub(crate) fn without_postmaster(&self) -> Vec<String> {
         self.domains
             .iter()
             .filter(|d| {
@@ -361,11 +361,6 @@ impl Maps {
             })
             .cloned()
             .collect()
-    }
-
-    /// The mailbox domains, in lower-case `xn--` form.
-    pub fn domains(&self) -> impl Iterator<Item = &str> {
-        self.domains.iter().map(String::as_str)
     }
 
     fn mailbox(&self, k: &Key) -> Dest {
@@ -467,7 +462,7 @@ impl Maps {
     }
 
     /// Resolves a recipient as sent (SPEC 8).
-    pub fn lookup(&self, rcpt: &Address) -> Lookup {
+    pub(crate) fn lookup(&self, rcpt: &Address) -> Lookup {
         let Some(domain) = rcpt.domain().and_then(domain_key) else {
             return Lookup::Outside;
         };
@@ -497,7 +492,7 @@ impl Maps {
 }
 
 /// The reply for a recipient in a mailbox domain that resolves to nothing (SPEC 4).
-pub fn user_unknown(rcpt: &Address) -> Reply {
+pub(crate) fn user_unknown(rcpt: &Address) -> Reply {
     Reply::new(
         550,
         Enhanced(5, 1, 1),
@@ -507,6 +502,7 @@ pub fn user_unknown(rcpt: &Address) -> Reply {
 
 /// The live maps: swapped whole by [`reload`](Mailboxes::reload) and when
 /// `users_file` changes; a build that fails keeps the maps in use.
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub struct Mailboxes {
     maps: RwLock<Arc<Maps>>,
     /// The settings the maps in use were built from, and the fingerprint of
@@ -525,6 +521,7 @@ impl std::fmt::Debug for Mailboxes {
 impl Mailboxes {
     /// Builds the maps; an error names the key, or the file and line. `spool_dir`
     /// receives the copies for external alias targets.
+    #[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
     pub fn new(cfg: &MailboxesConfig, spool_dir: &Path) -> Result<Mailboxes, String> {
         // Taken before the read: a change in between is then seen by the next poll.
         let fp = fingerprint(&cfg.users_file);
@@ -537,14 +534,14 @@ impl Mailboxes {
     }
 
     /// The maps in use now.
-    pub fn maps(&self) -> Arc<Maps> {
+    pub(crate) fn maps(&self) -> Arc<Maps> {
         Arc::clone(&self.maps.read().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Rebuilds from a new config (SIGHUP). On error the maps in use stay, the error is
     /// logged at ERROR and returned. A config without `[mailboxes]` empties the maps:
     /// every recipient is then outside the mailbox domains, as in v1.
-    pub fn reload(&self, cfg: &Config) -> Result<(), String> {
+    pub(crate) fn reload(&self, cfg: &Config) -> Result<(), String> {
         let m = cfg.mailboxes.clone().unwrap_or_else(|| MailboxesConfig {
             users: Vec::new(),
             users_file: PathBuf::new(),
@@ -577,7 +574,7 @@ impl Mailboxes {
 
     /// Re-reads `users_file` if its bytes changed since the last build. Returns
     /// `Some(result)` when it tried.
-    pub fn check_file(&self) -> Option<Result<(), String>> {
+    pub(crate) fn check_file(&self) -> Option<Result<(), String>> {
         let cfg = {
             let source = self.source.lock().unwrap_or_else(|p| p.into_inner());
             if source.0.users_file.as_os_str().is_empty()
@@ -592,7 +589,7 @@ impl Mailboxes {
 
     /// Polls `users_file` every `every` until `stop` is set (as the TLS certificate
     /// watcher does).
-    pub fn watch(self: &Arc<Self>, every: Duration, stop: Arc<AtomicBool>) {
+    pub(crate) fn watch(self: &Arc<Self>, every: Duration, stop: Arc<AtomicBool>) {
         let me = Arc::clone(self);
         let spawned = std::thread::Builder::new()
             .name("mailboxes-reload".into())
@@ -616,7 +613,7 @@ impl Mailboxes {
 /// process's pid: a restarted container reuses pids, and nothing of ours is being
 /// written yet). The Maildirs are shared with Dovecot, whose own files in `tmp/`
 /// (named without `Q`) and those of a live mailer instance are left alone.
-pub fn clear_debris(root: &Path, hostname: &str) -> usize {
+pub(crate) fn clear_debris(root: &Path, hostname: &str) -> usize {
     let host = hostname.replace('/', "\\057").replace(':', "\\072");
     let ours_and_dead = |name: &str| -> bool {
         let Some(rest) = name.strip_suffix(host.as_str()) else {
@@ -717,6 +714,7 @@ impl Router for Mailboxes {
 /// must resolve, or gets `550 5.1.1 … User unknown` (the transaction goes on with the
 /// other recipients); any other recipient is left to `outside` (the binary passes its
 /// `[policy]`), so mailbox domains need not be listed in `accept_domains`.
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub struct RecipientCheck {
     mailboxes: Arc<Mailboxes>,
     outside: Option<Policy>,
@@ -724,6 +722,7 @@ pub struct RecipientCheck {
 
 impl RecipientCheck {
     /// Checks mailbox-domain recipients; others are accepted, or judged by `outside`.
+    #[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
     pub fn new(mailboxes: Arc<Mailboxes>, outside: Option<Policy>) -> RecipientCheck {
         RecipientCheck { mailboxes, outside }
     }

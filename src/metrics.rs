@@ -22,22 +22,22 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// How long a client may take to send its whole request head.
-pub const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
+pub(crate) const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
 /// The largest request head read (request line and header fields).
-pub const MAX_HEAD: usize = 8 * 1024;
+pub(crate) const MAX_HEAD: usize = 8 * 1024;
 
 /// The media type of the OpenMetrics text format (OpenMetrics 1.0, section 3.1).
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub(crate) const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// The classic Prometheus text format, served unless the scraper asks for OpenMetrics
 /// (as Prometheus itself does in its `Accept` header); promtool and older scrapers
 /// read only this one.
-pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub(crate) const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Prometheus text format 0.0.4 from the OpenMetrics text prometheus-client writes:
 /// a counter's `# HELP`/`# TYPE` lines name its `_total` series (0.0.4 has no family
 /// name apart from the series), and the OpenMetrics-only `# UNIT` and `# EOF` go.
-pub fn to_prometheus_text(openmetrics: &str) -> String {
+pub(crate) fn to_prometheus_text(openmetrics: &str) -> String {
     let counters: std::collections::HashSet<&str> = openmetrics
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
@@ -81,6 +81,7 @@ static MILTER_ACTIONS: Mutex<BTreeMap<(String, String), u64>> = Mutex::new(BTree
 
 /// Counts one milter verdict (`accept`, `reject`, `tempfail`, `discard`,
 /// `quarantine`, `replycode`, `default_action`...) for `mailer_milter_actions_total`.
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub fn milter_action(milter: &str, action: &str) {
     let mut m = MILTER_ACTIONS.lock().unwrap_or_else(|p| p.into_inner());
     *m.entry((milter.to_string(), action.to_string()))
@@ -102,7 +103,7 @@ fn gauge(reg: &mut Registry, name: &str, help: &str, value: u64) {
 }
 
 /// The exposition of `stats` (and the process-wide milter counts) as text.
-pub fn render(stats: &Stats, workers: usize) -> String {
+pub(crate) fn render(stats: &Stats, workers: usize) -> String {
     let snap = stats.snapshot();
     let mut reg = Registry::default();
     // prometheus-client appends `_total` to counter names (OpenMetrics 1.0).

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 /// The actions we let a milter ask for (SPEC 9): header edits and quarantine, nothing
 /// that rewrites the body or the envelope.
-pub const OFFERED_ACTIONS: u32 = action::ADDHDRS | action::CHGHDRS | action::QUARANTINE;
+pub(crate) const OFFERED_ACTIONS: u32 = action::ADDHDRS | action::CHGHDRS | action::QUARANTINE;
 
 /// Header section limits for what we show milters. Beyond them the rest of the content is
 /// sent as body: a pathological header section must not grow our memory (invariant 4).
@@ -48,7 +48,7 @@ const MAX_FIELD_BYTES: usize = MAX_CHUNK;
 
 /// Where a milter listens, in Postfix's syntax.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum MilterAddress {
+pub(crate) enum MilterAddress {
     /// `inet:host:port`, `inet:[v6]:port`, `inet6:...`, or Sendmail's `inet:port@host`.
     Inet { host: String, port: u16 },
     /// `unix:/path` (or `local:/path`).
@@ -58,7 +58,7 @@ pub enum MilterAddress {
 impl MilterAddress {
     /// Parses `inet:host:port`, `inet:[::1]:port`, `inet6:[::1]:port`, `inet:port@host`
     /// (Sendmail's form) and `unix:/path` / `local:/path`.
-    pub fn parse(s: &str) -> Result<MilterAddress, String> {
+    pub(crate) fn parse(s: &str) -> Result<MilterAddress, String> {
         let (transport, endpoint) = s.split_once(':').ok_or_else(|| {
             format!("{s:?}: expected transport:endpoint (inet:host:port or unix:/path)")
         })?;
@@ -103,7 +103,7 @@ impl MilterAddress {
 
 /// One configured milter, ready to connect to.
 #[derive(Clone, Debug)]
-pub struct MilterSpec {
+pub(crate) struct MilterSpec {
     /// The address as configured, for logs.
     pub name: String,
     pub address: MilterAddress,
@@ -114,7 +114,7 @@ pub struct MilterSpec {
 }
 
 impl MilterSpec {
-    pub fn from_config(c: &MilterConfig) -> Result<MilterSpec, String> {
+    pub(crate) fn from_config(c: &MilterConfig) -> Result<MilterSpec, String> {
         Ok(MilterSpec {
             name: c.address.clone(),
             address: MilterAddress::parse(&c.address)?,
@@ -128,7 +128,7 @@ impl MilterSpec {
 
 /// Why an exchange with a milter failed: each one leads to its `default_action`.
 #[derive(Debug)]
-pub enum Failure {
+pub(crate) enum Failure {
     Connect(io::Error),
     Io(io::Error),
     Timeout,
@@ -204,7 +204,7 @@ impl Write for Stream {
 }
 
 /// A negotiated connection to one milter.
-pub struct Client {
+pub(crate) struct Client {
     stream: Stream,
     spec: Arc<MilterSpec>,
     /// What the milter asked for (a subset of [`OFFERED_ACTIONS`]).
@@ -221,7 +221,7 @@ pub struct Client {
 
 impl Client {
     /// Connects (within `connect_timeout`) and negotiates (within `command_timeout`).
-    pub fn connect(spec: Arc<MilterSpec>) -> Result<Client, Failure> {
+    pub(crate) fn connect(spec: Arc<MilterSpec>) -> Result<Client, Failure> {
         let deadline = Instant::now() + spec.connect_timeout;
         let stream = match &spec.address {
             MilterAddress::Inet { host, port } => {
@@ -482,7 +482,7 @@ struct SessionMilters {
 }
 
 /// The milters of the configuration, as one hook (SPEC 7, 9).
-pub struct Milters {
+pub(crate) struct Milters {
     specs: RwLock<Arc<Vec<Arc<MilterSpec>>>>,
     sessions: Mutex<HashMap<u64, Arc<Mutex<SessionMilters>>>>,
     hostname: String,
@@ -523,7 +523,7 @@ enum Verdict {
 
 impl Milters {
     /// The milters of `cfgs`, in order. Addresses are checked here (as check-config does).
-    pub fn new(hostname: &str, cfgs: &[MilterConfig]) -> Result<Milters, String> {
+    pub(crate) fn new(hostname: &str, cfgs: &[MilterConfig]) -> Result<Milters, String> {
         Ok(Milters {
             specs: RwLock::new(Arc::new(Self::specs(cfgs)?)),
             sessions: Mutex::new(HashMap::new()),
@@ -538,14 +538,14 @@ impl Milters {
     }
 
     /// SIGHUP: the new list applies to sessions that start after it.
-    pub fn reload(&self, cfg: &crate::Config) -> Result<(), String> {
+    pub(crate) fn reload(&self, cfg: &crate::Config) -> Result<(), String> {
         let new = Self::specs(&cfg.milter)?;
         *self.specs.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
         Ok(())
     }
 
     /// True when no milter is configured (the hook then does nothing).
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.specs
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -752,7 +752,7 @@ impl Milters {
     }
 
     /// SMTP connect: one connection per milter for this session.
-    pub fn on_connect(&self, s: &SessionInfo) {
+    pub(crate) fn on_connect(&self, s: &SessionInfo) {
         let specs = Arc::clone(&self.specs.read().unwrap_or_else(|p| p.into_inner()));
         if specs.is_empty() {
             return;
@@ -789,7 +789,7 @@ impl Milters {
     }
 
     /// HELO/EHLO.
-    pub fn on_helo(&self, s: &SessionInfo, name: &str) -> Result<(), Reply> {
+    pub(crate) fn on_helo(&self, s: &SessionInfo, name: &str) -> Result<(), Reply> {
         let Some(sm) = self.session(s.id) else {
             return Ok(());
         };
@@ -847,7 +847,7 @@ impl Milters {
     }
 
     /// MAIL FROM: a new transaction; a dropped milter is reconnected here, once.
-    pub fn on_mail(
+    pub(crate) fn on_mail(
         &self,
         s: &SessionInfo,
         from: &ReversePath,
@@ -917,7 +917,7 @@ impl Milters {
     }
 
     /// RCPT TO.
-    pub fn on_rcpt(&self, s: &SessionInfo, to: &Address) -> Result<(), Reply> {
+    pub(crate) fn on_rcpt(&self, s: &SessionInfo, to: &Address) -> Result<(), Reply> {
         let Some(sm) = self.session(s.id) else {
             return Ok(());
         };
@@ -987,7 +987,7 @@ impl Milters {
     }
 
     /// RSET, a new HELO/EHLO, STARTTLS, QUIT: the transaction ends.
-    pub fn on_reset(&self, s: &SessionInfo) {
+    pub(crate) fn on_reset(&self, s: &SessionInfo) {
         let Some(sm) = self.session(s.id) else {
             return;
         };
@@ -998,7 +998,7 @@ impl Milters {
     }
 
     /// The session ended: QUIT to every milter, and the state is freed.
-    pub fn on_close(&self, s: &SessionInfo) {
+    pub(crate) fn on_close(&self, s: &SessionInfo) {
         let sm = self
             .sessions
             .lock()
@@ -1018,7 +1018,7 @@ impl Milters {
 
     /// End of message: the content goes to each milter in turn, each seeing the edits of
     /// the ones before; their edits are merged into one verdict for the stored copy.
-    pub fn on_data(
+    pub(crate) fn on_data(
         &self,
         s: &SessionInfo,
         content: &mut dyn Content,
@@ -1328,7 +1328,7 @@ fn auth_macros(s: &SessionInfo) -> (String, Option<String>) {
 /// One header field of the content: name, and value as milters get it (without the
 /// space after the colon, folded lines joined by `\n` as Sendmail does).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Field {
+pub(crate) struct Field {
     pub name: Vec<u8>,
     pub value: Vec<u8>,
 }
@@ -1336,7 +1336,7 @@ pub struct Field {
 /// Reads the header section: the fields, and the bytes already read that belong to the
 /// body (the body starts after the empty line; a line that is no header field ends the
 /// section too, and is body). Beyond the limits above, the rest is body.
-pub fn read_header_section(r: &mut dyn BufRead) -> io::Result<(Vec<Field>, Vec<u8>)> {
+pub(crate) fn read_header_section(r: &mut dyn BufRead) -> io::Result<(Vec<Field>, Vec<u8>)> {
     let mut fields: Vec<Field> = Vec::new();
     let mut total = 0usize;
     let mut line = Vec::new();

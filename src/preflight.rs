@@ -9,7 +9,7 @@ use std::net::TcpListener;
 
 /// One problem [`preflight`] found.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Finding {
+pub(crate) struct Finding {
     /// True when the server would not start (or not work) with this config.
     pub fatal: bool,
     /// What the finding is about, e.g. `spool.dir` or `server.listen 0.0.0.0:25`;
@@ -34,7 +34,7 @@ impl fmt::Display for Finding {
 /// is (or can be created as) a writable directory, the listen addresses can be bound.
 /// An address in use or needing privileges is only a warning: the server may already
 /// be running, and a service manager may grant `CAP_NET_BIND_SERVICE`.
-pub fn preflight(config: &Config) -> Vec<Finding> {
+pub(crate) fn preflight(config: &Config) -> Vec<Finding> {
     let mut out = Vec::new();
     let mut fatal = |what: &str, message: String| {
         out.push(Finding {
@@ -152,7 +152,7 @@ pub(crate) fn check_spool_dir(dir: &std::path::Path) -> Result<(), String> {
 
 /// `mailboxes: N users, N aliases, N domains` for `check-config`, when `[mailboxes]`
 /// is set and its maps build.
-pub fn mailbox_summary(config: &Config) -> Option<String> {
+pub(crate) fn mailbox_summary(config: &Config) -> Option<String> {
     let maps = crate::mailboxes::Maps::build(config.mailboxes.as_ref()?).ok()?;
     let (u, a, d) = maps.counts();
     Some(format!("mailboxes: {u} users, {a} aliases, {d} domains"))

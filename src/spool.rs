@@ -23,6 +23,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// A step of storing a message, as seen by [`Faults`].
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Op {
     /// Creating the file in `tmp/`.
@@ -40,6 +41,7 @@ pub enum Op {
 /// Fault injection for tests: consulted before each storage step; an `Err` is
 /// returned as if the real operation had failed (ENOSPC, EIO, …). The default
 /// injects nothing. A test may also block in `before` to observe ordering.
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub trait Faults: Send + Sync {
     fn before(&self, _op: Op) -> io::Result<()> {
         Ok(())
@@ -47,11 +49,12 @@ pub trait Faults: Send + Sync {
 }
 
 /// No faults: the production setting.
-pub struct NoFaults;
+pub(crate) struct NoFaults;
 impl Faults for NoFaults {}
 
 /// A storage failure.
 #[derive(Debug)]
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub enum StoreError {
     /// No space left (ENOSPC, EDQUOT): temporary, 452 4.3.1.
     Full(String),
@@ -61,7 +64,7 @@ pub enum StoreError {
 
 impl StoreError {
     /// Classifies an I/O error on `what` (a path or step).
-    pub fn from_io(what: &str, e: &io::Error) -> StoreError {
+    pub(crate) fn from_io(what: &str, e: &io::Error) -> StoreError {
         // ENOSPC = 28, EDQUOT = 122 on Linux.
         match e.raw_os_error() {
             Some(28) | Some(122) => StoreError::Full(format!("{what}: {e}")),
@@ -84,6 +87,7 @@ impl std::error::Error for StoreError {}
 
 /// Where sessions put messages. `begin` opens one; [`MessageWriter::commit`] makes it
 /// durable. Tests substitute their own store.
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub trait Store: Send + Sync {
     fn begin(&self) -> Result<Box<dyn MessageWriter>, StoreError>;
     /// Opens a message directly in another Maildir (a mailbox, created on first use),
@@ -97,6 +101,7 @@ pub trait Store: Send + Sync {
 
 /// One stored copy of a staged message (see [`MessageWriter::commit_copies`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub struct Copy {
     /// The Maildir: `None` is the spool's own (`spool.dir`), `Some` a mailbox's
     /// (created with its `tmp/ new/ cur/` on first delivery).
@@ -111,6 +116,7 @@ pub struct Copy {
 }
 
 /// One message being written. Dropping it without `commit` discards it.
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub trait MessageWriter: Write + Send {
     /// The queue id, as in the file name and the 250 reply.
     fn queue_id(&self) -> &str;
@@ -187,6 +193,7 @@ impl Ack {
 }
 
 /// A Maildir (`tmp/ new/ cur/`).
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub struct Maildir {
     shared: Arc<Shared>,
     seq: AtomicU64,
@@ -195,6 +202,7 @@ pub struct Maildir {
 
 /// How message data is made durable before the renames into `new/` (with `fsync`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub enum DataSync {
     /// Each session fdatasyncs its own file before handing it to the writer: many
     /// fdatasyncs in parallel, which the filesystem folds into journal commits as it
@@ -209,6 +217,7 @@ pub enum DataSync {
 
 /// How a spool stores files.
 #[derive(Clone)]
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub struct SpoolOptions {
     /// fsync files and directories (invariant 1); off only for throwaway sinks.
     pub fsync: bool,
@@ -231,7 +240,7 @@ impl Default for SpoolOptions {
 }
 
 /// The directory mode for a file mode: x wherever a class may read or write.
-pub fn dir_mode(file_mode: u32) -> u32 {
+pub(crate) fn dir_mode(file_mode: u32) -> u32 {
     let mut m = file_mode & 0o777;
     for shift in [6, 3, 0] {
         if (m >> shift) & 0o7 != 0 {
@@ -260,6 +269,7 @@ const KNOWN_DIRS_MAX: usize = 4096;
 
 /// Counters the writer thread keeps (for the stats line).
 #[derive(Debug, Default)]
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub struct SpoolStats {
     pub batches: AtomicU64,
     pub committed: AtomicU64,
@@ -270,6 +280,7 @@ pub struct SpoolStats {
 impl Maildir {
     /// Opens (creating if needed) the Maildir at `dir`, clears debris from `tmp/` (invariant 1) and starts
     /// the writer thread. Join the handle after dropping every clone of the store.
+    #[cfg(any(test, feature = "testing"))]
     pub fn open(
         dir: &Path,
         hostname: &str,
@@ -280,6 +291,7 @@ impl Maildir {
     }
 
     /// [`open`](Self::open) with a fault injector (tests).
+    #[cfg(any(test, feature = "testing"))]
     pub fn open_with_faults(
         dir: &Path,
         hostname: &str,
@@ -297,6 +309,7 @@ impl Maildir {
 
     /// Opens (creating if needed) the Maildir at `dir` with these options, clears
     /// debris from `tmp/` (SPEC 5) and starts the writer thread.
+    #[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
     pub fn open_with(
         dir: &Path,
         hostname: &str,
@@ -427,7 +440,7 @@ fn clear_tmp(tmp: &Path, host: &str, now: SystemTime) -> io::Result<usize> {
 /// Moves `from` to `to` unless `to` exists: a Maildir name must never replace a
 /// delivered message. RENAME_NOREPLACE where the filesystem has it, else link + unlink
 /// (link(2) fails on an existing name too).
-pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+pub(crate) fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     use rustix::fs::{renameat_with, RenameFlags, CWD};
     match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
         Ok(()) => Ok(()),
@@ -1015,7 +1028,7 @@ mod probe {
     use std::sync::Mutex;
 
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    pub enum Event {
+    pub(super) enum Event {
         /// The message file's fsync returned (key: the file name).
         FileSynced,
         /// The writer renamed it into new/.
@@ -1027,9 +1040,9 @@ mod probe {
         Acked,
     }
 
-    pub static EVENTS: Mutex<Vec<(Event, String)>> = Mutex::new(Vec::new());
+    pub(super) static EVENTS: Mutex<Vec<(Event, String)>> = Mutex::new(Vec::new());
 
-    pub fn record(event: Event, key: &str) {
+    pub(super) fn record(event: Event, key: &str) {
         EVENTS
             .lock()
             .unwrap_or_else(|p| p.into_inner())

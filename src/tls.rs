@@ -23,22 +23,34 @@ use std::time::Duration;
 /// A certificate or key that cannot be used.
 #[derive(Debug)]
 pub enum TlsError {
+    /// A file could not be read.
     Read {
+        /// The file.
         path: PathBuf,
+        /// Why.
         err: io::Error,
     },
+    /// The certificate file holds no certificate.
     NoCertificate(PathBuf),
+    /// The key file holds no private key.
     NoKey(PathBuf),
+    /// A file is not valid PEM.
     BadPem {
+        /// The file.
         path: PathBuf,
+        /// The PEM parser's error.
         err: String,
     },
     /// The key does not belong to the certificate, or is of an unsupported type.
     Mismatch {
+        /// The certificate file.
         cert: PathBuf,
+        /// The key file.
         key: PathBuf,
+        /// What rustls said.
         err: String,
     },
+    /// rustls refused the resulting configuration.
     Config(String),
 }
 
@@ -62,7 +74,14 @@ impl fmt::Display for TlsError {
     }
 }
 
-impl std::error::Error for TlsError {}
+impl std::error::Error for TlsError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            TlsError::Read { err, .. } => Some(err),
+            _ => None,
+        }
+    }
+}
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -70,6 +89,7 @@ fn provider() -> Arc<CryptoProvider> {
 
 /// Loads a PEM chain and key (PKCS#8, PKCS#1 or SEC1; RSA, ECDSA, Ed25519) and checks
 /// that they belong together.
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
     let read = |p: &Path| {
         std::fs::read(p).map_err(|err| TlsError::Read {
@@ -112,7 +132,7 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsEr
 
 /// Serves the current certificate; a watcher swaps it when the files change.
 #[derive(Debug)]
-pub struct Reloading {
+pub(crate) struct Reloading {
     current: RwLock<Arc<CertifiedKey>>,
     /// The files as they were when `current` was first loaded.
     loaded: Fingerprint,
@@ -147,19 +167,19 @@ fn fingerprint(cert: &Path, key: &Path) -> Fingerprint {
 
 impl Reloading {
     /// Reads the certificate and key files again (SIGHUP), without installing them.
-    pub fn load_files(&self) -> Result<CertifiedKey, TlsError> {
+    pub(crate) fn load_files(&self) -> Result<CertifiedKey, TlsError> {
         load_certified_key(&self.cert, &self.key)
     }
 
     /// Serves `ck` from the next handshake on.
-    pub fn install(&self, ck: CertifiedKey) {
+    pub(crate) fn install(&self, ck: CertifiedKey) {
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ck);
         log::info!("tls: reloaded certificate {}", self.cert.display());
     }
 
     /// Polls the files every `every`; a broken new pair is logged and the old stays.
     /// The watcher ends when `stop` is set.
-    pub fn watch(self: &Arc<Self>, every: Duration, stop: Arc<AtomicBool>) {
+    pub(crate) fn watch(self: &Arc<Self>, every: Duration, stop: Arc<AtomicBool>) {
         let me = Arc::clone(self);
         let spawned = std::thread::Builder::new()
             .name("tls-reload".into())
@@ -190,7 +210,7 @@ impl Reloading {
 }
 
 /// Builds the server TLS config (TLS 1.2 and 1.3 only) with a reloading resolver.
-pub fn server_config(
+pub(crate) fn server_config(
     cert: &Path,
     key: &Path,
 ) -> Result<(Arc<ServerConfig>, Arc<Reloading>), TlsError> {

@@ -6,7 +6,7 @@ mod common;
 use common::process::{free_port, write_config, ChildServer};
 use common::split_stored;
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,19 +43,9 @@ fn index_of(body: &[u8]) -> Option<u64> {
 
 /// One SMTP reply's code and last line; an I/O error once the server is gone.
 fn reply(r: &mut BufReader<TcpStream>) -> std::io::Result<(u16, String)> {
-    loop {
-        let mut line = String::new();
-        if r.read_line(&mut line)? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        if line.len() < 4 {
-            return Err(std::io::Error::other(format!("bad reply {line:?}")));
-        }
-        if line.as_bytes()[3] == b' ' {
-            let code = line[..3].parse().map_err(std::io::Error::other)?;
-            return Ok((code, line.trim_end().to_string()));
-        }
-    }
+    let reply = mailer::client::read_reply(r)?;
+    let last = reply.lines.last().map_or("", |l| l.trim_end());
+    Ok((reply.code, last.to_string()))
 }
 
 /// Sends messages until the connection breaks; records `(index, queue id)` for each 250.

@@ -692,7 +692,7 @@ fn batch_data_sync_is_all_or_nothing_too() {
 /// `data` and is reset; a disconnect inside DATA resets too; `close` comes last.
 #[test]
 fn reset_and_close_follow_the_transaction() {
-    use common::memory::Mem;
+    use mailer::testing::Mem;
     let run = |input: &[u8], max: u64| {
         let hook = Arc::new(Verdict::default());
         let r = Mem {

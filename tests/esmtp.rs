@@ -4,8 +4,8 @@
 //! EXPN, the exact EHLO list; plus a property test (in memory, through the same
 //! `Connection` driver) that any chunking of a body stores the same bytes.
 mod common;
-use common::memory::{Fail, Mem};
 use common::*;
+use mailer::testing::{Fail, Mem};
 use proptest::prelude::*;
 
 /// Sends `BDAT <n> [LAST]` and its bytes in one write.

@@ -4,13 +4,13 @@
 //! hook's content and headers, `Chain`, `Policy`, and that a panicking hook ends only
 //! its own session.
 mod common;
-use common::memory::{Mem, OneUser};
 use common::*;
+use mailer::hooks::MailParams;
 use mailer::hooks::{
     Chain, DataVerdict, Envelope, Header, Hooks, Policy, SessionError, SessionInfo,
 };
 use mailer::protocol::address::{Address, ReversePath};
-use mailer::protocol::command::MailParams;
+use mailer::testing::{Mem, OneUser};
 use mailer::{Enhanced, Reply};
 use std::sync::{Arc, Mutex};
 

@@ -8,7 +8,7 @@ mod common;
 use common::process::{free_port, run, write_config, ChildServer};
 use common::*;
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -379,19 +379,9 @@ const CRASH_RCPTS: [&str; 4] = ["a@m.test", "b@m.test", "c@m.test", "r@elsewhere
 
 /// One reply's code and last line; an error once the server is gone.
 fn raw_reply(r: &mut BufReader<TcpStream>) -> std::io::Result<(u16, String)> {
-    loop {
-        let mut line = String::new();
-        if r.read_line(&mut line)? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        if line.len() < 4 {
-            return Err(std::io::Error::other(format!("bad reply {line:?}")));
-        }
-        if line.as_bytes()[3] == b' ' {
-            let code = line[..3].parse().map_err(std::io::Error::other)?;
-            return Ok((code, line.trim_end().to_string()));
-        }
-    }
+    let reply = mailer::client::read_reply(r)?;
+    let last = reply.lines.last().map_or("", |l| l.trim_end());
+    Ok((reply.code, last.to_string()))
 }
 
 /// Sends messages to all of [`CRASH_RCPTS`] until the connection breaks; records the

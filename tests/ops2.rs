@@ -20,16 +20,7 @@ use std::time::{Duration, Instant};
 
 /// Reads one reply (all its lines) from a plain-text SMTP connection.
 fn reply(r: &mut impl BufRead) -> String {
-    let mut all = String::new();
-    loop {
-        let mut line = String::new();
-        r.read_line(&mut line).unwrap();
-        assert!(!line.is_empty(), "connection closed; so far {all:?}");
-        all.push_str(&line);
-        if line.as_bytes().get(3) != Some(&b'-') {
-            return all;
-        }
-    }
+    mailer::testing::read_wire_reply(r).expect("a reply").1
 }
 
 /// The certificate the server presents after STARTTLS on `addr`.

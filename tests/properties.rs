@@ -1,5 +1,5 @@
 //! Property tests (issue 10) over whole sessions, through the in-memory driver
-//! (`common::memory`) and once over TCP with the real client:
+//! (`mailer::testing`) and once over TCP with the real client:
 //!
 //! 1. Dot-stuffing by the client, then unstuffing by the server, is the identity on
 //!    arbitrary bytes (after CRLF normalisation: a bare LF is sent and stored as CRLF,
@@ -9,10 +9,10 @@
 //!    replies, byte for byte, stores the same messages and ends the same way (RFC 2920;
 //!    SPEC invariant 6).
 mod common;
-use common::memory::Mem;
 use common::*;
 use mailer::client::{try_send, Job, Pipelining, StartTls, Status};
 use mailer::protocol::data::dot_stuff;
+use mailer::testing::Mem;
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
@@ -36,18 +36,7 @@ fn content() -> impl Strategy<Value = Vec<u8>> {
 /// last line without one (the client's `dot_stuff` does the same), then the trace
 /// guards (an empty line before leading white space, no incoming `Return-Path:`).
 fn normalise(content: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(content.len() + 8);
-    let mut prev = 0u8;
-    for &b in content {
-        if b == b'\n' && prev != b'\r' {
-            v.push(b'\r');
-        }
-        v.push(b);
-        prev = b;
-    }
-    if !v.is_empty() && !v.ends_with(b"\n") {
-        v.extend_from_slice(b"\r\n");
-    }
+    let v = mailer::testing::normalise(content);
     let mut f = mailer::delivery::ContentFilter::new();
     let mut out = Vec::new();
     f.push(&v, &mut out);

@@ -86,17 +86,9 @@ impl Raw {
 
     /// Removes one complete reply from `got`; returns its last line.
     fn take_reply(&mut self) -> Option<String> {
-        let mut start = 0;
-        while let Some(n) = self.got[start..].windows(2).position(|w| w == b"\r\n") {
-            let line = &self.got[start..start + n];
-            start += n + 2;
-            if line.get(3) != Some(&b'-') {
-                let s = String::from_utf8_lossy(line).into_owned();
-                self.got.drain(..start);
-                return Some(s);
-            }
-        }
-        None
+        let (reply, n) = mailer::client::parse_reply(&self.got).ok().flatten()?;
+        self.got.drain(..n);
+        reply.lines.last().cloned()
     }
 
     fn send(&mut self, bytes: &[u8]) -> bool {

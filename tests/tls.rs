@@ -76,15 +76,7 @@ fn peer_cert(s: &Tls) -> CertificateDer<'static> {
 
 /// Reads one whole reply (all lines) from a raw stream.
 fn read_reply(r: &mut impl BufRead) -> String {
-    let mut all = String::new();
-    loop {
-        let mut line = String::new();
-        assert!(r.read_line(&mut line).unwrap() > 0, "closed; got {all:?}");
-        all.push_str(&line);
-        if line.as_bytes().get(3) == Some(&b' ') {
-            return all;
-        }
-    }
+    mailer::testing::read_wire_reply(r).expect("a reply").1
 }
 
 /// Reads until the peer closes (EOF or reset); fails if that takes longer than `limit`.

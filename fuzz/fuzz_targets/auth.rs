@@ -1,4 +1,4 @@
-//! The AUTH decoder `mailer::auth::{start, respond}` (RFC 4954, PLAIN RFC 4616, LOGIN),
+//! The AUTH decoder `mailer::protocol::sasl::{start, respond}` (RFC 4954, PLAIN RFC 4616, LOGIN),
 //! alone and inside a session. Input: a selector byte, then lines separated by LF.
 //!
 //! Properties:
@@ -20,10 +20,10 @@
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use libfuzzer_sys::fuzz_target;
-use mailer::auth::{respond, start, AuthStep, Exchange};
 use mailer::hooks::{NoHooks, SessionInfo};
+use mailer::protocol::sasl::{respond, start, AuthStep, Exchange};
 use mailer::session::{AuthSettings, Session, Settings, Step};
-use mailer_fuzz::OneUser;
+use mailer::testing::OneUser;
 use std::sync::Arc;
 
 fn decode(line: &str) -> Option<Vec<u8>> {
@@ -140,7 +140,7 @@ fuzz_target!(|data: &[u8]| {
         require_tls: false,
         auth: Some(AuthSettings {
             allow_plaintext: true,
-            authenticator: Arc::new(OneUser),
+            authenticator: Arc::new(OneUser("alice", "secret")),
         }),
     });
     let info = SessionInfo {

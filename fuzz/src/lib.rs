@@ -1,116 +1,16 @@
-//! Shared pieces of the fuzz targets: an in-memory [`Transport`] that serves the fuzz
-//! bytes in arbitrary-sized reads, a [`Store`] that records messages, a session
-//! runner, and checkers for the server's output.
+//! Shared pieces of the fuzz targets: the knobs a fuzz input chooses, a session runner
+//! over the crate's own in-memory transport and store (`mailer::testing`), and checkers
+//! for the server's output.
 //!
 //! Every checker panics (which libFuzzer reports as a crash) when a property fails.
 
-use mailer::auth::Authenticator;
-use mailer::connection::{Connection, End, Forever, Transport, WireLimits};
-use mailer::hooks::{NoHooks, SessionInfo, TlsInfo};
+use mailer::client::parse_reply;
+use mailer::connection::End;
 use mailer::protocol::data::{BareLf, DataReader};
-use mailer::session::{AuthSettings, Session, Settings};
-use mailer::spool::{MessageWriter, Store, StoreError};
-use std::io::{self, Read, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use mailer::testing::{Mem, OneUser};
+use std::sync::Arc;
 
-/// A tiny deterministic PRNG (xorshift64*), so read sizes come from the fuzz input.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed ^ 0x9E37_79B9_7F4A_7C15 | 1)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    /// A number in `1..=max`.
-    pub fn size(&mut self, max: usize) -> usize {
-        1 + (self.next_u64() % max.max(1) as u64) as usize
-    }
-}
-
-/// What the fake TLS handshake does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FakeTls {
-    /// `start_tls` fails (the connection ends).
-    Fail,
-    /// `start_tls` "succeeds" and the stream goes on in clear, so the session after a
-    /// handshake is explored too.
-    Succeed,
-}
-
-/// Serves `input` in reads of pseudo-random size `1..=max_piece`; records writes.
-pub struct MemTransport {
-    input: Vec<u8>,
-    pos: usize,
-    rng: Rng,
-    max_piece: usize,
-    pub out: Vec<u8>,
-    tls: FakeTls,
-    /// Input offset and output length at each `start_tls` call.
-    pub handshakes: Vec<(usize, usize)>,
-}
-
-impl MemTransport {
-    pub fn new(input: Vec<u8>, seed: u64, max_piece: usize, tls: FakeTls) -> MemTransport {
-        MemTransport {
-            input,
-            pos: 0,
-            rng: Rng::new(seed),
-            max_piece: max_piece.max(1),
-            out: Vec::new(),
-            tls,
-            handshakes: Vec::new(),
-        }
-    }
-    /// How many input bytes the server has read.
-    pub fn consumed(&self) -> usize {
-        self.pos
-    }
-}
-
-impl Read for MemTransport {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = self.input.len() - self.pos;
-        let n = self.rng.size(self.max_piece).min(left).min(buf.len());
-        buf[..n].copy_from_slice(&self.input[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
-    }
-}
-
-impl Write for MemTransport {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.out.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Transport for MemTransport {
-    fn set_read_timeout(&mut self, _timeout: Option<Duration>) -> io::Result<()> {
-        Ok(())
-    }
-    fn start_tls(&mut self) -> io::Result<TlsInfo> {
-        self.handshakes.push((self.pos, self.out.len()));
-        match self.tls {
-            FakeTls::Fail => Err(io::Error::new(io::ErrorKind::InvalidData, "no TLS here")),
-            FakeTls::Succeed => Ok(TlsInfo {
-                version: "TLSv1_3".into(),
-                cipher: "FAKE".into(),
-            }),
-        }
-    }
-}
+pub use mailer::testing::{normalise, FakeTls};
 
 /// One committed message: queue id and the bytes written (trace headers + content).
 #[derive(Clone, Debug)]
@@ -119,70 +19,10 @@ pub struct Stored {
     pub bytes: Vec<u8>,
 }
 
-/// A [`Store`] keeping committed messages in memory; ids are `Q1`, `Q2`, …
-#[derive(Default)]
-pub struct MemStore {
-    next: AtomicU64,
-    committed: Arc<Mutex<Vec<Stored>>>,
-}
-
-impl MemStore {
-    /// The committed messages, in commit order.
-    pub fn messages(&self) -> Vec<Stored> {
-        self.committed.lock().unwrap().clone()
-    }
-}
-
-impl Store for MemStore {
-    fn begin(&self) -> Result<Box<dyn MessageWriter>, StoreError> {
-        let n = self.next.fetch_add(1, Ordering::Relaxed) + 1;
-        Ok(Box::new(MemMessage {
-            id: format!("Q{n}"),
-            bytes: Vec::new(),
-            committed: Arc::clone(&self.committed),
-        }))
-    }
-}
-
-/// A message being written; dropped without commit, it vanishes.
-struct MemMessage {
-    id: String,
-    bytes: Vec<u8>,
-    committed: Arc<Mutex<Vec<Stored>>>,
-}
-
-impl Write for MemMessage {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.bytes.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl MessageWriter for MemMessage {
-    fn queue_id(&self) -> &str {
-        &self.id
-    }
-    fn commit(self: Box<Self>) -> Result<(), StoreError> {
-        let MemMessage {
-            id,
-            bytes,
-            committed,
-        } = *self;
-        committed.lock().unwrap().push(Stored { id, bytes });
-        Ok(())
-    }
-}
-
-/// Accepts exactly alice / secret.
-pub struct OneUser;
-
-impl Authenticator for OneUser {
-    fn verify(&self, user: &str, password: &[u8]) -> bool {
-        user == "alice" && password == b"secret"
-    }
+/// What the transport saw of the session.
+pub struct Transcript {
+    /// Input offset and output length at each `start_tls` call.
+    pub handshakes: Vec<(usize, usize)>,
 }
 
 /// The knobs a fuzz input chooses.
@@ -232,51 +72,37 @@ pub struct Run {
     /// Everything the server wrote.
     pub out: Vec<u8>,
     pub stored: Vec<Stored>,
-    pub transport: MemTransport,
+    pub transport: Transcript,
 }
 
 /// Runs a whole session over `input` with the given knobs.
 pub fn run_session(input: &[u8], k: &Knobs) -> Run {
-    let settings = Arc::new(Settings {
-        hostname: "mx.test".into(),
+    let mem = Mem {
         max_message_size: k.max_message_size,
         max_recipients: k.max_recipients,
         max_errors: k.max_errors,
-        tls_available: k.tls_available,
-        require_tls: false,
-        auth: k.auth.then(|| AuthSettings {
-            allow_plaintext: true,
-            authenticator: Arc::new(OneUser),
-        }),
-    });
-    let info = SessionInfo {
-        id: 1,
-        peer: "192.0.2.1:4000".parse().unwrap(),
-        tls: None,
-        auth_user: None,
-        helo: None,
-        local: "192.0.2.2:25".parse().unwrap(),
-        auth_mechanism: None,
-    };
-    let session = Session::new(settings, Arc::new(NoHooks), info);
-    let limits = WireLimits {
         max_line_length: k.max_line_length,
-        max_message_size: k.max_message_size,
         bare_lf: k.bare_lf,
-        command_timeout: Duration::from_secs(300),
-        data_timeout: Duration::from_secs(300),
-        min_data_rate: 0,
+        random_reads: Some((k.seed, k.max_piece)),
+        peer: "192.0.2.1:4000".parse().expect("a literal address"),
+        starttls: k.tls_available.then_some(k.tls),
+        auth: k
+            .auth
+            .then(|| Arc::new(OneUser("alice", "secret")) as Arc<dyn mailer::auth::Authenticator>),
+        ..Mem::default()
     };
-    let store = MemStore::default();
-    let t = MemTransport::new(input.to_vec(), k.seed, k.max_piece, k.tls);
-    let mut conn = Connection::new(t, session, &store, &Forever, limits, false);
-    let end = conn.run();
-    let transport = conn.into_transport();
+    let run = mem.run(input);
     Run {
-        end,
-        out: transport.out.clone(),
-        stored: store.messages(),
-        transport,
+        end: run.end,
+        out: run.output,
+        stored: run
+            .stored
+            .into_iter()
+            .map(|(id, bytes)| Stored { id, bytes })
+            .collect(),
+        transport: Transcript {
+            handshakes: run.handshakes,
+        },
     }
 }
 
@@ -301,54 +127,49 @@ impl WireReply {
     }
 }
 
-/// Splits the server's output into replies, asserting that every line matches
-/// `^\d{3}[ -]`, ends in CRLF, carries no other CR or LF, and that continuation lines
-/// share their reply's code (RFC 5321 §4.2.1).
+/// Splits the server's output into replies with the library's parser
+/// (`mailer::client::parse_reply`), asserting that every line matches `^[2-5]\d\d[ -]`,
+/// ends in CRLF, carries no other CR or LF, and that continuation lines share their
+/// reply's code (RFC 5321 §4.2.1).
 pub fn parse_replies(out: &[u8]) -> Vec<WireReply> {
     assert!(
         out.is_empty() || out.ends_with(b"\r\n"),
         "output does not end in CRLF: {:?}",
         String::from_utf8_lossy(&out[out.len().saturating_sub(80)..])
     );
-    let mut replies = Vec::new();
-    let mut cur: Option<WireReply> = None;
-    let mut rest = out;
-    while !rest.is_empty() {
-        let end = rest
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .expect("checked: ends in CRLF");
-        let line = &rest[..end];
-        rest = &rest[end + 2..];
+    let mut lines = out.split(|&b| b == b'\n');
+    // The piece after the final LF is empty (checked above).
+    lines.next_back();
+    for line in lines {
+        let line = line
+            .strip_suffix(b"\r")
+            .unwrap_or_else(|| panic!("bare LF in a reply: {:?}", String::from_utf8_lossy(line)));
         assert!(
-            !line.contains(&b'\r') && !line.contains(&b'\n'),
-            "bare CR or LF inside a reply line: {:?}",
+            !line.contains(&b'\r'),
+            "bare CR inside a reply line: {:?}",
             String::from_utf8_lossy(line)
         );
         assert!(
-            line.len() >= 4
-                && line[..3].iter().all(u8::is_ascii_digit)
-                && (line[3] == b' ' || line[3] == b'-'),
+            line.len() >= 4,
             "not an SMTP reply line: {:?}",
             String::from_utf8_lossy(line)
         );
-        assert!(
-            line[0] >= b'2' && line[0] <= b'5',
-            "bad reply class: {line:?}"
-        );
-        let code: u16 = std::str::from_utf8(&line[..3]).unwrap().parse().unwrap();
-        let text = String::from_utf8_lossy(&line[4..]).into_owned();
-        let r = cur.get_or_insert_with(|| WireReply {
-            code,
-            lines: Vec::new(),
-        });
-        assert_eq!(r.code, code, "continuation with another code: {line:?}");
-        r.lines.push(text);
-        if line[3] == b' ' {
-            replies.push(cur.take().unwrap());
+    }
+    let mut replies = Vec::new();
+    let mut rest = out;
+    while !rest.is_empty() {
+        match parse_reply(rest) {
+            Ok(Some((r, n))) => {
+                replies.push(WireReply {
+                    code: r.code,
+                    lines: r.texts().map(str::to_string).collect(),
+                });
+                rest = &rest[n..];
+            }
+            Ok(None) => panic!("multi-line reply without its last line"),
+            Err(e) => panic!("not an SMTP reply: {e}"),
         }
     }
-    assert!(cur.is_none(), "multi-line reply without its last line");
     replies
 }
 
@@ -409,24 +230,6 @@ pub fn read_data(input: &[u8], max: u64, bare: BareLf) -> (Vec<u8>, usize, DataR
     let mut out = Vec::new();
     let n = r.feed(input, &mut out);
     (out, n, r)
-}
-
-/// CRLF-normalises content as the client side does before sending: a bare LF becomes
-/// CRLF, and a non-empty text that does not end in LF gets a final CRLF.
-pub fn normalise(content: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(content.len() + 8);
-    let mut prev = 0u8;
-    for &b in content {
-        if b == b'\n' && prev != b'\r' {
-            v.push(b'\r');
-        }
-        v.push(b);
-        prev = b;
-    }
-    if !v.is_empty() && !v.ends_with(b"\n") {
-        v.extend_from_slice(b"\r\n");
-    }
-    v
 }
 
 /// The stored form of received content (SPEC 5, invariant 11), written here apart from

@@ -51,9 +51,11 @@ pub struct Job {
     pub port: u16,
     /// The name given in EHLO/HELO; the local host name when the job does not say.
     pub helo: String,
+    /// Whether to pipeline commands (RFC 2920).
     pub pipelining: Pipelining,
     /// Bound on connecting (DNS included) and on waiting for each reply.
     pub connection_timeout: Duration,
+    /// Whether to upgrade the connection with STARTTLS (RFC 3207).
     pub starttls: StartTls,
     /// Verify the server certificate and its name (false: accept any certificate,
     /// for self-signed test servers; handshake signatures are still checked).
@@ -77,11 +79,18 @@ pub enum JobError {
     Missing(&'static str),
     /// A field has the wrong JSON type; `expected` says what it should be.
     WrongType {
+        /// The field.
         field: String,
+        /// The JSON type it should have.
         expected: &'static str,
     },
     /// A field has the right type but an unusable value.
-    Invalid { field: String, reason: String },
+    Invalid {
+        /// The field.
+        field: String,
+        /// What is wrong with its value.
+        reason: String,
+    },
 }
 
 impl JobError {

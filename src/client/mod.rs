@@ -33,7 +33,7 @@ pub mod dangerous {
     /// handshake signature): what `tls_verify: false` uses, for self-signed test servers.
     pub use super::net::AnyCertificate;
 }
-pub use reply::{parse_reply, ReplyError, ServerReply};
+pub use reply::{parse_reply, read_reply, ReplyError, ServerReply};
 pub use report::{DeliveryStatus, Report, Status};
 
 use std::fmt;
@@ -48,26 +48,60 @@ pub enum SendError {
     /// The job does not validate (only for jobs built in code; the CLI checks first).
     BadJob(JobError),
     /// The host name did not resolve, or resolved to nothing.
-    Resolve { host: String, err: String },
+    Resolve {
+        /// The name looked up.
+        host: String,
+        /// The resolver's error.
+        err: String,
+    },
     /// No address of the host accepted the connection (each address with its error).
     Connect {
+        /// Each address tried, with its error.
         errors: Vec<(SocketAddr, io::Error)>,
     },
     /// A step took longer than `connection_timeout`.
-    Timeout { step: String, after: Duration },
+    Timeout {
+        /// The step (`connect`, `MAIL`, `DATA`, ...).
+        step: String,
+        /// How long was waited.
+        after: Duration,
+    },
     /// The server closed the connection while we waited for it.
-    Closed { step: String },
+    Closed {
+        /// The step waited on.
+        step: String,
+    },
     /// A read or write failed.
-    Io { step: String, err: io::Error },
+    Io {
+        /// The step.
+        step: String,
+        /// The I/O error.
+        err: io::Error,
+    },
     /// The server's reply broke RFC 5321 §4.2.
-    Protocol { step: String, err: ReplyError },
+    Protocol {
+        /// The step.
+        step: String,
+        /// What is wrong with the reply.
+        err: ReplyError,
+    },
     /// The greeting was not 220 (RFC 5321 §3.1: 554 means "no service here").
     Greeting(ServerReply),
     /// A refusal that ends the session: EHLO and HELO refused, STARTTLS refused with
     /// REQUIRE.
-    Refused { step: String, reply: ServerReply },
+    Refused {
+        /// The step refused.
+        step: String,
+        /// The refusal.
+        reply: ServerReply,
+    },
     /// 421 at any point: the server is closing the session (RFC 5321 §3.8).
-    Closing { step: String, reply: ServerReply },
+    Closing {
+        /// The step answered with 421.
+        step: String,
+        /// The 421 reply.
+        reply: ServerReply,
+    },
     /// `starttls: REQUIRE` and the server does not advertise STARTTLS.
     NoStartTls,
     /// `pipelining: DEPEND` and the server does not advertise PIPELINING.
@@ -75,7 +109,12 @@ pub enum SendError {
     /// Non-ASCII addresses and the server does not advertise SMTPUTF8 (RFC 6531 §3.2).
     NoSmtpUtf8,
     /// The CA file could not be used.
-    CaFile { path: PathBuf, err: String },
+    CaFile {
+        /// The `ca_file`.
+        path: PathBuf,
+        /// Why it could not be used.
+        err: String,
+    },
     /// The TLS handshake failed (certificate not trusted, name mismatch, ...).
     Tls(String),
     /// The server sent bytes after its STARTTLS 220 and before the handshake: they
@@ -136,7 +175,18 @@ impl fmt::Display for SendError {
     }
 }
 
-impl std::error::Error for SendError {}
+impl std::error::Error for SendError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            SendError::BadJob(e) => Some(e),
+            SendError::Io { err, .. } => Some(err),
+            SendError::Protocol { err, .. } => Some(err),
+            // The last address tried.
+            SendError::Connect { errors } => errors.last().map(|(_, e)| e as _),
+            _ => None,
+        }
+    }
+}
 
 /// Delivers `job` and reports the outcome. Never panics on any server behaviour;
 /// every wait is bounded by `job.connection_timeout` (DNS and connect included).

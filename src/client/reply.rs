@@ -7,6 +7,7 @@
 //! ```
 
 use std::fmt;
+use std::io::{self, BufRead};
 
 /// Longest reply line accepted, CRLF included. RFC 5321 §4.5.3.1.5 allows 512 octets;
 /// real servers exceed it in long EHLO lists, so we are generous but still bounded.
@@ -54,7 +55,12 @@ pub enum ReplyError {
     /// A line that does not start with a reply code and a valid separator.
     BadLine(String),
     /// The lines of one multi-line reply carry different codes (§4.2.1 forbids it).
-    CodeMismatch { first: u16, line: String },
+    CodeMismatch {
+        /// The code of the reply's first line.
+        first: u16,
+        /// The line with another code.
+        line: String,
+    },
     /// A line longer than [`MAX_LINE`].
     LineTooLong,
     /// More than [`MAX_LINES`] lines.
@@ -127,6 +133,31 @@ pub fn parse_reply(buf: &[u8]) -> Result<Option<(ServerReply, usize)>, ReplyErro
         }
         if lines.len() >= MAX_LINES {
             return Err(ReplyError::TooManyLines);
+        }
+    }
+}
+
+/// Reads one whole reply from a blocking reader, a line at a time, with
+/// [`parse_reply`]: nothing after the reply's last line is consumed.
+///
+/// # Errors
+/// The reader's own errors; `UnexpectedEof` when the stream ends before the reply's
+/// last line; `InvalidData` (with the [`ReplyError`] inside) for a malformed reply.
+pub fn read_reply<R: BufRead>(r: &mut R) -> io::Result<ServerReply> {
+    let mut buf = Vec::new();
+    loop {
+        // Bounded: one line is at most MAX_LINE bytes before parse_reply refuses it.
+        let n = io::Read::take(&mut *r, (MAX_LINE + 1) as u64).read_until(b'\n', &mut buf)?;
+        match parse_reply(&buf) {
+            Ok(Some((reply, _))) => return Ok(reply),
+            Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+            Ok(None) if n == 0 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the stream ended inside a reply",
+                ))
+            }
+            Ok(None) => {}
         }
     }
 }

@@ -39,6 +39,7 @@ impl Status {
 pub struct DeliveryStatus {
     /// The recipient as the job wrote it.
     pub recipient: String,
+    /// Delivered, refused for now, or refused for good.
     pub status: Status,
     /// The reply that decided it, lines joined with `\n` (see [`ServerReply::text`]).
     pub response: String,
@@ -61,12 +62,16 @@ pub enum Report {
     /// The session ran to the end; one entry per recipient, in job order.
     #[serde(rename = "ok")]
     Ok {
+        /// One entry per recipient, in job order.
         #[serde(rename = "deliveryStatus")]
         delivery_status: Vec<DeliveryStatus>,
     },
     /// The connection or session failed; `message` starts with [`ERROR_PREFIX`].
     #[serde(rename = "error")]
-    Error { message: String },
+    Error {
+        /// What went wrong, starting with [`ERROR_PREFIX`].
+        message: String,
+    },
 }
 
 impl Report {

@@ -6,9 +6,11 @@
 
 use std::fmt;
 
-/// RFC 5321 §4.5.3.1 size limits.
+/// Longest local part, in octets (RFC 5321 §4.5.3.1.1).
 pub const MAX_LOCAL_PART: usize = 64;
+/// Longest domain, in octets (RFC 5321 §4.5.3.1.2).
 pub const MAX_DOMAIN: usize = 255;
+/// Longest path, brackets included, in octets (RFC 5321 §4.5.3.1.3).
 pub const MAX_PATH: usize = 256;
 
 /// Why an address was refused. `Display` is the reply text.
@@ -104,11 +106,14 @@ impl fmt::Display for Address {
 /// The MAIL FROM argument: a mailbox or the null reverse-path `<>` (bounces).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReversePath {
+    /// `<>`: no one to send a bounce back to (RFC 5321 §4.5.5).
     Null,
+    /// A sender mailbox.
     Mailbox(Address),
 }
 
 impl ReversePath {
+    /// Whether the mailbox has non-ASCII characters (needs SMTPUTF8, RFC 6531).
     pub fn is_utf8(&self) -> bool {
         matches!(self, ReversePath::Mailbox(a) if a.is_utf8())
     }

@@ -9,7 +9,9 @@ use super::reply::{Enhanced, Reply};
 /// The `BODY=` value of MAIL (RFC 6152).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Body {
+    /// `7BIT`: plain ASCII.
     SevenBit,
+    /// `8BITMIME`: octets above 127 in the content.
     EightBitMime,
 }
 
@@ -17,8 +19,11 @@ pub enum Body {
 /// SMTPUTF8 (RFC 6531) and AUTH (RFC 4954 §5).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MailParams {
+    /// `SIZE=`: the client's estimate of the message size in octets.
     pub size: Option<u64>,
+    /// `BODY=`: the content's type.
     pub body: Option<Body>,
+    /// `SMTPUTF8`: addresses or headers may be UTF-8.
     pub smtputf8: bool,
     /// The `AUTH=` identity as sent (xtext, or `<>`); informational only.
     pub auth: Option<String>,
@@ -26,6 +31,7 @@ pub struct MailParams {
 
 /// One parsed command.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub enum Command {
     Helo(String),
     Ehlo(String),
@@ -60,6 +66,7 @@ fn bad_address(e: AddressError) -> Reply {
 }
 
 /// Parses a command line. `Err` holds the reply to send.
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub fn parse(line: &[u8]) -> Result<Command, Reply> {
     let line = std::str::from_utf8(line)
         .map_err(|_| Reply::new(500, Enhanced(5, 5, 2), "Error: command is not valid UTF-8"))?;

@@ -8,6 +8,7 @@
 
 /// What to do with a bare LF (one not preceded by CR) in message content.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub enum BareLf {
     /// Store it as CRLF.
     Normalize,
@@ -32,6 +33,7 @@ enum State {
 
 /// How a finished message turned out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub enum Verdict {
     Ok,
     /// More content than the limit: it was discarded, not buffered (invariant 4).
@@ -42,6 +44,7 @@ pub enum Verdict {
 
 /// Streaming DATA decoder. Feed it raw bytes; it appends content to `out`.
 #[derive(Debug)]
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub struct DataReader {
     state: State,
     bare_lf: BareLf,
@@ -53,6 +56,7 @@ pub struct DataReader {
 
 impl DataReader {
     /// `max_size` bounds the content bytes kept; beyond it content is dropped.
+    #[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
     pub fn new(max_size: u64, bare_lf: BareLf) -> DataReader {
         DataReader {
             state: State::LineStart,
@@ -65,16 +69,19 @@ impl DataReader {
     }
 
     /// Content bytes seen so far (including any discarded past the limit).
+    #[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
     pub fn size(&self) -> u64 {
         self.size
     }
 
     /// True once the terminating `<CRLF>.<CRLF>` has been consumed.
+    #[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
     pub fn is_done(&self) -> bool {
         self.state == State::Done
     }
 
     /// The verdict; meaningful once [`is_done`](Self::is_done).
+    #[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
     pub fn verdict(&self) -> Verdict {
         if self.too_big {
             Verdict::TooBig
@@ -86,12 +93,14 @@ impl DataReader {
     }
 
     /// Whether content is still worth writing (not over size, not doomed by bare LF).
+    #[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
     pub fn is_keeping(&self) -> bool {
         self.verdict() == Verdict::Ok
     }
 
     /// Consumes bytes from `input` up to and including the terminator; returns how many
     /// were consumed. Bytes after the terminator (pipelined commands) are left alone.
+    #[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
     pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> usize {
         let mut i = 0;
         while i < input.len() && self.state != State::Done {
@@ -162,6 +171,7 @@ impl DataReader {
 
 /// Applies dot-stuffing (RFC 5321 §4.5.2) for sending `content` with DATA and appends
 /// the terminator; bare LF becomes CRLF. The client side of [`DataReader`].
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub fn dot_stuff(content: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(content.len() + content.len() / 64 + 5);
     let mut line_start = true;

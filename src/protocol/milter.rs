@@ -19,77 +19,81 @@ use crate::protocol::reply::{Enhanced, Reply};
 use std::fmt;
 
 /// The protocol version we speak (libmilter 8.14+, Postfix 2.6+).
-pub const VERSION: u32 = 6;
+pub(crate) const VERSION: u32 = 6;
 
 /// The largest packet (command byte + payload) we accept from a filter. libmilter's own
 /// limit is about 1 MiB (`MILTER_MAX_DATA_SIZE` with the MDS_1M option), and no legal reply
 /// comes close: this only stops a broken or hostile filter from making us allocate.
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub const MAX_PACKET: usize = 1 << 20;
 
 /// The largest body chunk we send: libmilter's default `MILTER_CHUNK_SIZE` (65535), which
 /// every filter accepts without negotiating a larger one.
-pub const MAX_CHUNK: usize = 65535;
+pub(crate) const MAX_CHUNK: usize = 65535;
 
 /// Commands the MTA sends (`SMFIC_*`).
-pub mod cmd {
-    pub const ABORT: u8 = b'A';
-    pub const BODY: u8 = b'B';
-    pub const CONNECT: u8 = b'C';
-    pub const MACRO: u8 = b'D';
-    pub const BODYEOB: u8 = b'E';
-    pub const HELO: u8 = b'H';
-    pub const HEADER: u8 = b'L';
-    pub const MAIL: u8 = b'M';
-    pub const EOH: u8 = b'N';
-    pub const OPTNEG: u8 = b'O';
-    pub const QUIT: u8 = b'Q';
-    pub const RCPT: u8 = b'R';
-    pub const DATA: u8 = b'T';
+pub(crate) mod cmd {
+    pub(crate) const ABORT: u8 = b'A';
+    pub(crate) const BODY: u8 = b'B';
+    pub(crate) const CONNECT: u8 = b'C';
+    pub(crate) const MACRO: u8 = b'D';
+    pub(crate) const BODYEOB: u8 = b'E';
+    pub(crate) const HELO: u8 = b'H';
+    pub(crate) const HEADER: u8 = b'L';
+    pub(crate) const MAIL: u8 = b'M';
+    pub(crate) const EOH: u8 = b'N';
+    pub(crate) const OPTNEG: u8 = b'O';
+    pub(crate) const QUIT: u8 = b'Q';
+    pub(crate) const RCPT: u8 = b'R';
+    pub(crate) const DATA: u8 = b'T';
 }
 
-/// Actions a filter may ask for (`SMFIF_*`), negotiated in OPTNEG.
-pub mod action {
-    pub const ADDHDRS: u32 = 1 << 0;
-    pub const CHGBODY: u32 = 1 << 1;
-    pub const ADDRCPT: u32 = 1 << 2;
-    pub const DELRCPT: u32 = 1 << 3;
-    pub const CHGHDRS: u32 = 1 << 4;
-    pub const QUARANTINE: u32 = 1 << 5;
-    pub const CHGFROM: u32 = 1 << 6;
-    pub const ADDRCPT_PAR: u32 = 1 << 7;
-    pub const SETSYMLIST: u32 = 1 << 8;
+/// Actions a filter may ask for (`SMFIF_*`), negotiated in OPTNEG. The whole table,
+/// though the server grants only some.
+#[allow(dead_code)]
+pub(crate) mod action {
+    pub(crate) const ADDHDRS: u32 = 1 << 0;
+    pub(crate) const CHGBODY: u32 = 1 << 1;
+    pub(crate) const ADDRCPT: u32 = 1 << 2;
+    pub(crate) const DELRCPT: u32 = 1 << 3;
+    pub(crate) const CHGHDRS: u32 = 1 << 4;
+    pub(crate) const QUARANTINE: u32 = 1 << 5;
+    pub(crate) const CHGFROM: u32 = 1 << 6;
+    pub(crate) const ADDRCPT_PAR: u32 = 1 << 7;
+    pub(crate) const SETSYMLIST: u32 = 1 << 8;
 }
 
 /// Protocol flags (`SMFIP_*`): stages a filter does not want ("no-X"), stages it will not
 /// answer ("NR_X"), and protocol extensions.
-pub mod proto {
-    pub const NOCONNECT: u32 = 1 << 0;
-    pub const NOHELO: u32 = 1 << 1;
-    pub const NOMAIL: u32 = 1 << 2;
-    pub const NORCPT: u32 = 1 << 3;
-    pub const NOBODY: u32 = 1 << 4;
-    pub const NOHDRS: u32 = 1 << 5;
-    pub const NOEOH: u32 = 1 << 6;
-    pub const NR_HDR: u32 = 1 << 7;
-    pub const NOUNKNOWN: u32 = 1 << 8;
-    pub const NODATA: u32 = 1 << 9;
-    pub const SKIP: u32 = 1 << 10;
-    pub const RCPT_REJ: u32 = 1 << 11;
-    pub const NR_CONN: u32 = 1 << 12;
-    pub const NR_HELO: u32 = 1 << 13;
-    pub const NR_MAIL: u32 = 1 << 14;
-    pub const NR_RCPT: u32 = 1 << 15;
-    pub const NR_DATA: u32 = 1 << 16;
-    pub const NR_UNKN: u32 = 1 << 17;
-    pub const NR_EOH: u32 = 1 << 18;
-    pub const NR_BODY: u32 = 1 << 19;
-    pub const HDR_LEADSPC: u32 = 1 << 20;
+#[allow(dead_code)] // the whole table, though only some are offered
+pub(crate) mod proto {
+    pub(crate) const NOCONNECT: u32 = 1 << 0;
+    pub(crate) const NOHELO: u32 = 1 << 1;
+    pub(crate) const NOMAIL: u32 = 1 << 2;
+    pub(crate) const NORCPT: u32 = 1 << 3;
+    pub(crate) const NOBODY: u32 = 1 << 4;
+    pub(crate) const NOHDRS: u32 = 1 << 5;
+    pub(crate) const NOEOH: u32 = 1 << 6;
+    pub(crate) const NR_HDR: u32 = 1 << 7;
+    pub(crate) const NOUNKNOWN: u32 = 1 << 8;
+    pub(crate) const NODATA: u32 = 1 << 9;
+    pub(crate) const SKIP: u32 = 1 << 10;
+    pub(crate) const RCPT_REJ: u32 = 1 << 11;
+    pub(crate) const NR_CONN: u32 = 1 << 12;
+    pub(crate) const NR_HELO: u32 = 1 << 13;
+    pub(crate) const NR_MAIL: u32 = 1 << 14;
+    pub(crate) const NR_RCPT: u32 = 1 << 15;
+    pub(crate) const NR_DATA: u32 = 1 << 16;
+    pub(crate) const NR_UNKN: u32 = 1 << 17;
+    pub(crate) const NR_EOH: u32 = 1 << 18;
+    pub(crate) const NR_BODY: u32 = 1 << 19;
+    pub(crate) const HDR_LEADSPC: u32 = 1 << 20;
 
     /// What we offer: every stage may be declined or left unanswered, and SKIP is
     /// understood. Not offered: RCPT_REJ (we never show refused recipients), NOUNKNOWN
     /// is offered because we never send unknown commands anyway, HDR_LEADSPC (values
     /// are sent without the space after the colon, as Sendmail does).
-    pub const OFFERED: u32 = NOCONNECT
+    pub(crate) const OFFERED: u32 = NOCONNECT
         | NOHELO
         | NOMAIL
         | NORCPT
@@ -110,9 +114,11 @@ pub mod proto {
         | NR_BODY;
 }
 
-/// The address family byte of a connect packet (`SMFIA_*`).
+/// The address family byte of a connect packet (`SMFIA_*`). Sessions only ever come
+/// from IP peers; the other families complete the protocol's table.
+#[allow(dead_code)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Family {
+pub(crate) enum Family {
     /// `'4'`
     Inet,
     /// `'6'`
@@ -127,7 +133,7 @@ pub enum Family {
 /// so the encoder replaces NUL with a space (SMTP never carries NUL in a command, and a
 /// header field holding one is broken anyway).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Command<'a> {
+pub(crate) enum Command<'a> {
     /// `O`: our version, the actions we allow, the protocol flags we offer.
     OptNeg {
         version: u32,
@@ -177,7 +183,7 @@ fn put_str(out: &mut Vec<u8>, s: &[u8]) {
 ///
 /// A body chunk longer than [`MAX_CHUNK`] is a caller bug; it is encoded anyway (filters
 /// may refuse it), and a debug build panics.
-pub fn encode(c: &Command<'_>, out: &mut Vec<u8>) {
+pub(crate) fn encode(c: &Command<'_>, out: &mut Vec<u8>) {
     let start = out.len();
     out.extend_from_slice(&[0; 4]);
     match c {
@@ -260,6 +266,7 @@ pub fn encode(c: &Command<'_>, out: &mut Vec<u8>) {
 
 /// A reply from a filter (`SMFIR_*`, or `O` in the negotiation).
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub enum Response {
     /// `O`: the filter's version, the actions it wants, its protocol flags, and the macro
     /// lists it asks for per stage (`(stage, "name name ...")`), which we read but do not
@@ -310,7 +317,7 @@ pub enum Response {
 
 impl Response {
     /// The reply's name for logs and metrics.
-    pub fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         match self {
             Response::OptNeg { .. } => "optneg",
             Response::Continue => "continue",
@@ -333,6 +340,7 @@ impl Response {
 
 /// Why a filter's packet was refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub enum DecodeError {
     /// The length prefix is 0 (no command byte) or over [`MAX_PACKET`].
     BadLength(u32),
@@ -362,7 +370,7 @@ impl fmt::Display for DecodeError {
 impl std::error::Error for DecodeError {}
 
 /// Checks a length prefix: the number of bytes (command byte + payload) that follow.
-pub fn packet_len(prefix: [u8; 4]) -> Result<usize, DecodeError> {
+pub(crate) fn packet_len(prefix: [u8; 4]) -> Result<usize, DecodeError> {
     let n = u32::from_be_bytes(prefix);
     match usize::try_from(n) {
         Ok(len) if (1..=MAX_PACKET).contains(&len) => Ok(len),
@@ -404,7 +412,7 @@ impl<'a> Cursor<'a> {
 }
 
 /// Parses one packet's command byte and payload (what follows the length prefix).
-pub fn parse_response(packet: &[u8]) -> Result<Response, DecodeError> {
+pub(crate) fn parse_response(packet: &[u8]) -> Result<Response, DecodeError> {
     let (&code, payload) = packet
         .split_first()
         .ok_or(DecodeError::Malformed("empty packet"))?;
@@ -476,6 +484,7 @@ pub fn parse_response(packet: &[u8]) -> Result<Response, DecodeError> {
 
 /// Decodes one packet from the front of `buf`: `Ok(None)` when more bytes are needed,
 /// else the reply and how many bytes it used.
+#[cfg(any(test, feature = "testing"))]
 pub fn decode(buf: &[u8]) -> Result<Option<(Response, usize)>, DecodeError> {
     let Some((prefix, rest)) = buf.split_first_chunk::<4>() else {
         return Ok(None);
@@ -491,6 +500,7 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Response, usize)>, DecodeError> {
 /// enhanced code of the same class (RFC 3463 §3.1), then text. A multi-line reply
 /// (`5xy-...` lines joined by CRLF) must repeat the same code on every line (RFC 5321
 /// §4.2.1). `None` when it is not a usable refusal; the caller then tempfails.
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub fn parse_reply_code(text: &str) -> Option<Reply> {
     let text = text.strip_suffix("\r\n").unwrap_or(text);
     let lines: Vec<&str> = text.split("\r\n").collect();

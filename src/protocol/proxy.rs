@@ -14,13 +14,14 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// The longest v1 header, CRLF included (proxy-protocol.txt §2.1).
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub const V1_MAX: usize = 107;
 /// The first bytes of every v1 header.
-pub const V1_PREFIX: &[u8; 6] = b"PROXY ";
+pub(crate) const V1_PREFIX: &[u8; 6] = b"PROXY ";
 /// The 12-byte signature that starts every v2 header (§2.2).
-pub const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+pub(crate) const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
 /// The fixed part of a v2 header: signature, version/command, family, length.
-pub const V2_FIXED: usize = 16;
+pub(crate) const V2_FIXED: usize = 16;
 
 /// `PROXY UNKNOWN\r\n`: the shortest v1 header, shorter than any v2 header.
 const V1_MIN: usize = 15;
@@ -31,6 +32,7 @@ const V1_MIN_TCP6: usize = 22;
 
 /// The outcome of [`parse`] on the bytes received so far.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub enum Parse {
     /// The header is incomplete; at least this many more bytes belong to it (never 0).
     Need(usize),
@@ -47,6 +49,7 @@ pub enum Parse {
 
 /// Why a header is not valid.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub enum ProxyError {
     /// Neither `PROXY ` (v1) nor the v2 signature: a client that did not come through
     /// the proxy.
@@ -96,6 +99,7 @@ impl std::error::Error for ProxyError {}
 
 /// Parses a PROXY v1 or v2 header at the start of `buf` (the bytes received so far).
 /// Bytes after the header are ignored and never needed: see [`Parse::Need`].
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub fn parse(buf: &[u8]) -> Parse {
     if buf.len() < V1_PREFIX.len() && V1_PREFIX.starts_with(buf) && !buf.is_empty() {
         return Parse::Need(V1_MIN - buf.len());
@@ -271,6 +275,7 @@ fn v2(buf: &[u8]) -> Parse {
 /// Builds a v2 header (for clients, tests and tools): `PROXY` with the given
 /// addresses (both of one family), or `LOCAL` when `addrs` is `None`; `tlvs` are
 /// appended as they are.
+#[cfg(any(test, feature = "testing"))]
 pub fn v2_header(addrs: Option<(SocketAddr, SocketAddr)>, tlvs: &[u8]) -> Vec<u8> {
     let mut h = V2_SIGNATURE.to_vec();
     let mut body = Vec::new();

@@ -18,8 +18,11 @@ impl fmt::Display for Enhanced {
 /// enhanced code when there is one.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reply {
+    /// The three-digit code (RFC 5321 §4.2.1).
     pub code: u16,
+    /// The enhanced status code (RFC 3463), written in front of each line's text.
     pub enhanced: Option<Enhanced>,
+    /// The text; lines separated by `\n`.
     pub text: String,
 }
 

@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Everything the Received header says about how the message arrived.
 #[derive(Clone, Debug)]
-pub struct Trace<'a> {
+pub(crate) struct Trace<'a> {
     pub helo: &'a str,
     pub client_ip: IpAddr,
     pub hostname: &'a str,
@@ -19,7 +19,7 @@ pub struct Trace<'a> {
 
 impl Trace<'_> {
     /// The `with` protocol name (RFC 3848; RFC 6531 §3.7.3 for UTF8SMTP*).
-    pub fn protocol(&self) -> String {
+    pub(crate) fn protocol(&self) -> String {
         let base = if self.smtputf8 { "UTF8SMTP" } else { "ESMTP" };
         let s = if self.tls { "S" } else { "" };
         let a = if self.auth_user.is_some() { "A" } else { "" };
@@ -28,7 +28,7 @@ impl Trace<'_> {
 }
 
 /// `[192.0.2.1]` or `[IPv6:2001:db8::1]` (RFC 5321 §4.1.3).
-pub fn ip_literal(ip: IpAddr) -> String {
+pub(crate) fn ip_literal(ip: IpAddr) -> String {
     match ip {
         IpAddr::V4(v4) => format!("[{v4}]"),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -41,7 +41,7 @@ pub fn ip_literal(ip: IpAddr) -> String {
 /// The longest a client-supplied name (HELO name, AUTH user) may be in a trace
 /// header, escapes included; longer ones are cut and end in `...`. A real host name is
 /// at most 255 octets (RFC 1035 §2.3.4), so this cuts only junk.
-pub const MAX_TRACE_NAME: usize = 255;
+pub(crate) const MAX_TRACE_NAME: usize = 255;
 
 /// Where a trace line is folded before its next clause (RFC 5322 §2.1.1 asks for 78
 /// as a SHOULD and forbids more than 998). The usual Received line (short HELO name,
@@ -55,7 +55,7 @@ const FOLD_AT: usize = 100;
 /// Addresses need no treatment here: the parser refused controls and bidi characters
 /// in them and bounds a path to 256 octets (so `Return-Path: <…>` is at most 270), and
 /// the session refused 8-bit addresses without SMTPUTF8 (553 5.6.7).
-pub fn headers(from: &ReversePath, rcpts: &[Address], t: &Trace<'_>, now: SystemTime) -> Vec<u8> {
+pub(crate) fn headers(from: &ReversePath, rcpts: &[Address], t: &Trace<'_>, now: SystemTime) -> Vec<u8> {
     let mut h = String::with_capacity(256);
     h.push_str(&format!("Return-Path: <{from}>\r\n"));
     for r in rcpts {
@@ -101,7 +101,7 @@ pub fn headers(from: &ReversePath, rcpts: &[Address], t: &Trace<'_>, now: System
 /// readable for whoever investigates a message. Spaces stay in a user name (inside a
 /// comment); a HELO name cannot contain one. The result is at most
 /// [`MAX_TRACE_NAME`] octets, cut between characters and ending in `...` if longer.
-pub fn trace_name(s: &str, utf8: bool, space_ok: bool) -> String {
+pub(crate) fn trace_name(s: &str, utf8: bool, space_ok: bool) -> String {
     let mut out = String::with_capacity(s.len().min(MAX_TRACE_NAME));
     // Where to cut if the whole does not fit: the last character boundary that leaves
     // room for the `...`.
@@ -133,7 +133,7 @@ pub fn trace_name(s: &str, utf8: bool, space_ok: bool) -> String {
 }
 
 /// An RFC 5322 §3.3 date in UTC, e.g. `Mon, 23 Nov 2026 02:50:18 +0000`.
-pub fn rfc5322_date(t: SystemTime) -> String {
+pub(crate) fn rfc5322_date(t: SystemTime) -> String {
     let secs = t
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -15,6 +15,8 @@ mod reload;
 mod shutdown;
 mod worker;
 
+pub use crate::auth::AuthError;
+pub use crate::tls::TlsError;
 pub use reload::Reloader;
 
 pub(crate) use per_ip::client_key;
@@ -26,7 +28,7 @@ use reload::ReloadState;
 use shutdown::Running;
 use worker::{Job, Worker};
 
-use crate::auth::{AuthError, RateLimit, Users};
+use crate::auth::{RateLimit, Users};
 use crate::config::Config;
 use crate::config::DataSyncPolicy;
 use crate::connection::WireLimits;
@@ -36,7 +38,7 @@ use crate::mailboxes::{Mailboxes, RecipientCheck};
 use crate::session::{AuthSettings, Guards, Settings};
 use crate::spool::{DataSync, Faults, Maildir, NoFaults, SpoolOptions};
 use crate::stats::{CountingStore, Stats, StatsSnapshot};
-use crate::tls::{self, TlsError};
+use crate::tls;
 use crossbeam_channel::{bounded, Receiver, Sender};
 use pool::Slot;
 use rustls::ServerConfig;
@@ -59,14 +61,29 @@ pub enum ServerError {
     /// Bad `[mailboxes]` maps (a configuration error).
     Mailboxes(String),
     /// The spool directory cannot be prepared.
-    Spool { dir: String, err: io::Error },
+    Spool {
+        /// The directory.
+        dir: String,
+        /// Why.
+        err: io::Error,
+    },
     /// A listen address cannot be bound.
-    Bind { addr: SocketAddr, err: io::Error },
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        err: io::Error,
+    },
     /// A thread could not be started.
     Thread(io::Error),
     /// A value [`Config::validate`] refuses (the dotted key and the problem), the same
     /// check `mailer check-config` and the binary's startup make (invariant 12).
-    Config { key: String, message: String },
+    Config {
+        /// The dotted key, e.g. `limits.max_errors`.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
     /// A bad `[[milter]]` address (a configuration error).
     Milter(String),
 }
@@ -100,7 +117,17 @@ impl fmt::Display for ServerError {
     }
 }
 
-impl std::error::Error for ServerError {}
+impl std::error::Error for ServerError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ServerError::Tls(e) => Some(e),
+            ServerError::Auth(e) => Some(e),
+            ServerError::Spool { err, .. } | ServerError::Bind { err, .. } => Some(err),
+            ServerError::Thread(e) => Some(e),
+            ServerError::Mailboxes(_) | ServerError::Config { .. } | ServerError::Milter(_) => None,
+        }
+    }
+}
 
 /// The log target of every line the server's parts write: the one `server.rs` had
 /// before it was split, which log filters (`RUST_LOG`, the fail2ban filter in
@@ -193,7 +220,9 @@ impl ServerBuilder {
         self
     }
 
-    /// Storage fault injection for tests of the spool's failure paths.
+    /// Storage fault injection for tests of the spool's failure paths (`testing`
+    /// feature only).
+    #[cfg(feature = "testing")]
     pub fn spool_faults(mut self, faults: Arc<dyn Faults>) -> Self {
         self.faults = Some(faults);
         self
@@ -408,11 +437,6 @@ impl Server {
             router: mailboxes.clone().map(|m| m as Arc<dyn Router>),
             mailboxes,
         })
-    }
-
-    /// The live `[mailboxes]` maps, for reloading them (SIGHUP).
-    pub fn mailboxes(&self) -> Option<Arc<Mailboxes>> {
-        self.mailboxes.clone()
     }
 
     /// A handle to stop the server and read its addresses and counters.

@@ -55,7 +55,7 @@ fn changed_keys(
 impl Handle {
     /// Applies `new` (already parsed and validated, e.g. by [`Config::load`]) to the
     /// running server, as SIGHUP does: the certificate is read again from its files
-    /// and every [`ServerBuilder::on_reload`] reloader runs. All or nothing as far as
+    /// and every [`ServerBuilder::on_reload`](super::ServerBuilder::on_reload) reloader runs. All or nothing as far as
     /// possible: the certificate is loaded first but installed only after every
     /// reloader succeeded. `Ok` lists the changed keys that take effect only at the
     /// next start (listen addresses, workers, limits...); `Err` says why nothing

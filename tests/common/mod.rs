@@ -3,8 +3,6 @@
 //! to read the spool. Every wait is bounded.
 #![allow(dead_code)]
 
-/// In-memory sessions (no sockets): see `memory.rs`.
-pub mod memory;
 /// The real binary as a child process: see `process.rs`.
 pub mod process;
 
@@ -366,30 +364,9 @@ impl Client {
 
     /// Reads one (possibly multi-line) reply: (code, the raw text with CRLFs).
     pub fn reply(&mut self) -> (u16, String) {
-        let mut all = String::new();
-        loop {
-            let mut line = String::new();
-            let n = self
-                .io
-                .as_mut()
-                .unwrap()
-                .read_line(&mut line)
-                .expect("read reply");
-            assert!(
-                n > 0,
-                "connection closed while waiting for a reply; got {all:?}"
-            );
-            assert!(
-                line.len() >= 4 && line.ends_with("\r\n"),
-                "bad reply line {line:?}"
-            );
-            all.push_str(&line);
-            if line.as_bytes()[3] == b' ' {
-                let code = line[..3].parse().expect("reply code");
-                return (code, all);
-            }
-            assert_eq!(line.as_bytes()[3], b'-', "bad continuation {line:?}");
-        }
+        let io = self.io.as_mut().expect("stream");
+        let (reply, wire) = mailer::testing::read_wire_reply(io).expect("read reply");
+        (reply.code, wire)
     }
 
     /// Sends a command and returns the whole reply text.
