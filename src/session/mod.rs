@@ -1,24 +1,36 @@
 //! The SMTP session as a pure state machine (RFC 5321 §4.1, §4.3.2): it takes command
-//! lines and returns the next [`Step`]; it never touches a socket or a file. The
-//! connection driver (`connection.rs`) does the I/O around it.
+//! lines and body bytes and returns the next [`Step`]; it never touches a socket or a
+//! file. It owns the whole transaction, the body phase included ([`body`]): the
+//! connection driver (`connection.rs`) only moves bytes, runs the store and reports
+//! back, so every reply is chosen here.
+
+mod body;
+
+pub use body::{Body, BodyLimits, CommitError};
 
 use crate::auth::{RateLimit, RATE_WINDOW};
-use crate::hooks::{Content, DataVerdict, Envelope, Hooks, SessionError, SessionInfo, TlsInfo};
+use crate::hooks::{DataVerdict, Envelope, Hooks, SessionError, SessionInfo, TlsInfo};
 use crate::protocol::address::{Address, ReversePath};
 use crate::protocol::command::{self, Command};
+use crate::protocol::data::DataReader;
 use crate::protocol::replies::{self, bad_sequence};
 use crate::protocol::reply::Reply;
 use crate::protocol::sasl::{self, AuthStep, Authenticator, Exchange};
 use crate::protocol::trace::{self, Trace};
+use body::{Chunk, Drain, Message};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 /// The per-server settings a session needs.
 pub struct Settings {
+    /// This server's name: greeting, EHLO, 421s, `Received:`.
     pub hostname: String,
+    /// SIZE (RFC 1870) and the BDAT total.
     pub max_message_size: u64,
+    /// RCPT beyond this many gets 452 4.5.3 (RFC 5321 §4.5.3.1.10).
     pub max_recipients: usize,
+    /// Failed commands before 421 and close (RFC 5321 §4.2.5 leaves the limit to us).
     pub max_errors: u32,
     /// STARTTLS can be offered (a `[tls]` section exists).
     pub tls_available: bool,
@@ -29,7 +41,9 @@ pub struct Settings {
 
 /// `[auth]` for sessions.
 pub struct AuthSettings {
+    /// AUTH is offered without TLS too (RFC 4954 §4 advises against it).
     pub allow_plaintext: bool,
+    /// Checks user name and password.
     pub authenticator: Arc<dyn Authenticator>,
 }
 
@@ -56,50 +70,98 @@ impl Default for Guards {
     }
 }
 
-/// The mail transaction (RFC 5321 §3.3). Recipients live in the envelope; DATA needs
-/// at least one, which the session checks.
+/// The mail transaction (RFC 5321 §3.3), with the data each state owns. Recipients
+/// live in the envelope; DATA needs at least one, which the session checks. From DATA
+/// or the first BDAT on, the envelope lives in the [`Message`] being received.
 #[derive(Debug)]
 enum Txn {
     Idle,
     Mail(Envelope),
-    /// BDAT chunks are arriving; `size` counts the bytes so far (RFC 3030).
-    Chunking {
-        env: Envelope,
-        size: u64,
-    },
+    /// DATA or a first BDAT chunk was accepted: the driver opens the message
+    /// ([`Step::Open`]); the chunk is `Some` for BDAT.
+    Opening(Message, Option<Chunk>),
+    /// DATA content is arriving (RFC 5321 §4.1.1.4).
+    Data(Message, DataReader),
+    /// A BDAT chunk is arriving into the open message (RFC 3030 §2).
+    Chunk(Message, Chunk),
+    /// Between BDAT chunks: the message is open, commands are read.
+    Chunked(Message),
+    /// The content is complete; the last bytes the guard held went out to be written.
+    Sealed(Message),
+    /// The data hooks are to read the held content ([`Step::Check`]).
+    Checking(Message),
+    /// The driver commits the message ([`Step::Commit`]).
+    Committing(Message),
+    /// A refused BDAT chunk is read and thrown away (RFC 3030 §2: the octets follow
+    /// the command whatever its reply).
+    Drain(Drain),
 }
 
-/// What the driver must do next.
+/// Why the session ends, for the driver's summary line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// QUIT (RFC 5321 §4.1.1.10).
+    Quit,
+    /// The server refused to go on: too many errors, a hook's 421 or panic, AUTH rate
+    /// limit, STARTTLS command injection.
+    Refused,
+    /// A command or data deadline, or a transfer below `min_data_rate`.
+    Timeout,
+    /// `session_timeout_secs` passed.
+    Lifetime,
+    /// Its worker was given to a new client while it waited for a command.
+    Evicted,
+    /// The server is stopping.
+    Shutdown,
+}
+
+/// What the driver must do next. Every call into the session answers with one of
+/// these (or, in the body phase, [`Body`]); the driver never looks at a reply's code.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Step {
     /// Send the reply, read the next command.
     Reply(Reply),
-    /// Send the replies and close the connection.
-    Close(Vec<Reply>),
-    /// DATA accepted: open the message, send [`Session::data_prompt`], read the
-    /// dot-terminated content, then call [`Session::message_end`].
-    Data,
-    /// BDAT accepted: read exactly `size` bytes into the open message (opening it on
-    /// the first chunk), then call [`Session::chunk_end`].
-    Chunk { size: u64, last: bool },
-    /// Read and throw away `size` bytes (a refused BDAT chunk must still be consumed so
-    /// its bytes are never taken as commands), then send `reply`; then close the
-    /// connection with `421` if `close` holds it (too many errors).
-    Discard {
-        /// The chunk's declared size.
-        size: u64,
-        /// The refusal (503, 552).
-        reply: Reply,
-        /// `421` when the error limit is reached.
-        close: Option<Reply>,
-    },
-    /// Send the reply, then run the TLS handshake and call [`Session::tls_started`].
+    /// Nothing to send: read the next command.
+    Continue,
+    /// Send the replies and close the connection (any open message is dropped).
+    Close(Vec<Reply>, CloseReason),
+    /// Send the reply, then run the TLS handshake and call
+    /// [`Session::tls_started`] (RFC 3207 §4.2: everything starts over, so any open
+    /// message is dropped). If the client sent anything after the STARTTLS line, call
+    /// [`Session::tls_injection`] instead (SPEC invariant 3).
     StartTls(Reply),
+    /// A message transfer begins (DATA, or a first BDAT chunk): open a message in the
+    /// store and report with [`Session::opened`]. `hold`: the data hooks read the
+    /// content before it is committed, so keep it whole in one file.
+    Open {
+        /// The data hooks want the content.
+        hold: bool,
+    },
+    /// A later BDAT chunk of the open message: the transfer resumes; feed the bytes
+    /// that follow to [`Session::body`].
+    Resume,
+    /// Send the reply if any (354 after DATA), then feed the bytes that follow to
+    /// [`Session::body`].
+    Body(Option<Reply>),
+    /// The held content is complete: let the data hooks read it through
+    /// [`Session::check_content`].
+    Check,
+    /// The content is complete: commit the message with this verdict (trace headers,
+    /// header edits of the first `header_len` content octets, copies), then report
+    /// with [`Session::committed`].
+    Commit {
+        /// What the data hooks decided (the default without data hooks).
+        verdict: DataVerdict,
+        /// The length of the message's own header section, as stored.
+        header_len: u64,
+    },
+    /// Drop the open message (nothing is stored), send the reply, read the next command.
+    Abandon(Reply),
 }
 
-/// How storing a message ended, for [`Session::message_end`].
+/// How a message ended, for its final reply and log line.
 #[derive(Debug, PartialEq, Eq)]
-pub enum MessageOutcome {
+enum MessageOutcome {
     /// Durably stored under this queue id.
     Stored(String),
     /// A data hook asked for a discard: 250 with this queue id, nothing stored.
@@ -123,8 +185,8 @@ pub struct Session {
     txn: Txn,
     errors: u32,
     auth: Option<Exchange>,
-    /// Set when a hook panicked: the driver sends these replies after the current one
-    /// and closes (see [`Session::take_close`]).
+    /// Set when a hook panicked: these replies follow the reply due, then the session
+    /// closes (see [`Session::finish`]).
     closing: Option<Vec<Reply>>,
     guards: Guards,
     started: Instant,
@@ -138,6 +200,14 @@ pub struct Session {
     chunk_panicked: bool,
     /// The mechanism of the AUTH exchange in progress.
     auth_mechanism: Option<String>,
+    /// The body phase's limits.
+    limits: BodyLimits,
+    /// DATA content decoded and not yet handed out (reused from message to message).
+    pending: Vec<u8>,
+    /// What the content guard rewrote (reused).
+    scratch: Vec<u8>,
+    /// `pending` was handed out with the last [`Body::Write`].
+    emitted: bool,
 }
 
 /// What a refused line asked for, for the log: the command as sent (`MAIL
@@ -172,6 +242,7 @@ fn refused_what(line: &[u8], in_auth: bool) -> String {
 }
 
 impl Session {
+    /// A session for one connection; `info` says who the client is.
     pub fn new(settings: Arc<Settings>, hooks: Arc<dyn Hooks>, info: SessionInfo) -> Session {
         Session {
             settings,
@@ -189,6 +260,10 @@ impl Session {
             content_open: false,
             chunk_panicked: false,
             auth_mechanism: None,
+            limits: BodyLimits::default(),
+            pending: Vec::new(),
+            scratch: Vec::new(),
+            emitted: false,
         }
     }
 
@@ -208,7 +283,7 @@ impl Session {
     }
 
     /// 421 4.4.2 once the session lifetime has passed (`session_timeout_secs`).
-    pub fn lifetime_over(&mut self) -> Reply {
+    pub fn lifetime_over(&mut self) -> Step {
         log::info!(
             "session {}: client {}: session lifetime of {}s exceeded; closing",
             self.info.id,
@@ -216,24 +291,32 @@ impl Session {
             self.guards.lifetime.as_secs()
         );
         self.notify_error(SessionError::Timeout);
-        replies::lifetime_exceeded(&self.settings.hostname)
+        Step::Close(
+            vec![replies::lifetime_exceeded(&self.settings.hostname)],
+            CloseReason::Lifetime,
+        )
     }
 
     /// 421 4.4.2 for a session whose worker was given to a new client while it waited
     /// for a command with every worker busy (SPEC invariant 8).
-    pub fn evicted(&mut self) -> Reply {
+    pub fn evicted(&mut self) -> Step {
         log::warn!(
             "session {}: client {}: closed for a new client: all workers busy and this session waited longest for a command",
             self.info.id,
             self.info.peer.ip()
         );
         self.notify_error(SessionError::Timeout);
-        replies::evicted(&self.settings.hostname)
+        Step::Close(
+            vec![replies::evicted(&self.settings.hostname)],
+            CloseReason::Evicted,
+        )
     }
 
     /// The transaction is abandoned: tell the hooks (RSET, HELO/EHLO, STARTTLS, QUIT,
-    /// disconnect, a message that ended before its `data` call).
-    fn abort_transaction(&mut self, always: bool) {
+    /// disconnect, a message that ended before its `data` call). True when the driver
+    /// held an open message for it (it must drop it).
+    fn abort_transaction(&mut self, always: bool) -> bool {
+        let held = self.message_open();
         let open = !matches!(self.txn, Txn::Idle) || self.content_open;
         self.txn = Txn::Idle;
         self.content_open = false;
@@ -242,57 +325,47 @@ impl Session {
             let hooks = Arc::clone(&self.hooks);
             self.notify(|s| hooks.reset(s));
         }
+        held
+    }
+
+    /// True while the driver holds an open message for this transaction.
+    fn message_open(&self) -> bool {
+        !matches!(self.txn, Txn::Idle | Txn::Mail(_) | Txn::Drain(_))
+    }
+
+    /// The last word on every step: once a notification hook has panicked, the reply
+    /// due is followed by 421 and the session closes (RFC 5321 §3.8). A step still
+    /// inside the body phase goes on; the close follows the message's final reply.
+    fn finish(&mut self, step: Step) -> Step {
+        let Some(mut more) = self.closing.take() else {
+            return step;
+        };
+        match step {
+            Step::Reply(r) | Step::Abandon(r) => {
+                more.insert(0, r);
+                Step::Close(more, CloseReason::Refused)
+            }
+            Step::Continue => Step::Close(more, CloseReason::Refused),
+            Step::Close(..) => step,
+            other => {
+                self.closing = Some(more);
+                other
+            }
+        }
     }
 
     /// The session is over (after its last reply, whatever the reason): an open
     /// transaction is reset, then the `close` hook runs.
     pub fn closed(&mut self) {
-        self.abort_transaction(false);
+        let _ = self.abort_transaction(false);
         let hooks = Arc::clone(&self.hooks);
         self.notify(|s| hooks.close(s));
     }
 
-    /// The message's content starts (its queue id is known): the `data_start` hook.
-    pub fn data_start(&mut self, queue_id: &str) {
-        let Some(env) = self.envelope().cloned() else {
-            return;
-        };
-        self.content_open = true;
-        self.chunk_panicked = false;
-        let hooks = Arc::clone(&self.hooks);
-        self.notify(|s| hooks.data_start(s, &env, queue_id));
-    }
-
-    /// Content as it arrives, for the hooks that want data.
-    pub fn data_chunk(&mut self, chunk: &[u8]) {
-        if chunk.is_empty() || self.chunk_panicked {
-            return;
-        }
-        let env = match &self.txn {
-            Txn::Mail(env) | Txn::Chunking { env, .. } => env,
-            Txn::Idle => return,
-        };
-        let hooks = &self.hooks;
-        let info = &self.info;
-        if catch_unwind(AssertUnwindSafe(|| hooks.data_chunk(info, env, chunk))).is_err() {
-            log::error!(
-                "session {}: a data_chunk hook panicked; the message will be refused",
-                self.info.id
-            );
-            self.chunk_panicked = true;
-        }
-    }
-
     /// The reply for a hook that misbehaved at the end of a message (logged here).
-    pub fn hook_failed(&self, why: &str) -> Reply {
+    fn hook_failed(&self, why: &str) -> Reply {
         log::error!("session {}: data hook: {why}; sending 451", self.info.id);
         replies::INTERNAL_ERROR.into()
-    }
-
-    /// `Some(replies)` once a hook has panicked: send them (after the reply already
-    /// due) and close the connection. The driver asks after every step.
-    pub fn take_close(&mut self) -> Option<Vec<Reply>> {
-        self.closing.take()
     }
 
     /// What hooks see: id, peer, TLS, user, HELO name.
@@ -303,23 +376,35 @@ impl Session {
     /// The envelope of the transaction in progress.
     pub fn envelope(&self) -> Option<&Envelope> {
         match &self.txn {
-            Txn::Idle => None,
-            Txn::Mail(env) | Txn::Chunking { env, .. } => Some(env),
+            Txn::Idle | Txn::Drain(_) => None,
+            Txn::Mail(env) => Some(env),
+            Txn::Opening(m, _)
+            | Txn::Data(m, _)
+            | Txn::Chunk(m, _)
+            | Txn::Chunked(m)
+            | Txn::Sealed(m)
+            | Txn::Checking(m)
+            | Txn::Committing(m) => Some(&m.env),
         }
     }
 
-    /// True while BDAT chunks of a transaction are arriving.
+    /// True while a BDAT transaction's message is in transfer (between its chunks
+    /// too): the session is then never idle at a prompt (SPEC invariant 8).
     pub fn is_chunking(&self) -> bool {
-        matches!(self.txn, Txn::Chunking { .. })
+        matches!(
+            self.txn,
+            Txn::Chunk(..) | Txn::Chunked(_) | Txn::Opening(_, Some(_))
+        )
     }
 
     /// The greeting, after the `connect` hook (a refusal closes).
     pub fn greeting(&mut self) -> Step {
         let hooks = Arc::clone(&self.hooks);
-        match self.hook(|s| hooks.connect(s)) {
+        let step = match self.hook(|s| hooks.connect(s)) {
             Ok(()) => Step::Reply(replies::greeting(&self.settings.hostname)),
             Err(step) => step_close(step),
-        }
+        };
+        self.finish(step)
     }
 
     /// Handles one command line (without CRLF), or one AUTH response line.
@@ -327,7 +412,7 @@ impl Session {
         if self.lifetime_left().is_zero() {
             // A message in transfer was allowed to finish; no new command starts.
             self.auth = None;
-            return Step::Close(vec![self.lifetime_over()]);
+            return self.lifetime_over();
         }
         self.junk_over = false;
         let in_auth = self.auth.is_some();
@@ -338,7 +423,7 @@ impl Session {
                 Err(reply) => Step::Reply(reply),
             },
         };
-        if let Step::Reply(rep) | Step::Discard { reply: rep, .. } = &step {
+        if let Some(rep) = self.refusal(&step) {
             // 535 has its own `auth failed` line (auth_step).
             if rep.is_refusal() && rep.code != 535 {
                 log::info!(
@@ -349,7 +434,17 @@ impl Session {
                 );
             }
         }
-        self.count_errors(step)
+        let step = self.count_errors(step);
+        self.finish(step)
+    }
+
+    /// The refusal a step carries: its reply, or a refused BDAT chunk's once drained.
+    fn refusal<'s>(&'s self, step: &'s Step) -> Option<&'s Reply> {
+        match (step, &self.txn) {
+            (Step::Reply(rep), _) => Some(rep),
+            (Step::Body(None), Txn::Drain(d)) => Some(&d.reply),
+            _ => None,
+        }
     }
 
     /// A command line longer than `max_line_length` (it was discarded).
@@ -360,25 +455,23 @@ impl Session {
             self.info.id,
             self.info.peer.ip()
         );
-        self.count_errors(Step::Reply(replies::LINE_TOO_LONG.into()))
+        let step = self.count_errors(Step::Reply(replies::LINE_TOO_LONG.into()));
+        self.finish(step)
     }
 
     /// RFC 5321 §4.2.5: every failed command counts; when the count reaches
     /// `max_errors`, the reply is followed by 421 and the connection closes.
     fn count_errors(&mut self, step: Step) -> Step {
-        let failed = match &step {
-            Step::Reply(rep) | Step::Discard { reply: rep, .. } => {
-                rep.code >= 500 || rep.code == 421
-            }
-            _ => false,
-        };
+        let failed = self
+            .refusal(&step)
+            .is_some_and(|rep| rep.code >= 500 || rep.code == 421);
         let junk = std::mem::take(&mut self.junk_over);
         if !failed && !junk {
             return step;
         }
         if failed {
-            if let Step::Reply(rep) | Step::Discard { reply: rep, .. } = &step {
-                self.notify_error(SessionError::Protocol(rep.clone()));
+            if let Some(rep) = self.refusal(&step).cloned() {
+                self.notify_error(SessionError::Protocol(rep));
             }
         } else {
             log::info!(
@@ -394,15 +487,15 @@ impl Session {
         }
         let bye = replies::too_many_errors(&self.settings.hostname);
         match step {
-            Step::Reply(rep) => Step::Close(vec![rep, bye]),
+            Step::Reply(rep) => Step::Close(vec![rep, bye], CloseReason::Refused),
             // A refused chunk's bytes are still drained before the replies, so the
             // client reads them instead of a reset.
-            Step::Discard { size, reply, .. } => Step::Discard {
-                size,
-                reply,
-                close: Some(bye),
-            },
-            other => other,
+            other => {
+                if let Txn::Drain(d) = &mut self.txn {
+                    d.close = Some(bye);
+                }
+                other
+            }
         }
     }
 
@@ -420,23 +513,36 @@ impl Session {
             Command::Ehlo(name) => self.helo(name, true),
             Command::Mail(from, params) => self.mail(from, params),
             Command::Rcpt(to) => self.rcpt(to),
-            Command::Data => match &self.txn {
-                Txn::Mail(env) if !env.rcpts.is_empty() => Step::Data,
-                Txn::Mail(_) => Step::Reply(bad_sequence("need RCPT command")),
-                Txn::Chunking { .. } => {
-                    Step::Reply(bad_sequence("DATA cannot follow BDAT in one transaction"))
+            Command::Data => match std::mem::replace(&mut self.txn, Txn::Idle) {
+                Txn::Mail(env) if !env.rcpts.is_empty() => {
+                    self.txn = Txn::Opening(Message::new(env, 0), None);
+                    Step::Open {
+                        hold: self.limits.hold,
+                    }
+                }
+                Txn::Mail(env) => {
+                    self.txn = Txn::Mail(env);
+                    Step::Reply(bad_sequence("need RCPT command"))
                 }
                 Txn::Idle => Step::Reply(bad_sequence("need MAIL command")),
+                other => {
+                    self.txn = other;
+                    Step::Reply(bad_sequence("DATA cannot follow BDAT in one transaction"))
+                }
             },
             Command::Bdat { size, last } => self.bdat(size, last),
             Command::Rset => {
-                self.abort_transaction(true);
-                Step::Reply(replies::OK.into())
+                let reply = replies::OK.into();
+                if self.abort_transaction(true) {
+                    Step::Abandon(reply)
+                } else {
+                    Step::Reply(reply)
+                }
             }
             Command::Noop => Step::Reply(replies::OK.into()),
             Command::Quit => {
-                self.abort_transaction(false);
-                Step::Close(vec![replies::BYE.into()])
+                let _ = self.abort_transaction(false);
+                Step::Close(vec![replies::BYE.into()], CloseReason::Quit)
             }
             Command::Vrfy => Step::Reply(replies::CANNOT_VRFY.into()),
             Command::Expn => Step::Reply(replies::NOT_IMPLEMENTED.into()),
@@ -460,11 +566,21 @@ impl Session {
             return step;
         }
         // RFC 5321 §4.1.4: HELO/EHLO resets any transaction in progress.
-        self.abort_transaction(false);
+        let held = self.abort_transaction(false);
         self.esmtp = esmtp;
         self.info.helo = Some(name);
+        let reply = self.helo_reply(esmtp);
+        if held {
+            Step::Abandon(reply)
+        } else {
+            Step::Reply(reply)
+        }
+    }
+
+    /// HELO's 250, or EHLO's with the extensions offered now (RFC 5321 §4.1.1.1).
+    fn helo_reply(&self, esmtp: bool) -> Reply {
         if !esmtp {
-            return Step::Reply(Reply::plain(250, self.settings.hostname.clone()));
+            return Reply::plain(250, self.settings.hostname.clone());
         }
         let s = &self.settings;
         let mut lines = vec![
@@ -483,7 +599,7 @@ impl Session {
             lines.push("AUTH PLAIN LOGIN".into());
         }
         lines.push("HELP".into());
-        Step::Reply(Reply::plain(250, lines.join("\n")))
+        Reply::plain(250, lines.join("\n"))
     }
 
     /// 214: the commands this server implements with the current configuration.
@@ -545,8 +661,8 @@ impl Session {
     fn rcpt(&mut self, to: crate::protocol::address::Address) -> Step {
         let env = match &self.txn {
             Txn::Mail(env) => env,
-            Txn::Idle => return Step::Reply(bad_sequence("need MAIL command")),
-            Txn::Chunking { .. } => return Step::Reply(bad_sequence("RCPT during BDAT")),
+            Txn::Idle | Txn::Drain(_) => return Step::Reply(bad_sequence("need MAIL command")),
+            _ => return Step::Reply(bad_sequence("RCPT during BDAT")),
         };
         if env.rcpts.len() >= self.settings.max_recipients {
             return Step::Reply(replies::TOO_MANY_RECIPIENTS.into());
@@ -565,55 +681,47 @@ impl Session {
         Step::Reply(replies::RCPT_OK.into())
     }
 
+    /// BDAT (RFC 3030 §2): the chunk's octets follow the command whatever its reply,
+    /// so a refused chunk is drained ([`Txn::Drain`]) and its refusal sent after it.
     fn bdat(&mut self, size: u64, last: bool) -> Step {
         let max = self.settings.max_message_size;
-        match std::mem::replace(&mut self.txn, Txn::Idle) {
-            Txn::Mail(env) if env.rcpts.is_empty() => {
-                self.txn = Txn::Mail(env);
-                Step::Discard {
-                    size,
-                    reply: bad_sequence("need RCPT command"),
-                    close: None,
-                }
-            }
-            Txn::Idle => Step::Discard {
-                size,
-                reply: bad_sequence("need MAIL command"),
-                close: None,
-            },
-            Txn::Mail(env) => self.chunk(env, 0, size, last, max),
-            Txn::Chunking { env, size: so_far } => self.chunk(env, so_far, size, last, max),
-        }
-    }
-
-    fn chunk(&mut self, env: Envelope, so_far: u64, size: u64, last: bool, max: u64) -> Step {
-        if so_far.saturating_add(size) > max {
-            // The transaction fails; txn stays Idle so later chunks get 503 (drained).
-            return Step::Discard {
-                size,
-                reply: replies::MESSAGE_TOO_BIG.into(),
-                close: None,
-            };
-        }
-        self.txn = Txn::Chunking {
-            env,
-            size: so_far + size,
+        let chunk = Chunk {
+            left: size,
+            size,
+            last,
         };
-        Step::Chunk { size, last }
-    }
-
-    /// After a non-LAST chunk was appended (`Ok`) or could not be written (`Err`, the
-    /// message is dropped). For the LAST chunk call [`message_end`](Self::message_end).
-    pub fn chunk_end(&mut self, size: u64, write: Result<(), MessageOutcome>) -> Reply {
-        match write {
-            Ok(()) => replies::chunk_received(size),
-            Err(outcome) => self.message_end(outcome, size),
-        }
-    }
-
-    /// The 354 reply to DATA.
-    pub fn data_prompt() -> Reply {
-        replies::data_prompt()
+        let drain = |reply: Reply, env: Option<Envelope>, abandon: bool| {
+            Txn::Drain(Drain {
+                left: size,
+                reply,
+                close: None,
+                env,
+                abandon,
+            })
+        };
+        self.txn = match std::mem::replace(&mut self.txn, Txn::Idle) {
+            Txn::Mail(env) if env.rcpts.is_empty() => {
+                drain(bad_sequence("need RCPT command"), Some(env), false)
+            }
+            // The transaction fails; it ends Idle, so later chunks get 503 (drained).
+            Txn::Mail(_) if size > max => drain(replies::MESSAGE_TOO_BIG.into(), None, false),
+            Txn::Mail(env) => {
+                self.txn = Txn::Opening(Message::new(env, size), Some(chunk));
+                return Step::Open {
+                    hold: self.limits.hold,
+                };
+            }
+            Txn::Chunked(msg) if msg.size.saturating_add(size) > max => {
+                drain(replies::MESSAGE_TOO_BIG.into(), None, true)
+            }
+            Txn::Chunked(mut msg) => {
+                msg.size += size;
+                self.txn = Txn::Chunk(msg, chunk);
+                return Step::Resume;
+            }
+            _ => drain(bad_sequence("need MAIL command"), None, false),
+        };
+        Step::Body(None)
     }
 
     /// The trace headers for the message in progress (SPEC 5), naming every recipient.
@@ -642,40 +750,10 @@ impl Session {
         trace::headers(&env.from, rcpts, &t, now)
     }
 
-    /// Calls the `data` hooks with the stored content (only when a hook wants data).
-    /// `Ok` holds their verdict; `Err` the reply refusing the message (451 4.3.0 when a
-    /// hook panicked, then [`take_close`](Self::take_close) says to close).
-    pub fn check_content(&mut self, content: &mut dyn Content) -> Result<DataVerdict, Reply> {
-        let (Some(env), hooks) = (self.envelope().cloned(), Arc::clone(&self.hooks)) else {
-            return Ok(DataVerdict::default());
-        };
-        self.content_open = false;
-        if std::mem::take(&mut self.chunk_panicked) {
-            // As for any deciding hook that panics: 451, then close.
-            self.closing = Some(Vec::new());
-            return Err(replies::INTERNAL_ERROR.into());
-        }
-        match self.hook(|s| hooks.data_from(s, &env, content)) {
-            Ok(verdict) => Ok(verdict),
-            Err(Step::Reply(rep)) => Err(rep),
-            Err(Step::Close(mut replies)) if !replies.is_empty() => {
-                // A panic (451) or a 421 refusal: that reply, then close.
-                let first = replies.remove(0);
-                self.closing = Some(replies);
-                Err(first)
-            }
-            Err(_) => Err(replies::INTERNAL_ERROR.into()),
-        }
-    }
-
-    /// The end of a message (DATA or BDAT LAST): the final reply; the transaction ends.
-    /// `size` is the content size of a DATA message (for the log; BDAT counts itself).
-    pub fn message_end(&mut self, outcome: MessageOutcome, size: u64) -> Reply {
-        let (env, size) = match std::mem::replace(&mut self.txn, Txn::Idle) {
-            Txn::Mail(env) => (Some(env), size),
-            Txn::Chunking { env, size: total } => (Some(env), total),
-            Txn::Idle => (None, size),
-        };
+    /// The end of a message (DATA or BDAT LAST, or a failed chunk): its final reply
+    /// and log line. The transaction is over (the caller took it out of `txn`); `size`
+    /// counts its content octets.
+    fn message_end(&mut self, env: Option<Envelope>, size: u64, outcome: MessageOutcome) -> Reply {
         let ended = matches!(
             outcome,
             MessageOutcome::Stored(_) | MessageOutcome::Discarded(_)
@@ -737,25 +815,50 @@ impl Session {
     }
 
     /// After a successful TLS handshake: everything starts over (RFC 3207 §4.2).
-    pub fn tls_started(&mut self, tls: TlsInfo) {
-        self.abort_transaction(false);
+    pub fn tls_started(&mut self, tls: TlsInfo) -> Step {
+        log::info!(
+            "session {}: TLS established, {} {}",
+            self.info.id,
+            tls.version,
+            tls.cipher
+        );
+        let _ = self.abort_transaction(false);
         self.info.tls = Some(tls);
         self.info.helo = None;
         self.info.auth_user = None;
         self.info.auth_mechanism = None;
         self.esmtp = false;
         self.auth = None;
+        self.finish(Step::Continue)
+    }
+
+    /// The client sent `pending` bytes after its STARTTLS line, before the handshake
+    /// (CVE-2011-0411, SPEC invariant 3): they are never run; the session closes after
+    /// the 220 already due.
+    pub fn tls_injection(&mut self, pending: usize) -> Step {
+        log::warn!(
+            "session {}: client {}: refused {pending} byte(s) pipelined after STARTTLS (command injection attempt); closing",
+            self.info.id,
+            self.info.peer.ip(),
+        );
+        Step::Close(Vec::new(), CloseReason::Refused)
     }
 
     /// 421 for a command or data deadline, or a too slow transfer.
-    pub fn timeout(&mut self) -> Reply {
+    pub fn timeout(&mut self) -> Step {
         self.notify_error(SessionError::Timeout);
-        replies::timeout(&self.settings.hostname)
+        Step::Close(
+            vec![replies::timeout(&self.settings.hostname)],
+            CloseReason::Timeout,
+        )
     }
 
-    /// 421 when the server is stopping.
-    pub fn shutting_down(&self) -> Reply {
-        replies::shutting_down(&self.settings.hostname)
+    /// 421 when the server is stopping (SPEC invariant 7).
+    pub fn shutting_down(&self) -> Step {
+        Step::Close(
+            vec![replies::shutting_down(&self.settings.hostname)],
+            CloseReason::Shutdown,
+        )
     }
 
     fn auth_start(&mut self, mechanism: &str, initial: Option<&str>) -> Step {
@@ -803,9 +906,10 @@ impl Session {
             RATE_WINDOW.as_secs()
         );
         self.auth = None;
-        Some(Step::Close(vec![replies::auth_rate_exceeded(
-            &self.settings.hostname,
-        )]))
+        Some(Step::Close(
+            vec![replies::auth_rate_exceeded(&self.settings.hostname)],
+            CloseReason::Refused,
+        ))
     }
 
     fn auth_response(&mut self, ex: &Exchange, line: &[u8]) -> Step {
@@ -904,7 +1008,7 @@ impl Session {
             {
                 if reply.code == 421 {
                     // 421 means the server closes the channel (RFC 5321 §3.8).
-                    Err(Step::Close(vec![reply]))
+                    Err(Step::Close(vec![reply], CloseReason::Refused))
                 } else {
                     Err(Step::Reply(reply))
                 }
@@ -921,7 +1025,10 @@ impl Session {
                     "session {}: a hook panicked; closing the session",
                     self.info.id
                 );
-                Err(Step::Close(vec![replies::INTERNAL_ERROR.into()]))
+                Err(Step::Close(
+                    vec![replies::INTERNAL_ERROR.into()],
+                    CloseReason::Refused,
+                ))
             }
         }
     }
@@ -929,7 +1036,7 @@ impl Session {
 
 fn step_close(step: Step) -> Step {
     match step {
-        Step::Reply(rep) => Step::Close(vec![rep]),
+        Step::Reply(rep) => Step::Close(vec![rep], CloseReason::Refused),
         other => other,
     }
 }
@@ -976,20 +1083,45 @@ mod tests {
                 Some(e) => format!("{} {e}", r.code),
                 None => r.code.to_string(),
             },
-            Step::Close(rs) => format!(
+            Step::Close(rs, _) => format!(
                 "close {}",
                 rs.iter()
                     .map(|r| r.code.to_string())
                     .collect::<Vec<_>>()
                     .join(",")
             ),
-            Step::Data => "data".into(),
-            Step::Chunk { size, last } => format!("chunk {size} {last}"),
-            Step::Discard { size, reply, close } => {
-                format!("discard {size} {} {}", reply.code, close.is_some())
-            }
+            Step::Open { hold } => format!("open {hold}"),
+            Step::Resume => "resume".into(),
+            Step::Body(None) => match &s.txn {
+                Txn::Drain(d) => {
+                    format!("discard {} {} {}", d.left, d.reply.code, d.close.is_some())
+                }
+                _ => "body".into(),
+            },
             Step::StartTls(r) => format!("starttls {}", r.code),
+            other => format!("{other:?}"),
         }
+    }
+
+    /// Feeds `input` to the body phase as the driver would, into `stored`, until it
+    /// needs a step (returned) or more input (`None`).
+    fn feed(s: &mut Session, mut input: &[u8], stored: &mut Vec<u8>) -> Option<Step> {
+        loop {
+            let (n, body) = s.body(input);
+            input = &input[n..];
+            match body {
+                Body::Write(bytes) => stored.extend_from_slice(bytes),
+                Body::More => return None,
+                Body::Step(step) => return Some(step),
+            }
+        }
+    }
+
+    /// Opens the message the session asked for and feeds it `input`.
+    fn transfer(s: &mut Session, input: &[u8], stored: &mut Vec<u8>) -> Option<Step> {
+        let step = s.opened(Ok("Q1"));
+        assert!(matches!(step, Step::Body(_)), "{step:?}");
+        feed(s, input, stored)
     }
 
     #[test]
@@ -1007,10 +1139,21 @@ mod tests {
         assert_eq!(code(&mut s, "EHLO c.test"), "250");
         assert_eq!(code(&mut s, "MAIL FROM:<a@x.test> SIZE=10"), "250 2.1.0");
         assert_eq!(code(&mut s, "RCPT TO:<b@y.test>"), "250 2.1.5");
-        assert_eq!(code(&mut s, "DATA"), "data");
+        assert_eq!(code(&mut s, "DATA"), "open false");
         let h = String::from_utf8(s.trace_headers("Q1", std::time::UNIX_EPOCH)).unwrap();
         assert!(h.starts_with("Return-Path: <a@x.test>\r\nX-Original-To: b@y.test\r\nReceived: from c.test ([192.0.2.7]) by mx.test with ESMTP\r\n"), "{h}");
-        let r = s.message_end(MessageOutcome::Stored("Q1".into()), 5);
+        assert_eq!(s.opened(Ok("Q1")), Step::Body(Some(replies::data_prompt())));
+        let mut stored = Vec::new();
+        assert_eq!(
+            feed(&mut s, b"Subject: x\r\n\r\n..hi\r\n", &mut stored),
+            None
+        );
+        let end = feed(&mut s, b".\r\nQUIT\r\n", &mut stored);
+        assert!(matches!(end, Some(Step::Commit { .. })), "{end:?}");
+        assert_eq!(stored, b"Subject: x\r\n\r\n.hi\r\n");
+        let Step::Reply(r) = s.committed(Ok(())) else {
+            panic!("no reply")
+        };
         assert_eq!(r.to_string(), "250 2.0.0 Ok: queued as Q1");
         assert!(s.envelope().is_none(), "the transaction ended");
         assert_eq!(code(&mut s, "QUIT"), "close 221");
@@ -1082,18 +1225,60 @@ mod tests {
             "discard 5 503 false",
             "before MAIL: drained"
         );
+        assert_eq!(
+            feed(&mut s, b"12345", &mut Vec::new()),
+            Some(Step::Reply(bad_sequence("need MAIL command")))
+        );
         code(&mut s, "MAIL FROM:<a@x.test>");
         code(&mut s, "RCPT TO:<b@y.test>");
-        assert_eq!(code(&mut s, "BDAT 600"), "chunk 600 false");
+        assert_eq!(code(&mut s, "BDAT 600"), "open false");
         assert!(s.is_chunking());
+        let mut stored = Vec::new();
+        let chunk = [b'x'; 600];
+        assert_eq!(
+            transfer(&mut s, &chunk, &mut stored),
+            Some(Step::Reply(replies::chunk_received(600)))
+        );
+        assert_eq!(stored.len(), 600, "the chunk's bytes, as they came");
         assert_eq!(code(&mut s, "DATA"), "503 5.5.1", "no DATA inside BDAT");
         assert_eq!(
             code(&mut s, "BDAT 401 LAST"),
             "discard 401 552 false",
             "over the limit in total"
         );
+        assert_eq!(
+            feed(&mut s, &[b'y'; 401], &mut stored),
+            Some(Step::Abandon(replies::MESSAGE_TOO_BIG.into())),
+            "drained, then refused; the open message is dropped"
+        );
         assert!(!s.is_chunking(), "the transaction failed");
         assert_eq!(code(&mut s, "BDAT 1 LAST"), "discard 1 503 false");
+        assert_eq!(
+            feed(&mut s, b"z", &mut stored),
+            Some(Step::Reply(bad_sequence("need MAIL command")))
+        );
+        assert_eq!(stored.len(), 600, "refused chunks are never written");
+    }
+
+    #[test]
+    fn bdat_last_is_answered_once_committed() {
+        let mut s = session();
+        code(&mut s, "EHLO c.test");
+        code(&mut s, "MAIL FROM:<a@x.test>");
+        code(&mut s, "RCPT TO:<b@y.test>");
+        assert_eq!(code(&mut s, "BDAT 4 LAST"), "open false");
+        let mut stored = Vec::new();
+        // The chunk's bytes, then a pipelined command the session must leave alone.
+        let step = transfer(&mut s, b"a\r\nbNOOP\r\n", &mut stored);
+        assert!(matches!(step, Some(Step::Commit { .. })), "{step:?}");
+        assert_eq!(stored, b"a\r\nb");
+        assert_eq!(
+            s.committed(Err(CommitError::Store(crate::spool::StoreError::Full(
+                "x".into()
+            )))),
+            Step::Reply(replies::INSUFFICIENT_STORAGE.into())
+        );
+        assert!(s.envelope().is_none());
     }
 
     #[test]
@@ -1150,8 +1335,10 @@ mod tests {
             code(&mut s, "EHLO c.test");
             code(&mut s, "MAIL FROM:<a@x.test>");
             code(&mut s, "RCPT TO:<b@y.test>");
-            assert_eq!(code(&mut s, "DATA"), "data");
-            assert_eq!(s.message_end(outcome, 0).to_string(), want);
+            assert_eq!(code(&mut s, "DATA"), "open false");
+            let env = s.envelope().cloned();
+            s.txn = Txn::Idle;
+            assert_eq!(s.message_end(env, 0, outcome).to_string(), want);
         }
     }
 
