@@ -179,7 +179,6 @@ struct Incoming {
     staged: bool,
     /// The recipients' routes, when looked up at the start.
     routes: Option<Vec<Option<Vec<Mailbox>>>>,
-    queue_id: String,
     /// The date of the `Received:` fields.
     now: SystemTime,
 }
@@ -630,7 +629,6 @@ impl<'a, T: Transport> Connection<'a, T> {
             writer,
             staged,
             routes,
-            queue_id: queue_id.clone(),
             now,
         });
         Ok(queue_id)
@@ -709,7 +707,7 @@ impl<'a, T: Transport> Connection<'a, T> {
             .map(|e| e.rcpts.as_slice())
             .unwrap_or(&[]);
         let session = &self.session;
-        let (id, now) = (&inc.queue_id, inc.now);
+        let (id, now) = (inc.writer.queue_id(), inc.now);
         let trace = |r: &[Address]| session.trace_for(r, id, now);
         let input = PlanInput {
             rcpts,
