@@ -373,3 +373,27 @@ pub(crate) fn write_reply(stats: Option<&Stats>, reply: &Reply, out: &mut Vec<u8
     }
     reply.write_to(out);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::replies;
+
+    #[test]
+    fn a_reply_is_counted_once_by_its_code_as_it_is_written() {
+        let stats = Stats::default();
+        let mut out = Vec::new();
+        // A multi-line reply is one reply.
+        write_reply(Some(&stats), &replies::help("HELO"), &mut out);
+        write_reply(Some(&stats), &replies::refused("mx.test", "busy"), &mut out);
+        write_reply(None, &replies::OK.into(), &mut out);
+        assert_eq!(
+            out,
+            b"214-2.0.0 Commands: HELO\r\n214 2.0.0 See RFC 5321 and RFC 3030\r\n\
+              421 4.7.0 mx.test busy\r\n250 2.0.0 Ok\r\n"
+        );
+        let snap = stats.snapshot();
+        assert_eq!(snap.replies, BTreeMap::from([(214, 1), (421, 1)]));
+        assert_eq!(snap.refused, BTreeMap::from([(421, 1)]));
+    }
+}
