@@ -1,7 +1,7 @@
 //! Counters for the periodic `stats:` log line and for embedders (`Handle::stats`):
 //! connections, replies refused by code, messages and bytes stored, spool queue depth
 //! and commit latency. The counting wrapper sits around the store; replies are counted
-//! where they are written ([`write_reply`]).
+//! where they are written (`write_reply`).
 
 use crate::protocol::reply::Reply;
 use crate::spool::{Copy, Maildir, MessageWriter, SpoolStats, Store, StoreError};

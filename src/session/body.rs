@@ -178,6 +178,8 @@ impl Session {
                 self.txn = Txn::Data(msg, reader);
                 self.emitted = false;
                 self.pending.clear();
+                // Once per session: the buffer is reused from message to message.
+                self.pending.reserve(FLUSH_AT * 2);
                 Step::Body(Some(replies::data_prompt()))
             }
         };

@@ -1,6 +1,6 @@
 //! The SMTP session as a pure state machine (RFC 5321 §4.1, §4.3.2): it takes command
 //! lines and body bytes and returns the next [`Step`]; it never touches a socket or a
-//! file. It owns the whole transaction, the body phase included ([`body`]): the
+//! file. It owns the whole transaction, the body phase included ([`Session::body`]): the
 //! connection driver (`connection.rs`) only moves bytes, runs the store and reports
 //! back, so every reply is chosen here.
 
