@@ -275,6 +275,7 @@ impl Session {
                 }
                 let verdict = reader.verdict();
                 let size = reader.size();
+                // The state was matched just above: the `else` cannot run.
                 let Txn::Data(mut msg, _) = std::mem::replace(&mut self.txn, Txn::Idle) else {
                     return (n, Next::More);
                 };
@@ -306,6 +307,7 @@ impl Session {
                 if chunk.left > 0 {
                     return (take, Next::More);
                 }
+                // The state was matched just above: the `else` cannot run.
                 let Txn::Chunk(msg, chunk) = std::mem::replace(&mut self.txn, Txn::Idle) else {
                     return (take, Next::More);
                 };
@@ -317,6 +319,7 @@ impl Session {
                 if drain.left > 0 {
                     return (take, Next::More);
                 }
+                // The state was matched just above: the `else` cannot run.
                 let Txn::Drain(d) = std::mem::replace(&mut self.txn, Txn::Idle) else {
                     return (take, Next::More);
                 };
@@ -329,6 +332,7 @@ impl Session {
                 (take, Next::Step(step))
             }
             Txn::Sealed(_) => {
+                // The state was matched just above: the `else` cannot run.
                 let Txn::Sealed(msg) = std::mem::replace(&mut self.txn, Txn::Idle) else {
                     return (0, Next::More);
                 };
