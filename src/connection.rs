@@ -761,3 +761,158 @@ impl<'a, T: Transport> Connection<'a, T> {
 fn closed_file() -> CommitError {
     CommitError::Store(StoreError::Io("message file closed".into()))
 }
+
+#[cfg(test)]
+mod tests {
+    //! The driver carries out the session's steps: a message it was told to drop is
+    //! gone before the next one opens.
+    use super::*;
+    use crate::hooks::{NoHooks, SessionInfo};
+    use crate::session::Settings;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    /// Serves `input` in one read; keeps what the server writes.
+    struct Wire(io::Cursor<Vec<u8>>, Vec<u8>);
+
+    impl Read for Wire {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.0.read(buf)
+        }
+    }
+    impl Write for Wire {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.1.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    impl Transport for Wire {
+        fn set_read_timeout(&mut self, _: Option<Duration>) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Counts the writers open at once; committed messages are their bytes.
+    #[derive(Default)]
+    struct Files {
+        open: Arc<AtomicUsize>,
+        most: AtomicUsize,
+        stored: Arc<Mutex<Vec<Vec<u8>>>>,
+    }
+
+    struct File(Vec<u8>, Arc<AtomicUsize>, Arc<Mutex<Vec<Vec<u8>>>>);
+
+    impl Write for File {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    impl Drop for File {
+        fn drop(&mut self) {
+            self.1.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    impl MessageWriter for File {
+        fn queue_id(&self) -> &str {
+            "Q"
+        }
+        fn commit(self: Box<Self>) -> Result<(), StoreError> {
+            let stored = &mut *self.2.lock().unwrap_or_else(|p| p.into_inner());
+            stored.push(self.0.clone());
+            Ok(())
+        }
+    }
+    impl Store for Files {
+        fn begin(&self) -> Result<Box<dyn MessageWriter>, StoreError> {
+            let open = self.open.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(open, Ordering::SeqCst);
+            Ok(Box::new(File(
+                Vec::new(),
+                Arc::clone(&self.open),
+                Arc::clone(&self.stored),
+            )))
+        }
+    }
+
+    fn run(input: &[u8]) -> (String, Files) {
+        let settings = Arc::new(Settings {
+            hostname: "mx.test".into(),
+            max_message_size: 10,
+            max_recipients: 10,
+            max_errors: 10,
+            tls_available: false,
+            require_tls: false,
+            auth: None,
+        });
+        let info = SessionInfo {
+            id: 1,
+            peer: "192.0.2.7:4000".parse().expect("a literal address"),
+            tls: None,
+            auth_user: None,
+            helo: None,
+            local: "192.0.2.1:25".parse().expect("a literal address"),
+            auth_mechanism: None,
+        };
+        let session = Session::new(settings, Arc::new(NoHooks), info);
+        let limits = WireLimits {
+            max_line_length: 512,
+            max_message_size: 10,
+            bare_lf: BareLf::Normalize,
+            command_timeout: Duration::from_secs(5),
+            data_timeout: Duration::from_secs(5),
+            min_data_rate: 0,
+        };
+        let files = Files::default();
+        let wire = Wire(io::Cursor::new(input.to_vec()), Vec::new());
+        let mut conn = Connection::new(wire, session, &files, &Forever, limits, false);
+        assert_eq!(conn.run(), End::Quit);
+        let out = String::from_utf8_lossy(&conn.into_transport().1).into_owned();
+        (out, files)
+    }
+
+    /// The reply codes in `out`, one per reply.
+    fn codes(out: &str) -> Vec<&str> {
+        out.lines()
+            .filter(|l| l.as_bytes().get(3) == Some(&b' '))
+            .map(|l| &l[..3])
+            .collect()
+    }
+
+    #[test]
+    fn a_bdat_message_ended_by_rset_ehlo_or_a_refused_chunk_is_dropped_at_once() {
+        let env = "MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n";
+        let input = format!(
+            "EHLO c\r\n{env}BDAT 3\r\nabcRSET\r\n\
+             {env}BDAT 3\r\nabcEHLO c\r\n\
+             {env}BDAT 8\r\n12345678BDAT 8\r\n12345678\
+             {env}BDAT 2 LAST\r\nokQUIT\r\n"
+        );
+        let (out, files) = run(input.as_bytes());
+        assert_eq!(
+            codes(&out),
+            [
+                "220", "250", "250", "250", "250", "250", // RSET
+                "250", "250", "250", "250", // EHLO
+                "250", "250", "250", "552", // over the size in total
+                "250", "250", "250", "221"
+            ],
+            "{out}"
+        );
+        assert_eq!(
+            files.most.load(Ordering::SeqCst),
+            1,
+            "never two messages open at once"
+        );
+        assert_eq!(files.open.load(Ordering::SeqCst), 0);
+        let stored = files.stored.lock().unwrap_or_else(|p| p.into_inner());
+        assert_eq!(stored.len(), 1);
+        assert!(stored[0].ends_with(b"ok"), "{:?}", stored[0]);
+    }
+}
