@@ -740,6 +740,12 @@ impl<'a, T: Transport> Connection<'a, T> {
         }
         match self.io.start_tls() {
             Ok(info) => {
+                log::info!(
+                    "session {}: TLS established, {} {}",
+                    self.session.info().id,
+                    info.version,
+                    info.cipher
+                );
                 if let Some((_, tally)) = &self.stats {
                     tally.set_tls(&info.version);
                 }

@@ -2,7 +2,7 @@
 //! (`protocol::sasl`); here it meets the session's state, TLS, the per-client rate
 //! limit and the authenticator.
 
-use super::{CloseReason, Session, Step, Txn};
+use super::{CloseReason, Session, Step, Txn, LOG_TARGET};
 use crate::auth::RATE_WINDOW;
 use crate::protocol::replies::{self, bad_sequence};
 use crate::protocol::sasl::{self, AuthStep, Exchange};
@@ -50,6 +50,7 @@ impl Session {
             return None;
         }
         log::warn!(
+            target: LOG_TARGET,
             "session {}: client {ip}: refused AUTH: too many failed attempts in the last {}s; closing",
             self.info.id,
             RATE_WINDOW.as_secs()
@@ -96,12 +97,17 @@ impl Session {
                     // The user name (escaped: it is client input) goes to the log; the
                     // password and the base64 lines never do. A failed attempt logs no
                     // name, since users do type passwords into the name field.
-                    log::info!("session {}: authenticated as {user:?}", self.info.id);
+                    log::info!(
+                        target: LOG_TARGET,
+                        "session {}: authenticated as {user:?}",
+                        self.info.id
+                    );
                     self.info.auth_user = Some(user);
                     self.info.auth_mechanism = self.auth_mechanism.take();
                     Step::Reply(replies::AUTH_OK.into())
                 } else {
                     log::warn!(
+                        target: LOG_TARGET,
                         "session {}: client {}: auth failed",
                         self.info.id,
                         self.info.peer.ip()

@@ -10,7 +10,7 @@
 //! server `RecvBody` (the machine owns the body state, the driver moves buffers) and
 //! rustls' `complete_io` (the driver uses only the machine's public calls).
 
-use super::{CloseReason, MessageOutcome, Session, Step, Txn};
+use super::{CloseReason, MessageOutcome, Session, Step, Txn, LOG_TARGET};
 use crate::delivery::ContentFilter;
 use crate::hooks::{Content, DataVerdict, Envelope, Hooks, SessionInfo};
 use crate::protocol::data::{BareLf, DataReader, Verdict};
@@ -505,6 +505,7 @@ impl Sink<'_> {
         let (hooks, info) = (self.hooks, self.info);
         if catch_unwind(AssertUnwindSafe(|| hooks.data_chunk(info, env, chunk))).is_err() {
             log::error!(
+                target: LOG_TARGET,
                 "session {}: a data_chunk hook panicked; the message will be refused",
                 info.id
             );

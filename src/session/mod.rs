@@ -19,6 +19,11 @@ use crate::protocol::reply::Reply;
 use crate::protocol::sasl::{Authenticator, Exchange};
 use crate::protocol::trace::{self, Trace};
 use body::{Chunk, Drain, Message};
+
+/// The log target of every line the session writes, from any of its files: fail2ban
+/// filters (contrib/fail2ban) match `mailer::<one word>`, so a submodule's own path
+/// (`mailer::session::auth`) would hide its lines from them.
+const LOG_TARGET: &str = module_path!();
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -817,12 +822,6 @@ impl Session {
 
     /// After a successful TLS handshake: everything starts over (RFC 3207 §4.2).
     pub fn tls_started(&mut self, tls: TlsInfo) -> Step {
-        log::info!(
-            "session {}: TLS established, {} {}",
-            self.info.id,
-            tls.version,
-            tls.cipher
-        );
         let _ = self.abort_transaction(false);
         self.info.tls = Some(tls);
         self.info.helo = None;
