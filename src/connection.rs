@@ -1,16 +1,21 @@
-//! Drives one [`Session`] over a blocking byte stream: buffered reads with deadlines,
-//! replies flushed before every blocking read (RFC 2920 pipelining), DATA and BDAT
-//! streamed into the store, STARTTLS with injection detection (SPEC invariant 3).
+//! Drives one [`Session`] over a blocking byte stream. I/O only: buffered reads with
+//! deadlines, replies flushed before every blocking read (RFC 2920 pipelining), the
+//! TLS handshake (RFC 3207), and the store (opening, writing, committing a message).
+//! Every SMTP decision (which reply, when a message ends, what a storage error means,
+//! when to close) is the session's: the driver carries out its [`Step`]s and reports
+//! what the I/O did, as rustls' `complete_io` drives a connection through its public
+//! calls alone.
 //!
 //! Generic over [`Transport`] so that tests can run whole sessions in memory.
 
-use crate::delivery::{self, ContentFilter, Mailbox, PlanInput, Router};
+use crate::delivery::{self, Mailbox, PlanInput, Router};
 use crate::hooks::{Content, DataVerdict, TlsInfo};
 use crate::protocol::address::Address;
-use crate::protocol::data::{BareLf, DataReader, Verdict};
+use crate::protocol::data::BareLf;
 use crate::protocol::reply::Reply;
-use crate::session::{MessageOutcome, Session, Step};
+use crate::session::{Body, BodyLimits, CloseReason, CommitError, Session, Step};
 use crate::spool::{MessageWriter, Store, StoreError};
+use crate::stats::{self, SessionTally, Stats};
 use std::io::{self, Read, Write};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -41,6 +46,7 @@ pub trait Lifecycle {
     /// Called before a message transfer; `false` when stopping (then no transfer).
     /// While inside a message the server lets it finish.
     fn enter_message(&self) -> bool;
+    /// The transfer that [`enter_message`](Self::enter_message) began is over.
     fn leave_message(&self);
     /// The deadline for the next command line: `normal`, or shorter while the server
     /// is short of workers (SPEC invariant 8).
@@ -77,10 +83,15 @@ impl Lifecycle for Forever {
 /// The limits the driver enforces on the wire (the rest are the session's).
 #[derive(Clone, Debug)]
 pub struct WireLimits {
+    /// Longest command line, CRLF included (RFC 5321 §4.5.3.1.4).
     pub max_line_length: usize,
+    /// DATA content beyond this is drained and refused 552 (SPEC invariant 4).
     pub max_message_size: u64,
+    /// A bare LF in DATA content: stored as CRLF or refused (SPEC invariant 2).
     pub bare_lf: BareLf,
+    /// The deadline for one command line (RFC 5321 §4.5.3.2).
     pub command_timeout: Duration,
+    /// The longest silence inside DATA/BDAT content.
     pub data_timeout: Duration,
     /// Bytes per second inside DATA/BDAT once `data_timeout` has passed; 0 disables.
     pub min_data_rate: u64,
@@ -89,18 +100,35 @@ pub struct WireLimits {
 /// How a connection ended (for the log).
 #[derive(Debug, PartialEq, Eq)]
 pub enum End {
+    /// The client said QUIT.
     Quit,
     /// The client closed the connection.
     Eof,
+    /// A deadline passed (421 4.4.2).
     Timeout,
     /// Closed after a refusal (too many errors, hook, injection).
     Closed,
+    /// The server is stopping (421 4.3.2).
     ShuttingDown,
     /// Its worker was given to a new client while it waited for a command.
     Evicted,
     /// `session_timeout_secs` passed.
     Lifetime,
+    /// The connection failed.
     Io(io::ErrorKind),
+}
+
+impl From<CloseReason> for End {
+    fn from(why: CloseReason) -> End {
+        match why {
+            CloseReason::Quit => End::Quit,
+            CloseReason::Refused => End::Closed,
+            CloseReason::Timeout => End::Timeout,
+            CloseReason::Lifetime => End::Lifetime,
+            CloseReason::Evicted => End::Evicted,
+            CloseReason::Shutdown => End::ShuttingDown,
+        }
+    }
 }
 
 enum Read1 {
@@ -121,8 +149,6 @@ const OUT_HIGH: usize = 8 * 1024;
 /// While waiting for a command, how often the deadline is looked at again: it
 /// shortens when the server comes under stress.
 const RECHECK: Duration = Duration::from_secs(1);
-/// How much message content is gathered before a write to the store.
-const FLUSH_AT: usize = 32 * 1024;
 
 /// The driver for one connection.
 pub struct Connection<'a, T: Transport> {
@@ -131,75 +157,30 @@ pub struct Connection<'a, T: Transport> {
     store: &'a dyn Store,
     life: &'a dyn Lifecycle,
     limits: WireLimits,
-    wants_data: bool,
     buf: Vec<u8>,
     start: usize,
     end: usize,
     out: Vec<u8>,
-    /// The message of a BDAT transaction in progress.
-    chunked: Option<Incoming>,
+    /// The message file the session asked to open ([`Step::Open`]), until it says to
+    /// commit or drop it: an I/O resource, as the socket is.
+    msg: Option<Incoming>,
     router: Option<Arc<dyn Router>>,
     /// The write timeout last set on the transport (saves a syscall per reply).
     write_timeout: Option<Duration>,
+    /// Where replies are counted, and the session's tally (its TLS version).
+    stats: Option<(&'a Stats, Arc<SessionTally>)>,
 }
 
-/// A message being received: its spool file, the content guard, the first error.
+/// An open message file and how it is laid out.
 struct Incoming {
-    /// `None` after a write error (then `error` says why).
-    msg: Option<Box<dyn MessageWriter>>,
-    /// The file holds the content only; the copies are made at the end (data hooks or
-    /// several copies). Otherwise it holds the copy's head, then the content.
+    writer: Box<dyn MessageWriter>,
+    /// The file holds the content only; the copies are made at commit (data hooks, or
+    /// several copies). Otherwise it holds the one copy's head, then the content.
     staged: bool,
     /// The recipients' routes, when looked up at the start.
     routes: Option<Vec<Option<Vec<Mailbox>>>>,
-    filter: ContentFilter,
-    error: Option<StoreError>,
-    scratch: Vec<u8>,
-    queue_id: String,
     /// The date of the `Received:` fields.
     now: SystemTime,
-}
-
-impl Incoming {
-    /// Content bytes (dot-unstuffed) into the guard, then to the hooks and the file.
-    fn feed(&mut self, session: &mut Session, bytes: &[u8], wants_data: bool) {
-        if self.msg.is_none() || bytes.is_empty() {
-            return;
-        }
-        if self.filter.is_body() {
-            // The common case, past the header section: no copy.
-            self.filter.pass(bytes.len());
-            self.write(session, bytes, wants_data);
-        } else {
-            let mut scratch = std::mem::take(&mut self.scratch);
-            scratch.clear();
-            self.filter.push(bytes, &mut scratch);
-            self.write(session, &scratch, wants_data);
-            self.scratch = scratch;
-        }
-    }
-
-    /// The end of the content: anything the guard held back.
-    fn end(&mut self, session: &mut Session, wants_data: bool) {
-        let mut tail = Vec::new();
-        self.filter.finish(&mut tail);
-        self.write(session, &tail, wants_data);
-    }
-
-    fn write(&mut self, session: &mut Session, bytes: &[u8], wants_data: bool) {
-        if bytes.is_empty() {
-            return;
-        }
-        if wants_data && self.staged {
-            session.data_chunk(bytes);
-        }
-        if let Some(m) = self.msg.as_mut() {
-            if let Err(e) = m.write_all(bytes) {
-                self.error = Some(StoreError::from_io("message file", &e));
-                self.msg = None;
-            }
-        }
-    }
 }
 
 /// The stored content as the data hooks read it: from the spool file, from its start.
@@ -212,29 +193,35 @@ impl Content for StoredContent<'_> {
 }
 
 impl<'a, T: Transport> Connection<'a, T> {
+    /// A driver for `session` over `io`; `wants_data`: a data hook reads content.
     pub fn new(
         io: T,
-        session: Session,
+        mut session: Session,
         store: &'a dyn Store,
         life: &'a dyn Lifecycle,
         limits: WireLimits,
         wants_data: bool,
     ) -> Self {
         let cap = BUF.max(limits.max_line_length + 2);
+        session.set_body_limits(BodyLimits {
+            max_message_size: limits.max_message_size,
+            bare_lf: limits.bare_lf,
+            hold: wants_data,
+        });
         Connection {
             io,
             session,
             store,
             life,
             limits,
-            wants_data,
             buf: vec![0; cap],
             start: 0,
             end: 0,
             out: Vec::with_capacity(4096),
-            chunked: None,
+            msg: None,
             router: None,
             write_timeout: None,
+            stats: None,
         }
     }
 
@@ -242,6 +229,12 @@ impl<'a, T: Transport> Connection<'a, T> {
     /// in the spool.
     pub fn with_router(mut self, router: Option<Arc<dyn Router>>) -> Self {
         self.router = router;
+        self
+    }
+
+    /// Counts every reply in `stats` and notes a STARTTLS upgrade in `tally`.
+    pub(crate) fn with_stats(mut self, stats: &'a Stats, tally: Arc<SessionTally>) -> Self {
+        self.stats = Some((stats, tally));
         self
     }
 
@@ -258,65 +251,40 @@ impl<'a, T: Transport> Connection<'a, T> {
         if let End::Io(kind) = &end {
             self.session.io_error(format!("connection error: {kind}"));
         }
-        self.chunked = None;
+        self.msg = None;
         self.session.closed();
         end
     }
 
     fn run_inner(&mut self) -> End {
         let step = self.session.greeting();
-        if let Some(end) = self.simple(step) {
+        if let Some(end) = self.perform(step) {
             return end;
         }
         loop {
             if self.life.stopping() {
-                return self.shutdown_now();
+                let step = self.session.shutting_down();
+                return self.perform(step).unwrap_or(End::ShuttingDown);
             }
             let read = self.read_line();
             if !self.life.got_command() {
                 // Whatever arrived is not run: the worker belongs to a new client now.
-                let r = self.session.evicted();
-                self.reply(&r);
-                return End::Evicted;
+                let step = self.session.evicted();
+                return self.perform(step).unwrap_or(End::Evicted);
             }
             let step = match read {
                 // Disjoint fields: the line is borrowed from the buffer, not copied.
                 Ok(Read1::Line(a, b)) => self.session.command(&self.buf[a..b]),
                 Ok(Read1::TooLong) => self.session.line_too_long(),
                 // The server shuts the read side of idle sessions when it stops.
-                Ok(Read1::Eof) | Err(_) if self.life.stopping() => return self.shutdown_now(),
+                Ok(Read1::Eof) | Err(_) if self.life.stopping() => self.session.shutting_down(),
                 Ok(Read1::Eof) => return End::Eof,
-                Ok(Read1::Timeout) => return self.timed_out(),
-                Ok(Read1::Lifetime) => {
-                    let r = self.session.lifetime_over();
-                    self.reply(&r);
-                    return End::Lifetime;
-                }
+                Ok(Read1::Timeout) => self.session.timeout(),
+                Ok(Read1::Lifetime) => self.session.lifetime_over(),
                 Err(e) => return End::Io(e.kind()),
             };
-            let outcome = match step {
-                Step::Data => self.data(),
-                Step::Chunk { size, last } => self.chunk(size, last),
-                Step::Discard { size, reply, close } => self.discard(size, reply, close),
-                Step::StartTls(reply) => self.start_tls(&reply),
-                other => match self.simple(other) {
-                    Some(end) => Err(end),
-                    None => Ok(()),
-                },
-            };
-            if let Err(end) = outcome {
+            if let Some(end) = self.perform(step) {
                 return end;
-            }
-            if let Some(replies) = self.session.take_close() {
-                // A hook panicked (or refused with 421): its session ends here.
-                for r in &replies {
-                    self.reply(r);
-                }
-                return End::Closed;
-            }
-            if self.chunked.is_some() && !self.session.is_chunking() {
-                // RSET, EHLO or a failed chunk ended the BDAT transaction.
-                self.chunked = None;
             }
             if self.out.len() >= OUT_HIGH {
                 // Backpressure: the client must take its replies before more of its
@@ -328,27 +296,135 @@ impl<'a, T: Transport> Connection<'a, T> {
         }
     }
 
-    /// Reply / Close steps. `Some` when the connection ends.
-    fn simple(&mut self, step: Step) -> Option<End> {
-        match step {
-            Step::Reply(r) => {
-                self.reply(&r);
-                None
-            }
-            Step::Close(rs) => {
-                let quit = rs.first().is_some_and(|r| r.code == 221);
-                for r in &rs {
-                    self.reply(r);
+    /// Carries out the session's steps until it waits for the next command (`None`)
+    /// or the connection ends. A message transfer (DATA, one BDAT chunk) is bracketed
+    /// by the lifecycle's `enter_message`/`leave_message`: the pool never takes the
+    /// worker of a session in the middle of a message (SPEC invariant 8).
+    fn perform(&mut self, first: Step) -> Option<End> {
+        let mut step = first;
+        let mut in_message = false;
+        let end = loop {
+            step = match step {
+                Step::Reply(r) => {
+                    self.reply(&r);
+                    break None;
                 }
-                Some(if quit { End::Quit } else { End::Closed })
+                Step::Continue => break None,
+                Step::Close(replies, why) => {
+                    self.msg = None;
+                    for r in &replies {
+                        self.reply(r);
+                    }
+                    break Some(End::from(why));
+                }
+                Step::Abandon(r) => {
+                    // Dropping the writer removes its file: nothing is stored.
+                    self.msg = None;
+                    self.reply(&r);
+                    break None;
+                }
+                Step::StartTls(r) => {
+                    self.msg = None;
+                    self.reply(&r);
+                    match self.start_tls() {
+                        Ok(next) => next,
+                        Err(end) => break Some(end),
+                    }
+                }
+                Step::Open { hold } => {
+                    if !self.life.enter_message() {
+                        self.session.shutting_down()
+                    } else {
+                        in_message = true;
+                        match self.open_message(hold) {
+                            Ok(id) => self.session.opened(Ok(&id)),
+                            Err(e) => self.session.opened(Err(e)),
+                        }
+                    }
+                }
+                Step::Resume => {
+                    if !self.life.enter_message() {
+                        self.session.shutting_down()
+                    } else {
+                        in_message = true;
+                        Step::Body(None)
+                    }
+                }
+                Step::Body(r) => {
+                    if let Some(r) = r {
+                        self.reply(&r);
+                    }
+                    match self.body() {
+                        Ok(next) => next,
+                        Err(end) => break Some(end),
+                    }
+                }
+                Step::Check => match self.msg.as_mut() {
+                    Some(m) => self
+                        .session
+                        .check_content(&mut StoredContent(m.writer.as_mut())),
+                    None => self.session.committed(Err(closed_file())),
+                },
+                Step::Commit {
+                    verdict,
+                    header_len,
+                } => {
+                    let result = self.commit(&verdict, header_len);
+                    self.session.committed(result)
+                }
+            };
+        };
+        if in_message {
+            self.life.leave_message();
+        }
+        end
+    }
+
+    /// Moves body bytes from the input buffer to the session, and the content it gives
+    /// back to the open message, until the body phase needs a step. Silence is bounded
+    /// by `data_timeout`, the whole transfer by `min_data_rate` (SPEC invariant 4).
+    fn body(&mut self) -> Result<Step, End> {
+        let began = Instant::now();
+        let mut got = 0u64;
+        loop {
+            // Disjoint fields: the session reads the buffer in place, and what it
+            // hands back is written from there (or from its own buffers) unchanged.
+            let (n, body) = self.session.body(&self.buf[self.start..self.end]);
+            self.start += n;
+            got += n as u64;
+            let failed = match body {
+                Body::Write(bytes) => match self.msg.as_mut() {
+                    Some(m) => m.writer.write_all(bytes).err(),
+                    None => None,
+                },
+                Body::Step(step) => return Ok(step),
+                Body::More => {
+                    match self.fill_data(began, got) {
+                        Ok(0) => {
+                            // EOF inside the content: the message is abandoned.
+                            self.session.body_eof();
+                            return Err(End::Eof);
+                        }
+                        Ok(_) => {}
+                        Err(Some(e)) => return Err(End::Io(e.kind())),
+                        Err(None) => return Ok(self.session.timeout()),
+                    }
+                    None
+                }
+            };
+            if let Some(e) = failed {
+                // Dropping the writer removes the file; the session refuses the message
+                // at its end.
+                self.msg = None;
+                self.session
+                    .write_failed(StoreError::from_io("message file", &e));
             }
-            // Only the main loop produces the other steps.
-            _ => Some(End::Closed),
         }
     }
 
+    /// The one place a reply is written: counted by its code, then queued.
     fn reply(&mut self, r: &Reply) {
-        r.write_to(&mut self.out);
+        stats::write_reply(self.stats.as_ref().map(|(s, _)| *s), r, &mut self.out);
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -372,12 +448,6 @@ impl<'a, T: Transport> Connection<'a, T> {
             self.write_timeout = t;
         }
         self.flush()
-    }
-
-    fn timed_out(&mut self) -> End {
-        let r = self.session.timeout();
-        self.reply(&r);
-        End::Timeout
     }
 
     /// Reads more bytes, flushing pending replies first. Returns 0 at EOF;
@@ -484,7 +554,8 @@ impl<'a, T: Transport> Connection<'a, T> {
 
     /// Data-phase read: silence bounded by `data_timeout`; after that long, the
     /// average rate must stay above `min_data_rate` (slowloris, invariant 4).
-    fn fill_data(&mut self, began: Instant, got: u64) -> Result<usize, End> {
+    /// `Err(None)` when either deadline is missed.
+    fn fill_data(&mut self, began: Instant, got: u64) -> Result<usize, Option<io::Error>> {
         let deadline = Instant::now() + self.limits.data_timeout;
         match self.fill(deadline) {
             Ok(n) => {
@@ -492,44 +563,35 @@ impl<'a, T: Transport> Connection<'a, T> {
                 if self.limits.min_data_rate > 0 && elapsed > self.limits.data_timeout {
                     let rate = (got + n as u64) as f64 / elapsed.as_secs_f64();
                     if rate < self.limits.min_data_rate as f64 {
-                        return Err(self.timed_out());
+                        return Err(None);
                     }
                 }
                 Ok(n)
             }
-            Err(e) if e.kind() == io::ErrorKind::TimedOut => Err(self.timed_out()),
-            Err(e) => Err(End::Io(e.kind())),
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => Err(None),
+            Err(e) => Err(Some(e)),
         }
     }
 
-    /// Opens a message. Without data hooks the head of every copy is known now: a
-    /// message with one copy (the usual case) is written directly where it belongs,
-    /// head first, and committed as one file. Otherwise it is staged: the file holds
-    /// the content only and the copies are made at the end.
-    fn open_message(&mut self) -> Incoming {
-        let mut inc = Incoming {
-            msg: None,
-            staged: true,
-            routes: None,
-            filter: ContentFilter::new(),
-            error: None,
-            scratch: Vec::new(),
-            queue_id: String::new(),
-            now: SystemTime::now(),
-        };
+    /// Opens a message. Unless the data hooks hold the content, the head of every
+    /// copy is known now: a message with one copy (the usual case) is written directly
+    /// where it belongs, head first, and committed as one file. Otherwise it is staged:
+    /// the file holds the content only and the copies are made at commit.
+    fn open_message(&mut self, hold: bool) -> Result<String, StoreError> {
+        let mut routes = None;
         // Some(target): one copy, in the spool (None) or in that mailbox's Maildir.
         let mut direct: Option<Option<std::path::PathBuf>> = None;
-        if !self.wants_data {
+        if !hold {
             match &self.router {
                 None => direct = Some(None),
                 Some(router) => {
-                    if let Some(routes) = self.routes(router) {
+                    if let Some(r) = self.routes(router) {
                         let no_trace = |_: &[Address]| Vec::new();
-                        let copies = self.plan_copies(&routes, &no_trace, &DataVerdict::default());
+                        let copies = self.plan_copies(&r, &no_trace, &DataVerdict::default());
                         if let Ok([one]) = copies.as_deref() {
                             direct = Some(one.maildir.clone());
                         }
-                        inc.routes = Some(routes);
+                        routes = Some(r);
                     }
                 }
             }
@@ -539,49 +601,41 @@ impl<'a, T: Transport> Connection<'a, T> {
             Some(Some(dir)) => self.store.begin_in(dir),
             None => None,
         };
-        let begun = match begun {
-            Some(b) => {
-                inc.staged = false;
-                b
-            }
-            None => self.store.begin(),
+        let (begun, staged) = match begun {
+            Some(b) => (b, false),
+            None => (self.store.begin(), true),
         };
-        let mut msg = match begun {
-            Ok(m) => m,
-            Err(e) => {
-                inc.error = Some(e);
-                return inc;
-            }
-        };
-        inc.queue_id = msg.queue_id().to_string();
-        if !inc.staged {
-            let head = match &inc.routes {
-                None => Ok(self.session.trace_headers(&inc.queue_id, inc.now)),
+        let mut writer = begun?;
+        let queue_id = writer.queue_id().to_string();
+        let now = SystemTime::now();
+        if !staged {
+            let head = match &routes {
+                None => Ok(self.session.trace_headers(&queue_id, now)),
                 Some(routes) => {
                     let session = &self.session;
-                    let (id, now) = (&inc.queue_id, inc.now);
-                    let trace = |r: &[Address]| session.trace_for(r, id, now);
+                    let trace = |r: &[Address]| session.trace_for(r, &queue_id, now);
                     self.plan_copies(routes, &trace, &DataVerdict::default())
                         .map(|mut c| c.pop().map(|c| c.head).unwrap_or_default())
                 }
             };
-            let written = match head {
-                Ok(h) => msg
+            match head {
+                Ok(h) => writer
                     .write_all(&h)
-                    .map_err(|e| StoreError::from_io("message file", &e)),
-                Err(why) => Err(StoreError::Io(why)),
-            };
-            if let Err(e) = written {
-                inc.error = Some(e);
-                return inc;
+                    .map_err(|e| StoreError::from_io("message file", &e))?,
+                Err(why) => return Err(StoreError::Io(why)),
             }
         }
-        inc.msg = Some(msg);
-        inc
+        self.msg = Some(Incoming {
+            writer,
+            staged,
+            routes,
+            now,
+        });
+        Ok(queue_id)
     }
 
     /// Each recipient's route; `None` if the router panicked (then the message is
-    /// staged and routed again at its end, where a panic refuses it).
+    /// staged and routed again at commit, where a panic refuses it).
     fn routes(&self, router: &Arc<dyn Router>) -> Option<Vec<Option<Vec<Mailbox>>>> {
         let rcpts = self
             .session
@@ -615,106 +669,21 @@ impl<'a, T: Transport> Connection<'a, T> {
         delivery::plan(&input, verdict)
     }
 
-    /// DATA: 354, stream until `<CRLF>.<CRLF>`, store, answer.
-    fn data(&mut self) -> Result<(), End> {
-        if !self.life.enter_message() {
-            return Err(self.shutdown_now());
-        }
-        let result = self.data_inner();
-        self.life.leave_message();
-        result
-    }
-
-    fn shutdown_now(&mut self) -> End {
-        let r = self.session.shutting_down();
-        self.reply(&r);
-        End::ShuttingDown
-    }
-
-    fn data_inner(&mut self) -> Result<(), End> {
-        let mut inc = self.open_message();
-        if let Some(e) = inc.error.take() {
-            let r = self.session.message_end(storage(e), 0);
-            self.reply(&r);
-            return Ok(());
-        }
-        self.reply(&Session::data_prompt());
-        self.session.data_start(&inc.queue_id);
-        let wants = self.wants_data;
-        let mut reader = DataReader::new(self.limits.max_message_size, self.limits.bare_lf);
-        let mut pending = Vec::with_capacity(FLUSH_AT * 2);
-        let began = Instant::now();
-        loop {
-            let n = reader.feed(&self.buf[self.start..self.end], &mut pending);
-            self.start += n;
-            if pending.len() >= FLUSH_AT || reader.is_done() {
-                if reader.is_keeping() {
-                    inc.feed(&mut self.session, &pending, wants);
-                }
-                pending.clear();
-            }
-            if reader.is_done() {
-                break;
-            }
-            self.fill_data(began, reader.size())?;
-            if self.end == self.start {
-                // EOF inside DATA: the message is abandoned (dropped = removed).
-                self.session
-                    .io_error("connection closed during DATA".into());
-                return Err(End::Eof);
-            }
-        }
-        let outcome = match reader.verdict() {
-            Verdict::TooBig => MessageOutcome::TooBig,
-            Verdict::BareLf => MessageOutcome::BareLf,
-            Verdict::Ok => self.finish(inc),
+    /// Commits the open message: on the fast path the one file as written; staged, the
+    /// copies planned from `verdict` (SPEC 8, 9), reading the first `header_len`
+    /// octets back only when the verdict edits the header section.
+    fn commit(&mut self, verdict: &DataVerdict, header_len: u64) -> Result<(), CommitError> {
+        let Some(mut inc) = self.msg.take() else {
+            return Err(closed_file());
         };
-        let r = self.session.message_end(outcome, reader.size());
-        self.reply(&r);
-        Ok(())
-    }
-
-    /// The end of the content: on the fast path, commit the one file; staged, run the
-    /// data hooks on the stored content, plan the copies (SPEC 8, 9) and commit them.
-    fn finish(&mut self, mut inc: Incoming) -> MessageOutcome {
-        inc.end(&mut self.session, self.wants_data);
-        if let Some(e) = inc.error.take() {
-            return storage(e);
-        }
-        let Some(mut msg) = inc.msg.take() else {
-            return MessageOutcome::StorageError("message file closed".into());
-        };
-        let id = inc.queue_id.clone();
         if !inc.staged {
-            return match msg.commit() {
-                Ok(()) => MessageOutcome::Stored(id),
-                Err(e) => storage(e),
-            };
+            return inc.writer.commit().map_err(CommitError::Store);
         }
-        let verdict = if self.wants_data {
-            match self.session.check_content(&mut StoredContent(msg.as_mut())) {
-                Ok(v) => v,
-                Err(reply) => return MessageOutcome::Refused(reply),
-            }
-        } else {
-            DataVerdict::default()
-        };
-        if verdict.discard {
-            // Dropping the writer removes the staged file.
-            return MessageOutcome::Discarded(id);
-        }
-        let rcpts = self
-            .session
-            .envelope()
-            .map(|e| e.rcpts.clone())
-            .unwrap_or_default();
         let routes = match (inc.routes.take(), &self.router) {
             (Some(routes), _) => routes,
             (None, Some(router)) => match self.routes(router) {
                 Some(r) => r,
-                None => {
-                    return MessageOutcome::Refused(self.session.hook_failed("router panicked"))
-                }
+                None => return Err(CommitError::Plan("router panicked".into())),
             },
             (None, None) => Vec::new(),
         };
@@ -723,123 +692,43 @@ impl<'a, T: Transport> Connection<'a, T> {
         } else {
             // Bounded by the message size limit, and read only for header edits.
             let mut section = Vec::new();
-            let len = inc.filter.header_len();
-            if let Err(e) = msg
+            if let Err(e) = inc
+                .writer
                 .content()
-                .and_then(|r| r.take(len).read_to_end(&mut section))
+                .and_then(|r| r.take(header_len).read_to_end(&mut section))
             {
-                return storage(StoreError::from_io("message file", &e));
+                return Err(CommitError::Store(StoreError::from_io("message file", &e)));
             }
             Some(section)
         };
+        let rcpts = self
+            .session
+            .envelope()
+            .map(|e| e.rcpts.as_slice())
+            .unwrap_or(&[]);
         let session = &self.session;
-        let trace = |r: &[Address]| session.trace_for(r, &id, inc.now);
+        let (id, now) = (inc.writer.queue_id(), inc.now);
+        let trace = |r: &[Address]| session.trace_for(r, id, now);
         let input = PlanInput {
-            rcpts: &rcpts,
+            rcpts,
             routes: &routes,
             trace: &trace,
             header_section: section.as_deref(),
         };
-        let copies = match delivery::plan(&input, &verdict) {
-            Ok(c) => c,
-            Err(why) => return MessageOutcome::Refused(self.session.hook_failed(&why)),
-        };
-        match msg.commit_copies(copies) {
-            Ok(()) => MessageOutcome::Stored(id),
-            Err(e) => storage(e),
-        }
+        let copies = delivery::plan(&input, verdict).map_err(CommitError::Plan)?;
+        inc.writer.commit_copies(copies).map_err(CommitError::Store)
     }
 
-    /// BDAT: append exactly `size` bytes; answer per chunk, LAST only once stored.
-    fn chunk(&mut self, size: u64, last: bool) -> Result<(), End> {
-        if !self.life.enter_message() {
-            return Err(self.shutdown_now());
-        }
-        let result = self.chunk_inner(size, last);
-        self.life.leave_message();
-        result
-    }
-
-    fn chunk_inner(&mut self, size: u64, last: bool) -> Result<(), End> {
-        let mut inc = match self.chunked.take() {
-            Some(inc) => inc,
-            None => {
-                let inc = self.open_message();
-                if inc.error.is_none() {
-                    self.session.data_start(&inc.queue_id);
-                }
-                inc
-            }
-        };
-        let wants = self.wants_data;
-        self.transfer(size, &mut |session, bytes| inc.feed(session, bytes, wants))?;
-        let reply = match (inc.error.take(), last) {
-            // The transaction failed; later chunks are drained and refused 503.
-            (Some(e), _) => self.session.chunk_end(size, Err(storage(e))),
-            (None, false) => {
-                self.chunked = Some(inc);
-                self.session.chunk_end(size, Ok(()))
-            }
-            (None, true) => {
-                let outcome = self.finish(inc);
-                self.session.message_end(outcome, size)
-            }
-        };
-        self.reply(&reply);
-        Ok(())
-    }
-
-    /// A refused BDAT: its bytes are consumed, never executed as commands.
-    fn discard(&mut self, size: u64, reply: Reply, close: Option<Reply>) -> Result<(), End> {
-        self.transfer(size, &mut |_, _| {})?;
-        self.chunked = None;
-        self.reply(&reply);
-        if let Some(bye) = close {
-            self.reply(&bye);
-            return Err(End::Closed);
-        }
-        Ok(())
-    }
-
-    /// Moves exactly `size` bytes from the stream to `sink`.
-    fn transfer(
-        &mut self,
-        size: u64,
-        sink: &mut dyn FnMut(&mut Session, &[u8]),
-    ) -> Result<(), End> {
-        let began = Instant::now();
-        let mut left = size;
-        loop {
-            let take = (left.min((self.end - self.start) as u64)) as usize;
-            sink(&mut self.session, &self.buf[self.start..self.start + take]);
-            self.start += take;
-            left -= take as u64;
-            if left == 0 {
-                return Ok(());
-            }
-            if self.fill_data(began, size - left)? == 0 {
-                self.session
-                    .io_error("connection closed during BDAT".into());
-                return Err(End::Eof);
-            }
-        }
-    }
-
-    /// STARTTLS: reply, refuse pipelined bytes (CVE-2011-0411), handshake, reset.
-    fn start_tls(&mut self, reply: &Reply) -> Result<(), End> {
-        self.reply(reply);
+    /// STARTTLS after its 220: bytes already pipelined behind the command are never
+    /// run (CVE-2011-0411); otherwise the handshake, bounded like a command.
+    fn start_tls(&mut self) -> Result<Step, End> {
         if self.start != self.end {
-            log::warn!(
-                "session {}: client {}: refused {} byte(s) pipelined after STARTTLS (command injection attempt); closing",
-                self.session.info().id,
-                self.session.info().peer.ip(),
-                self.end - self.start
-            );
             // The replies so far (the 220 included) still go out, in order (RFC 2920);
             // nothing follows them: the pipelined bytes are dropped unread and the
             // connection closes instead of running the handshake.
+            let step = self.session.tls_injection(self.end - self.start);
             let _ = self.flush();
-            return Err(End::Closed);
+            return Ok(step);
         }
         if let Err(e) = self.flush() {
             return Err(End::Io(e.kind()));
@@ -857,9 +746,10 @@ impl<'a, T: Transport> Connection<'a, T> {
                     info.version,
                     info.cipher
                 );
-                self.session.tls_started(info);
-                self.chunked = None;
-                Ok(())
+                if let Some((_, tally)) = &self.stats {
+                    tally.set_tls(&info.version);
+                }
+                Ok(self.session.tls_started(info))
             }
             Err(e) => {
                 log::info!(
@@ -873,9 +763,162 @@ impl<'a, T: Transport> Connection<'a, T> {
     }
 }
 
-fn storage(e: StoreError) -> MessageOutcome {
-    match e {
-        StoreError::Full(m) => MessageOutcome::StorageFull(m),
-        StoreError::Io(m) => MessageOutcome::StorageError(m),
+/// The commit of a message whose file was already dropped after a write error.
+fn closed_file() -> CommitError {
+    CommitError::Store(StoreError::Io("message file closed".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    //! The driver carries out the session's steps: a message it was told to drop is
+    //! gone before the next one opens.
+    use super::*;
+    use crate::hooks::{NoHooks, SessionInfo};
+    use crate::session::Settings;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    /// Serves `input` in one read; keeps what the server writes.
+    struct Wire(io::Cursor<Vec<u8>>, Vec<u8>);
+
+    impl Read for Wire {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.0.read(buf)
+        }
+    }
+    impl Write for Wire {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.1.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    impl Transport for Wire {
+        fn set_read_timeout(&mut self, _: Option<Duration>) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Counts the writers open at once; committed messages are their bytes.
+    #[derive(Default)]
+    struct Files {
+        open: Arc<AtomicUsize>,
+        most: AtomicUsize,
+        stored: Arc<Mutex<Vec<Vec<u8>>>>,
+    }
+
+    struct File(Vec<u8>, Arc<AtomicUsize>, Arc<Mutex<Vec<Vec<u8>>>>);
+
+    impl Write for File {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    impl Drop for File {
+        fn drop(&mut self) {
+            self.1.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    impl MessageWriter for File {
+        fn queue_id(&self) -> &str {
+            "Q"
+        }
+        fn commit(self: Box<Self>) -> Result<(), StoreError> {
+            let stored = &mut *self.2.lock().unwrap_or_else(|p| p.into_inner());
+            stored.push(self.0.clone());
+            Ok(())
+        }
+    }
+    impl Store for Files {
+        fn begin(&self) -> Result<Box<dyn MessageWriter>, StoreError> {
+            let open = self.open.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(open, Ordering::SeqCst);
+            Ok(Box::new(File(
+                Vec::new(),
+                Arc::clone(&self.open),
+                Arc::clone(&self.stored),
+            )))
+        }
+    }
+
+    fn run(input: &[u8]) -> (String, Files) {
+        let settings = Arc::new(Settings {
+            hostname: "mx.test".into(),
+            max_message_size: 10,
+            max_recipients: 10,
+            max_errors: 10,
+            tls_available: false,
+            require_tls: false,
+            auth: None,
+        });
+        let info = SessionInfo {
+            id: 1,
+            peer: "192.0.2.7:4000".parse().expect("a literal address"),
+            tls: None,
+            auth_user: None,
+            helo: None,
+            local: "192.0.2.1:25".parse().expect("a literal address"),
+            auth_mechanism: None,
+        };
+        let session = Session::new(settings, Arc::new(NoHooks), info);
+        let limits = WireLimits {
+            max_line_length: 512,
+            max_message_size: 10,
+            bare_lf: BareLf::Normalize,
+            command_timeout: Duration::from_secs(5),
+            data_timeout: Duration::from_secs(5),
+            min_data_rate: 0,
+        };
+        let files = Files::default();
+        let wire = Wire(io::Cursor::new(input.to_vec()), Vec::new());
+        let mut conn = Connection::new(wire, session, &files, &Forever, limits, false);
+        assert_eq!(conn.run(), End::Quit);
+        let out = String::from_utf8_lossy(&conn.into_transport().1).into_owned();
+        (out, files)
+    }
+
+    /// The reply codes in `out`, one per reply.
+    fn codes(out: &str) -> Vec<&str> {
+        out.lines()
+            .filter(|l| l.as_bytes().get(3) == Some(&b' '))
+            .map(|l| &l[..3])
+            .collect()
+    }
+
+    #[test]
+    fn a_bdat_message_ended_by_rset_ehlo_or_a_refused_chunk_is_dropped_at_once() {
+        let env = "MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n";
+        let input = format!(
+            "EHLO c\r\n{env}BDAT 3\r\nabcRSET\r\n\
+             {env}BDAT 3\r\nabcEHLO c\r\n\
+             {env}BDAT 8\r\n12345678BDAT 8\r\n12345678\
+             {env}BDAT 2 LAST\r\nokQUIT\r\n"
+        );
+        let (out, files) = run(input.as_bytes());
+        assert_eq!(
+            codes(&out),
+            [
+                "220", "250", "250", "250", "250", "250", // RSET
+                "250", "250", "250", "250", // EHLO
+                "250", "250", "250", "552", // over the size in total
+                "250", "250", "250", "221"
+            ],
+            "{out}"
+        );
+        assert_eq!(
+            files.most.load(Ordering::SeqCst),
+            1,
+            "never two messages open at once"
+        );
+        assert_eq!(files.open.load(Ordering::SeqCst), 0);
+        let stored = files.stored.lock().unwrap_or_else(|p| p.into_inner());
+        assert_eq!(stored.len(), 1);
+        assert!(stored[0].ends_with(b"ok"), "{:?}", stored[0]);
     }
 }

@@ -1,16 +1,16 @@
 //! Counters for the periodic `stats:` log line and for embedders (`Handle::stats`):
 //! connections, replies refused by code, messages and bytes stored, spool queue depth
-//! and commit latency. The counting wrappers sit around the store and the stream.
+//! and commit latency. The counting wrapper sits around the store; replies are counted
+//! where they are written (`write_reply`).
 
-use crate::connection::Transport;
-use crate::hooks::TlsInfo;
+use crate::protocol::reply::Reply;
 use crate::spool::{Copy, Maildir, MessageWriter, SpoolStats, Store, StoreError};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// The reply codes counted in [`Stats`]: every valid SMTP code (RFC 5321 4.2: the
 /// first digit is 2 to 5; 1yz is unused but costs nothing to count).
@@ -362,88 +362,38 @@ impl CountingMessage {
     }
 }
 
-/// The session's stream, counting every reply the server writes by its code (the
-/// last line of a multi-line reply, `NNN `, counts once). It sees the plaintext side
-/// of TLS, so it counts replies in TLS sessions too, and notes the TLS version of a
-/// STARTTLS upgrade for the session's summary.
-pub(crate) struct CountReplies<'a, T> {
-    inner: T,
-    stats: &'a Stats,
-    tally: Option<Arc<SessionTally>>,
-    /// Bytes of the current line seen so far, up to 4 (`NNN` and the separator).
-    seen: usize,
-    code: [u8; 3],
+/// The one place where the server's replies become bytes: each is counted by its code
+/// (in `stats`, when the server keeps them) as it is queued in `out`. Sessions and the
+/// pre-greeting refusals both write through here, so `mailer_replies_total` and the
+/// `stats:` line count every reply once, on the typed [`Reply`] rather than by reading
+/// the bytes back.
+pub(crate) fn write_reply(stats: Option<&Stats>, reply: &Reply, out: &mut Vec<u8>) {
+    if let Some(stats) = stats {
+        stats.count_reply(reply.code);
+    }
+    reply.write_to(out);
 }
 
-impl<'a, T> CountReplies<'a, T> {
-    pub(crate) fn new(inner: T, stats: &'a Stats) -> Self {
-        CountReplies {
-            inner,
-            stats,
-            tally: None,
-            seen: 0,
-            code: [0; 3],
-        }
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::replies;
 
-    /// Notes the TLS version of an upgrade in `tally`.
-    pub(crate) fn with_tally(mut self, tally: Arc<SessionTally>) -> Self {
-        self.tally = Some(tally);
-        self
-    }
-
-    fn observe(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            if b == b'\n' {
-                self.seen = 0;
-                continue;
-            }
-            match self.seen {
-                0..=2 => self.code[self.seen] = b,
-                3 => {
-                    // `NNN ` ends a reply; `NNN-` continues it.
-                    if b == b' ' {
-                        if let Ok(code) = std::str::from_utf8(&self.code).unwrap_or("").parse() {
-                            self.stats.count_reply(code);
-                        }
-                    }
-                }
-                _ => continue,
-            }
-            self.seen += 1;
-        }
-    }
-}
-
-impl<T: Read> Read for CountReplies<'_, T> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.inner.read(buf)
-    }
-}
-
-impl<T: Write> Write for CountReplies<'_, T> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.observe(&buf[..n]);
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-impl<T: Transport> Transport for CountReplies<'_, T> {
-    fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
-        self.inner.set_read_timeout(timeout)
-    }
-    fn set_write_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
-        self.inner.set_write_timeout(timeout)
-    }
-    fn start_tls(&mut self) -> io::Result<TlsInfo> {
-        let info = self.inner.start_tls()?;
-        if let Some(t) = &self.tally {
-            t.set_tls(&info.version);
-        }
-        Ok(info)
+    #[test]
+    fn a_reply_is_counted_once_by_its_code_as_it_is_written() {
+        let stats = Stats::default();
+        let mut out = Vec::new();
+        // A multi-line reply is one reply.
+        write_reply(Some(&stats), &replies::help("HELO"), &mut out);
+        write_reply(Some(&stats), &replies::refused("mx.test", "busy"), &mut out);
+        write_reply(None, &replies::OK.into(), &mut out);
+        assert_eq!(
+            out,
+            b"214-2.0.0 Commands: HELO\r\n214 2.0.0 See RFC 5321 and RFC 3030\r\n\
+              421 4.7.0 mx.test busy\r\n250 2.0.0 Ok\r\n"
+        );
+        let snap = stats.snapshot();
+        assert_eq!(snap.replies, BTreeMap::from([(214, 1), (421, 1)]));
+        assert_eq!(snap.refused, BTreeMap::from([(421, 1)]));
     }
 }

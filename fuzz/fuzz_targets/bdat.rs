@@ -1,5 +1,7 @@
-//! BDAT chunking (RFC 3030) through the whole in-memory driver. The fuzz input is a
-//! program: a header (message size limit, read sizes), then operations: MAIL+RCPT,
+//! BDAT chunking (RFC 3030) through the `Session` state machine alone: the pure driver
+//! in `pure.rs` hands chunk bytes to `Session::body` in pieces of fuzz-chosen sizes.
+//! The fuzz input is a program: a header (message size limit, piece sizes), then
+//! operations: MAIL+RCPT,
 //! `BDAT n` / `BDAT n LAST` with n payload bytes taken from the input (binary, CRLF,
 //! dots and command text included), RSET, NOOP. A reference model predicts every reply.
 //!
@@ -16,8 +18,12 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use mailer::connection::End;
 use mailer::protocol::data::BareLf;
-use mailer_fuzz::{guarded, parse_replies, run_session, split_trace, FakeTls, Knobs};
+use mailer_fuzz::{guarded, parse_replies, split_trace, FakeTls, Knobs};
+
+#[path = "pure.rs"]
+mod pure;
 
 #[derive(Debug)]
 enum State {
@@ -121,7 +127,9 @@ fuzz_target!(|data: &[u8]| {
     wire.extend_from_slice(b"QUIT\r\n");
     want.push(Want::Code(221));
 
-    let run = run_session(&wire, &k);
+    let run = pure::run_pure(&wire, &k);
+    assert_eq!(run.end, End::Quit, "the session ends at its QUIT");
+    assert!(run.handshakes.is_empty(), "no TLS offered, none run");
     let replies = parse_replies(&run.out);
     let codes: Vec<u16> = replies.iter().map(|r| r.code).collect();
     assert_eq!(

@@ -1,7 +1,8 @@
-//! A whole SMTP session driven in memory by an arbitrary byte stream: the real
-//! `Connection` + `Session` over a fake transport (reads of fuzz-chosen sizes, writes
-//! into a Vec, STARTTLS that fails or "succeeds" in clear) and a fake store. The first
-//! four bytes choose limits, bare-LF policy, TLS/AUTH availability and read sizes.
+//! A whole SMTP session driven by an arbitrary byte stream: the `Session` state
+//! machine alone, through the pure driver in `pure.rs` (bytes arriving in pieces of
+//! fuzz-chosen sizes, STARTTLS that fails or "succeeds" in clear, messages kept in
+//! memory). The first four bytes choose limits, bare-LF policy, TLS/AUTH availability
+//! and piece sizes.
 //!
 //! Properties:
 //! - never panics (SPEC invariant 5);
@@ -26,9 +27,10 @@
 use libfuzzer_sys::fuzz_target;
 use mailer::connection::End;
 use mailer::protocol::command::{parse, Command};
-use mailer_fuzz::{
-    first_terminator, guarded, parse_replies, read_data, run_session, split_trace, Knobs,
-};
+use mailer_fuzz::{first_terminator, guarded, parse_replies, read_data, split_trace, Knobs};
+
+#[path = "pure.rs"]
+mod pure;
 
 /// Input offsets just after each LF-terminated line, with the line (no CR/LF).
 fn lines(input: &[u8]) -> Vec<(usize, &[u8])> {
@@ -71,7 +73,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let k = Knobs::from_header([data[0], data[1], data[2], data[3]]);
     let input = &data[4..];
-    let run = run_session(input, &k);
+    let run = pure::run_pure(input, &k);
     let replies = parse_replies(&run.out);
     assert_eq!(replies.first().map(|r| r.code), Some(220), "greeting");
 
@@ -183,7 +185,7 @@ fuzz_target!(|data: &[u8]| {
     }
 
     // STARTTLS.
-    for &(in_pos, out_len) in &run.transport.handshakes {
+    for &(in_pos, out_len) in &run.handshakes {
         let line = all_lines
             .iter()
             .find(|&&(p, _)| p == in_pos)
@@ -206,12 +208,12 @@ fuzz_target!(|data: &[u8]| {
                 .iter()
                 .filter(|r| r.last() == "2.0.0 Ready to start TLS")
                 .count();
-            if !tls_ok || run.transport.handshakes.len() < n_before {
+            if !tls_ok || run.handshakes.len() < n_before {
                 assert_eq!(i + 1, replies.len(), "replies after an aborted STARTTLS");
             }
         }
     }
-    if let Some(&(_, out_len)) = run.transport.handshakes.first() {
+    if let Some(&(_, out_len)) = run.handshakes.first() {
         if tls_ok {
             for r in parse_replies(&run.out[out_len..]) {
                 assert!(

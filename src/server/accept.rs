@@ -106,9 +106,10 @@ impl Shared {
                 break;
             }
         }
-        self.stats.count_reply(421);
+        let mut out = Vec::with_capacity(128);
         let r = replies::refused(&self.hostname, why);
-        let _ = tcp.write_all(&r.to_bytes());
+        crate::stats::write_reply(Some(&self.stats), &r, &mut out);
+        let _ = tcp.write_all(&out);
         let _ = tcp.shutdown(Shutdown::Both);
     }
 

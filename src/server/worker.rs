@@ -9,7 +9,7 @@ use crate::connection::{Connection, End, Lifecycle, WireLimits};
 use crate::delivery::Router;
 use crate::hooks::{Hooks, SessionInfo};
 use crate::session::{Guards, Session, Settings};
-use crate::stats::{ActiveGuard, CountReplies, CountingStore, SessionStore, SessionTally};
+use crate::stats::{ActiveGuard, CountingStore, SessionStore, SessionTally};
 use crate::tls::Stream;
 use crossbeam_channel::{Receiver, Sender};
 use rustls::ServerConfig;
@@ -240,7 +240,6 @@ impl Worker {
             shared: &self.shared,
             slot: &slot,
         };
-        let stream = CountReplies::new(stream, stats).with_tally(Arc::clone(&tally));
         let store = SessionStore {
             inner: self.store.as_ref(),
             tally: Arc::clone(&tally),
@@ -253,7 +252,8 @@ impl Worker {
             self.limits.clone(),
             self.wants_data,
         )
-        .with_router(self.router.clone());
+        .with_router(self.router.clone())
+        .with_stats(stats, Arc::clone(&tally));
         let end = conn.run();
         // The stream goes first (a TLS session sends close_notify as it is dropped).
         drop(conn);
