@@ -10,7 +10,8 @@
 use mailer::connection::End;
 use mailer::hooks::{NoHooks, SessionInfo, TlsInfo};
 use mailer::session::{AuthSettings, Body, BodyLimits, Session, Settings, Step};
-use mailer_fuzz::{FakeTls, Knobs, OneUser, Rng, Stored};
+use mailer::testing::{FakeTls, OneUser, Rng};
+use mailer_fuzz::{Knobs, Stored};
 use std::io;
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
@@ -54,7 +55,7 @@ pub fn run_pure(input: &[u8], k: &Knobs) -> PureRun {
         require_tls: false,
         auth: k.auth.then(|| AuthSettings {
             allow_plaintext: true,
-            authenticator: Arc::new(OneUser),
+            authenticator: Arc::new(OneUser("alice", "secret")),
         }),
     });
     let info = SessionInfo {
