@@ -233,8 +233,26 @@ pub fn read_maildir(dir: &Path) -> Vec<(String, Vec<u8>)> {
                 .collect()
         })
         .unwrap_or_default();
-    v.sort();
+    // In delivery order: the names' microseconds are not zero-padded (`M99` after
+    // `M100` by bytes), so order by the numbers, then the queue sequence.
+    v.sort_by_key(|(name, _)| (maildir_order(name), name.clone()));
     v
+}
+
+/// (seconds, microseconds, sequence) from a `<secs>.M<usec>P<pid>R<token>Q<seq>.<host>`
+/// name; zeros for other names.
+fn maildir_order(name: &str) -> (u64, u64, u64) {
+    let num = |s: &str| {
+        s.chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse()
+            .unwrap_or(0)
+    };
+    let (secs, rest) = name.split_once('.').unwrap_or((name, ""));
+    let usec = rest.strip_prefix('M').map_or(0, num);
+    let seq = rest.split_once('Q').map_or(0, |(_, q)| num(q));
+    (num(secs), usec, seq)
 }
 
 /// Splits a stored file into (trace headers, message). The trace block is the
