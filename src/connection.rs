@@ -11,9 +11,8 @@
 use crate::delivery::{self, Mailbox, PlanInput, Router};
 use crate::hooks::{Content, DataVerdict, TlsInfo};
 use crate::protocol::address::Address;
-use crate::protocol::data::BareLf;
 use crate::protocol::reply::Reply;
-use crate::session::{Body, BodyLimits, CloseReason, CommitError, Session, Step};
+use crate::session::{Body, CloseReason, CommitError, Session, Step};
 use crate::spool::{MessageWriter, Store, StoreError};
 use crate::stats::{self, SessionTally, Stats};
 use std::io::{self, Read, Write};
@@ -22,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 /// A byte stream the driver can put deadlines on and upgrade to TLS.
-pub trait Transport: Read + Write {
+pub(crate) trait Transport: Read + Write {
     /// Bounds the next blocking read (`None`: no bound).
     fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()>;
     /// Bounds the next blocking write. In-memory transports never block: the default
@@ -40,7 +39,7 @@ pub trait Transport: Read + Write {
 }
 
 /// How the server's lifecycle reaches a session (graceful stop, SPEC invariant 7).
-pub trait Lifecycle {
+pub(crate) trait Lifecycle {
     /// True once the server is stopping: the session answers 421 4.3.2 and closes.
     fn stopping(&self) -> bool;
     /// Called before a message transfer; `false` when stopping (then no transfer).
@@ -67,8 +66,9 @@ pub trait Lifecycle {
     fn closing(&self) {}
 }
 
-/// A lifecycle that never stops (tests, embedders that drive sessions themselves).
-pub struct Forever;
+/// A lifecycle that never stops: the in-memory runner's (`testing`), its only user.
+#[cfg_attr(not(feature = "testing"), allow(dead_code))]
+pub(crate) struct Forever;
 
 impl Lifecycle for Forever {
     fn stopping(&self) -> bool {
@@ -80,25 +80,24 @@ impl Lifecycle for Forever {
     fn leave_message(&self) {}
 }
 
-/// The limits the driver enforces on the wire (the rest are the session's).
+/// The I/O limits the driver enforces on the wire: line length and deadlines. The
+/// message limits (size, bare LF) are the session's, in its
+/// [`Settings`](crate::session::Settings).
 #[derive(Clone, Debug)]
-pub struct WireLimits {
+pub(crate) struct WireLimits {
     /// Longest command line, CRLF included (RFC 5321 §4.5.3.1.4).
-    pub max_line_length: usize,
-    /// DATA content beyond this is drained and refused 552 (SPEC invariant 4).
-    pub max_message_size: u64,
-    /// A bare LF in DATA content: stored as CRLF or refused (SPEC invariant 2).
-    pub bare_lf: BareLf,
+    pub(crate) max_line_length: usize,
     /// The deadline for one command line (RFC 5321 §4.5.3.2).
-    pub command_timeout: Duration,
+    pub(crate) command_timeout: Duration,
     /// The longest silence inside DATA/BDAT content.
-    pub data_timeout: Duration,
+    pub(crate) data_timeout: Duration,
     /// Bytes per second inside DATA/BDAT once `data_timeout` has passed; 0 disables.
-    pub min_data_rate: u64,
+    pub(crate) min_data_rate: u64,
 }
 
 /// How a connection ended (for the log).
 #[derive(Debug, PartialEq, Eq)]
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub enum End {
     /// The client said QUIT.
     Quit,
@@ -151,7 +150,7 @@ const OUT_HIGH: usize = 8 * 1024;
 const RECHECK: Duration = Duration::from_secs(1);
 
 /// The driver for one connection.
-pub struct Connection<'a, T: Transport> {
+pub(crate) struct Connection<'a, T: Transport> {
     io: T,
     session: Session,
     store: &'a dyn Store,
@@ -193,21 +192,15 @@ impl Content for StoredContent<'_> {
 }
 
 impl<'a, T: Transport> Connection<'a, T> {
-    /// A driver for `session` over `io`; `wants_data`: a data hook reads content.
-    pub fn new(
+    /// A driver for `session` over `io`.
+    pub(crate) fn new(
         io: T,
-        mut session: Session,
+        session: Session,
         store: &'a dyn Store,
         life: &'a dyn Lifecycle,
         limits: WireLimits,
-        wants_data: bool,
     ) -> Self {
         let cap = BUF.max(limits.max_line_length + 2);
-        session.set_body_limits(BodyLimits {
-            max_message_size: limits.max_message_size,
-            bare_lf: limits.bare_lf,
-            hold: wants_data,
-        });
         Connection {
             io,
             session,
@@ -227,7 +220,7 @@ impl<'a, T: Transport> Connection<'a, T> {
 
     /// Routes recipients to mailboxes (SPEC 8); without one every message is one file
     /// in the spool.
-    pub fn with_router(mut self, router: Option<Arc<dyn Router>>) -> Self {
+    pub(crate) fn with_router(mut self, router: Option<Arc<dyn Router>>) -> Self {
         self.router = router;
         self
     }
@@ -238,13 +231,14 @@ impl<'a, T: Transport> Connection<'a, T> {
         self
     }
 
-    /// The stream, e.g. to inspect what the server wrote in tests.
-    pub fn into_transport(self) -> T {
+    /// The stream, to inspect what the server wrote (the in-memory runner only).
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
+    pub(crate) fn into_transport(self) -> T {
         self.io
     }
 
     /// Runs the session to its end. Never panics on client input.
-    pub fn run(&mut self) -> End {
+    pub(crate) fn run(&mut self) -> End {
         let end = self.run_inner();
         self.life.closing();
         let _ = self.flush();
@@ -774,6 +768,7 @@ mod tests {
     //! gone before the next one opens.
     use super::*;
     use crate::hooks::{NoHooks, SessionInfo};
+    use crate::protocol::data::BareLf;
     use crate::session::Settings;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
@@ -851,6 +846,7 @@ mod tests {
         let settings = Arc::new(Settings {
             hostname: "mx.test".into(),
             max_message_size: 10,
+            bare_lf: BareLf::Normalize,
             max_recipients: 10,
             max_errors: 10,
             tls_available: false,
@@ -869,15 +865,13 @@ mod tests {
         let session = Session::new(settings, Arc::new(NoHooks), info);
         let limits = WireLimits {
             max_line_length: 512,
-            max_message_size: 10,
-            bare_lf: BareLf::Normalize,
             command_timeout: Duration::from_secs(5),
             data_timeout: Duration::from_secs(5),
             min_data_rate: 0,
         };
         let files = Files::default();
         let wire = Wire(io::Cursor::new(input.to_vec()), Vec::new());
-        let mut conn = Connection::new(wire, session, &files, &Forever, limits, false);
+        let mut conn = Connection::new(wire, session, &files, &Forever, limits);
         assert_eq!(conn.run(), End::Quit);
         let out = String::from_utf8_lossy(&conn.into_transport().1).into_owned();
         (out, files)

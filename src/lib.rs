@@ -69,9 +69,6 @@ pub mod server;
 
 internal! {
     auth;
-    // The in-memory runner (`testing`) is the only user of a few driver pieces.
-    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
-    #[allow(unreachable_pub)] // its `pub` items still await narrowing (issue 14)
     connection;
     delivery;
     logfmt;
@@ -80,11 +77,8 @@ internal! {
     metrics;
     milter;
     preflight;
-    #[allow(unreachable_pub)] // its `pub` items still await narrowing (issue 14)
     session;
     spool;
-    // `StatsSnapshot` (re-exported below) is public; some of its fields still lack docs.
-    #[allow(missing_docs, unreachable_pub)]
     stats;
     tls;
 }

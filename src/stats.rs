@@ -20,7 +20,7 @@ const REFUSAL_CODES: std::ops::RangeInclusive<u16> = 400..=599;
 
 /// Why a connection was refused before its greeting (the `reason` label of
 /// `mailer_connections_refused_total`).
-pub const REFUSAL_REASONS: [&str; 3] = ["per_ip_limit", "busy", "other"];
+pub(crate) const REFUSAL_REASONS: [&str; 3] = ["per_ip_limit", "busy", "other"];
 
 /// Upper bounds (seconds) of the spool commit latency histogram: from a fast SSD
 /// (sub-millisecond fsync) to a disk in trouble.
@@ -28,32 +28,33 @@ const COMMIT_BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 
-/// Counters for the stats line and for embedders ([`Handle::stats`]).
+/// Counters for the stats line and for embedders (`Handle::stats`).
 #[derive(Debug)]
-pub struct Stats {
+pub(crate) struct Stats {
     /// Connections handed to a worker.
-    pub connections_total: AtomicU64,
+    pub(crate) connections_total: AtomicU64,
     /// Connections a worker is serving now.
-    pub connections_active: AtomicU64,
+    pub(crate) connections_active: AtomicU64,
     /// Refused before the greeting: per-IP limit or all workers busy.
-    pub connections_refused: AtomicU64,
+    pub(crate) connections_refused: AtomicU64,
     /// Messages acknowledged with 250 (durable in `new/`).
-    pub messages_accepted: AtomicU64,
+    pub(crate) messages_accepted: AtomicU64,
     /// Bytes of the accepted messages as stored (trace headers included).
-    pub bytes_accepted: AtomicU64,
+    pub(crate) bytes_accepted: AtomicU64,
     /// Messages between the end of their data and their ack: file fsync, waiting
     /// for the writer thread, rename and directory fsync.
-    pub queue_depth: AtomicU64,
+    pub(crate) queue_depth: AtomicU64,
     /// Commits finished (stored or failed) and their summed duration, for the mean.
-    pub commits: AtomicU64,
-    pub commit_micros: AtomicU64,
+    pub(crate) commits: AtomicU64,
+    pub(crate) commit_micros: AtomicU64,
     /// Every reply sent, by code (index = code - 100).
     replies: Vec<AtomicU64>,
     /// Connections refused before the greeting, by [`REFUSAL_REASONS`] index.
     refused_by_reason: [AtomicU64; 3],
     /// Time from the end of a message's data to its durable ack, seconds.
-    pub commit_seconds: prometheus_client::metrics::histogram::Histogram,
-    pub spool: Arc<SpoolStats>,
+    pub(crate) commit_seconds: prometheus_client::metrics::histogram::Histogram,
+    /// The spool writer's own counters (batches, directory fsyncs, commits).
+    pub(crate) spool: Arc<SpoolStats>,
 }
 
 impl Default for Stats {
@@ -75,27 +76,35 @@ impl Default for Stats {
     }
 }
 
-/// A snapshot of [`Stats`]. Its `Display` is the `stats:` log line's `key=value` list.
+/// The server's counters at one moment, as [`Handle::stats`](crate::Handle::stats)
+/// returns them. Its `Display` is the `stats:` log line's `key=value` list.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StatsSnapshot {
+    /// Connections handed to a worker since the server started.
     pub connections_total: u64,
+    /// Connections a worker is serving now.
     pub connections_active: u64,
+    /// Connections refused before the greeting: the per-IP limit or all workers busy.
     pub connections_refused: u64,
     /// Messages renamed into `new/` and fsynced by the spool writer.
     pub messages_stored: u64,
     /// Messages acknowledged with 250 (the same as `messages_stored` once the writer
     /// has handed back every ack).
     pub messages_accepted: u64,
+    /// Bytes of the accepted messages as stored, trace headers included.
     pub bytes_accepted: u64,
     /// Every 4xx/5xx reply sent, by reply code: refused commands, recipients and
     /// messages, and the 421s sent before a greeting.
     pub refused: BTreeMap<u16, u64>,
     /// Every reply sent, by code (2xx and 3xx too).
     pub replies: BTreeMap<u16, u64>,
-    /// Connections refused before the greeting, by reason ([`REFUSAL_REASONS`]).
+    /// Connections refused before the greeting, by reason: `per_ip_limit`, `busy` or
+    /// `other`.
     pub refused_by_reason: BTreeMap<&'static str, u64>,
     /// Messages waiting for their commit (file fsync, writer queue, directory fsync).
     pub queue_depth: u64,
+    /// Commit batches the spool writer has finished (each `new/` a batch touched is
+    /// fsynced once).
     pub spool_batches: u64,
     /// Mean directory-fsync time per batch, microseconds.
     pub fsync_micros_avg: u64,
@@ -104,7 +113,8 @@ pub struct StatsSnapshot {
 }
 
 impl Stats {
-    pub fn snapshot(&self) -> StatsSnapshot {
+    /// The counters now, as [`Handle::stats`](crate::Handle::stats) reports them.
+    pub(crate) fn snapshot(&self) -> StatsSnapshot {
         let batches = self.spool.batches.load(Ordering::Relaxed);
         let replies: BTreeMap<u16, u64> = REPLY_CODES
             .zip(&self.replies)
@@ -148,7 +158,7 @@ impl Stats {
     }
 
     /// Counts one reply sent with this code.
-    pub fn count_reply(&self, code: u16) {
+    pub(crate) fn count_reply(&self, code: u16) {
         if REPLY_CODES.contains(&code) {
             self.replies[usize::from(code - 100)].fetch_add(1, Ordering::Relaxed);
         }
@@ -156,7 +166,7 @@ impl Stats {
 
     /// Counts a connection refused before its greeting; `why` is the reply text,
     /// which tells the per-IP limit from a full pool.
-    pub fn count_refusal(&self, why: &str) {
+    pub(crate) fn count_refusal(&self, why: &str) {
         self.connections_refused.fetch_add(1, Ordering::Relaxed);
         let i = if why.contains("too many connections") {
             0
@@ -211,15 +221,18 @@ impl Drop for ActiveGuard<'_> {
 /// What one session did, for its summary line: messages and bytes stored, and the
 /// TLS version once encrypted.
 #[derive(Debug, Default)]
-pub struct SessionTally {
-    pub messages: AtomicU64,
-    pub bytes: AtomicU64,
-    pub tls: std::sync::Mutex<Option<String>>,
+pub(crate) struct SessionTally {
+    /// Messages stored.
+    pub(crate) messages: AtomicU64,
+    /// Their bytes as stored.
+    pub(crate) bytes: AtomicU64,
+    /// The TLS version once the session is encrypted.
+    tls: std::sync::Mutex<Option<String>>,
 }
 
 impl SessionTally {
     /// The TLS version, or `none`.
-    pub fn tls_version(&self) -> String {
+    pub(crate) fn tls_version(&self) -> String {
         self.tls
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -227,7 +240,8 @@ impl SessionTally {
             .unwrap_or_else(|| "none".into())
     }
 
-    pub fn set_tls(&self, version: &str) {
+    /// Notes the TLS version the session upgraded to.
+    pub(crate) fn set_tls(&self, version: &str) {
         *self.tls.lock().unwrap_or_else(|p| p.into_inner()) = Some(version.to_string());
     }
 }

@@ -134,6 +134,7 @@ fuzz_target!(|data: &[u8]| {
     let settings = Arc::new(Settings {
         hostname: "mx.test".into(),
         max_message_size: 1000,
+        bare_lf: mailer::protocol::data::BareLf::Normalize,
         max_recipients: 10,
         max_errors: 1000,
         tls_available: false,

@@ -9,7 +9,7 @@
 
 use mailer::connection::End;
 use mailer::hooks::{NoHooks, SessionInfo, TlsInfo};
-use mailer::session::{AuthSettings, Body, BodyLimits, Session, Settings, Step};
+use mailer::session::{AuthSettings, Body, Session, Settings, Step};
 use mailer::testing::{FakeTls, OneUser, Rng};
 use mailer_fuzz::{Knobs, Stored};
 use std::io;
@@ -49,6 +49,7 @@ pub fn run_pure(input: &[u8], k: &Knobs) -> PureRun {
     let settings = Arc::new(Settings {
         hostname: "mx.test".into(),
         max_message_size: k.max_message_size,
+        bare_lf: k.bare_lf,
         max_recipients: k.max_recipients,
         max_errors: k.max_errors,
         tls_available: k.tls_available,
@@ -68,11 +69,6 @@ pub fn run_pure(input: &[u8], k: &Knobs) -> PureRun {
         auth_mechanism: None,
     };
     let mut s = Session::new(settings, Arc::new(NoHooks), info);
-    s.set_body_limits(BodyLimits {
-        max_message_size: k.max_message_size,
-        bare_lf: k.bare_lf,
-        hold: false,
-    });
     let mut d = Driver {
         input,
         pos: 0,

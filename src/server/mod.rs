@@ -331,6 +331,7 @@ impl Server {
         let settings = Arc::new(Settings {
             hostname: config.hostname.clone(),
             max_message_size: config.limits.max_message_size,
+            bare_lf: config.limits.bare_lf.into(),
             max_recipients: config.limits.max_recipients,
             max_errors: config.limits.max_errors,
             tls_available: tls.is_some(),
@@ -498,13 +499,10 @@ impl Server {
         let (done_tx, done_rx) = bounded::<()>(workers);
         let limits = WireLimits {
             max_line_length: cfg.limits.max_line_length,
-            max_message_size: cfg.limits.max_message_size,
-            bare_lf: cfg.limits.bare_lf.into(),
             command_timeout: Duration::from_secs(cfg.limits.command_timeout_secs),
             data_timeout: Duration::from_secs(cfg.limits.data_timeout_secs),
             min_data_rate: cfg.limits.min_data_rate,
         };
-        let wants_data = self.hooks.wants_data();
         // Each worker reports once it is about to wait for sockets; the acceptors start
         // only after all have, or the rendezvous channel would refuse the first clients
         // as "busy" while the workers are still starting.
@@ -520,7 +518,6 @@ impl Server {
                 store: Arc::clone(&store),
                 tls: self.tls.as_ref().map(|(c, _)| Arc::clone(c)),
                 limits: limits.clone(),
-                wants_data,
                 router: self.router.clone(),
                 done: done_tx.clone(),
                 ready: ready_tx.clone(),

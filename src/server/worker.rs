@@ -38,7 +38,6 @@ pub(super) struct Worker {
     pub(super) store: Arc<CountingStore>,
     pub(super) tls: Option<Arc<ServerConfig>>,
     pub(super) limits: WireLimits,
-    pub(super) wants_data: bool,
     pub(super) router: Option<Arc<dyn Router>>,
     pub(super) done: Sender<()>,
     /// Signalled once, just before the worker first waits for a socket.
@@ -244,16 +243,9 @@ impl Worker {
             inner: self.store.as_ref(),
             tally: Arc::clone(&tally),
         };
-        let mut conn = Connection::new(
-            stream,
-            session,
-            &store,
-            &life,
-            self.limits.clone(),
-            self.wants_data,
-        )
-        .with_router(self.router.clone())
-        .with_stats(stats, Arc::clone(&tally));
+        let mut conn = Connection::new(stream, session, &store, &life, self.limits.clone())
+            .with_router(self.router.clone())
+            .with_stats(stats, Arc::clone(&tally));
         let end = conn.run();
         // The stream goes first (a TLS session sends close_notify as it is dropped).
         drop(conn);

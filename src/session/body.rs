@@ -13,7 +13,7 @@
 use super::{CloseReason, MessageOutcome, Session, Step, Txn, LOG_TARGET};
 use crate::delivery::ContentFilter;
 use crate::hooks::{Content, DataVerdict, Envelope, Hooks, SessionInfo};
-use crate::protocol::data::{BareLf, DataReader, Verdict};
+use crate::protocol::data::{DataReader, Verdict};
 use crate::protocol::replies;
 use crate::protocol::reply::Reply;
 use crate::spool::StoreError;
@@ -25,32 +25,9 @@ use std::sync::Arc;
 /// larger writes to the store.
 const FLUSH_AT: usize = 32 * 1024;
 
-/// What the body phase needs beyond [`super::Settings`]: the driver's wire limits and
-/// whether the data hooks read the content.
-#[derive(Clone, Copy, Debug)]
-pub struct BodyLimits {
-    /// DATA content beyond this is drained, not kept, and the message refused 552
-    /// (SPEC invariant 4).
-    pub max_message_size: u64,
-    /// What a bare LF in DATA content means (SPEC invariant 2).
-    pub bare_lf: BareLf,
-    /// The data hooks read the content: it is held (staged) until they have seen it,
-    /// and passed to `data_chunk` as it arrives.
-    pub hold: bool,
-}
-
-impl Default for BodyLimits {
-    fn default() -> BodyLimits {
-        BodyLimits {
-            max_message_size: 10 << 20,
-            bare_lf: BareLf::Normalize,
-            hold: false,
-        }
-    }
-}
-
 /// What [`Session::body`] asks of the driver.
 #[derive(Debug, PartialEq, Eq)]
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub enum Body<'a> {
     /// Append these content bytes to the open message (report a failure with
     /// [`Session::write_failed`]), then call [`Session::body`] again. They are the
@@ -66,6 +43,7 @@ pub enum Body<'a> {
 
 /// Why the driver could not commit a message, for [`Session::committed`].
 #[derive(Debug)]
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub enum CommitError {
     /// The store failed (452 4.3.1 when full, else 451 4.3.0).
     Store(StoreError),
@@ -138,16 +116,11 @@ enum Next {
 }
 
 impl Session {
-    /// Sets the driver's limits for the body phase (the server's `[limits]` and whether
-    /// a data hook reads content).
-    pub fn set_body_limits(&mut self, limits: BodyLimits) {
-        self.limits = limits;
-    }
-
     /// The driver opened the message asked for by [`Step::Open`] (`Ok` with its queue
     /// id) or could not (the error). DATA then gets its 354 (RFC 5321 §4.1.1.4); a
     /// BDAT chunk is read either way, and refused at its end if nothing could be
     /// stored.
+    #[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
     pub fn opened(&mut self, result: Result<&str, StoreError>) -> Step {
         let Txn::Opening(mut msg, chunk) = std::mem::replace(&mut self.txn, Txn::Idle) else {
             return self.finish(Step::Continue);
@@ -174,7 +147,7 @@ impl Session {
                 Step::Reply(reply)
             }
             (None, None) => {
-                let reader = DataReader::new(self.limits.max_message_size, self.limits.bare_lf);
+                let reader = DataReader::new(self.settings.max_message_size, self.settings.bare_lf);
                 self.txn = Txn::Data(msg, reader);
                 self.emitted = false;
                 self.pending.clear();
@@ -188,7 +161,7 @@ impl Session {
 
     /// The driver could not append content to the message: it is dropped at its end
     /// and refused (452 4.3.1 or 451 4.3.0); the rest of its content is still read.
-    pub fn write_failed(&mut self, e: StoreError) {
+    pub(crate) fn write_failed(&mut self, e: StoreError) {
         if let Some(msg) = self.message_mut() {
             msg.failed.get_or_insert(e);
         }
@@ -198,6 +171,7 @@ impl Session {
     /// next. Bytes after the end of the content (pipelined commands) are left alone:
     /// `<CRLF>.<CRLF>` ends DATA and nothing else does (SPEC invariant 2); a BDAT chunk
     /// is exactly its declared size, refused or not.
+    #[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
     pub fn body<'a>(&'a mut self, input: &'a [u8]) -> (usize, Body<'a>) {
         self.scratch.clear();
         if std::mem::take(&mut self.emitted) {
@@ -216,6 +190,7 @@ impl Session {
 
     /// The client closed the connection inside the body phase: the message is
     /// abandoned (the driver drops it unstored).
+    #[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
     pub fn body_eof(&mut self) {
         let what = match self.txn {
             Txn::Data(..) => "connection closed during DATA",
@@ -245,7 +220,7 @@ impl Session {
             hooks,
             info,
             chunk_panicked,
-            limits,
+            hold,
             emitted,
             ..
         } = self;
@@ -259,7 +234,7 @@ impl Session {
                         let sink = Sink {
                             hooks,
                             info,
-                            hold: limits.hold,
+                            hold: *hold,
                             panicked: chunk_panicked,
                             scratch,
                         };
@@ -294,7 +269,7 @@ impl Session {
                     let sink = Sink {
                         hooks,
                         info,
-                        hold: limits.hold,
+                        hold: *hold,
                         panicked: chunk_panicked,
                         scratch,
                     };
@@ -365,14 +340,14 @@ impl Session {
                     hooks,
                     info,
                     chunk_panicked,
-                    limits,
+                    hold,
                     scratch,
                     ..
                 } = self;
                 let sink = Sink {
                     hooks,
                     info,
-                    hold: limits.hold,
+                    hold: *hold,
                     panicked: chunk_panicked,
                     scratch,
                 };
@@ -389,7 +364,7 @@ impl Session {
         if msg.failed.is_some() {
             return self.abandon(msg, MessageOutcome::TooBig);
         }
-        if self.limits.hold {
+        if self.hold {
             self.txn = Txn::Checking(msg);
             return Step::Check;
         }
@@ -412,7 +387,7 @@ impl Session {
     /// After [`Step::Check`]: the data hooks read the held content. Their verdict
     /// comes back as [`Step::Commit`]; a refusal or a discard as [`Step::Abandon`]
     /// (the discard with its 250); a hook that panicked closes (451 4.3.0, then close).
-    pub fn check_content(&mut self, content: &mut dyn Content) -> Step {
+    pub(crate) fn check_content(&mut self, content: &mut dyn Content) -> Step {
         let Txn::Checking(msg) = std::mem::replace(&mut self.txn, Txn::Idle) else {
             return self.finish(Step::Continue);
         };
@@ -458,6 +433,7 @@ impl Session {
     /// After [`Step::Commit`]: how the driver's commit ended. The 250 with the queue id
     /// is sent only now, once the message is durable (SPEC invariant 1; for BDAT, the
     /// LAST chunk's reply, RFC 3030 §2).
+    #[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
     pub fn committed(&mut self, result: Result<(), CommitError>) -> Step {
         let msg = match std::mem::replace(&mut self.txn, Txn::Idle) {
             Txn::Committing(msg) | Txn::Checking(msg) => msg,

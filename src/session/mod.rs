@@ -7,13 +7,14 @@
 mod auth;
 mod body;
 
-pub use body::{Body, BodyLimits, CommitError};
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
+pub use body::{Body, CommitError};
 
 use crate::auth::RateLimit;
 use crate::hooks::{DataVerdict, Envelope, Hooks, SessionError, SessionInfo, TlsInfo};
 use crate::protocol::address::{Address, ReversePath};
 use crate::protocol::command::{self, Command};
-use crate::protocol::data::DataReader;
+use crate::protocol::data::{BareLf, DataReader};
 use crate::protocol::replies::{self, bad_sequence};
 use crate::protocol::reply::Reply;
 use crate::protocol::sasl::{Authenticator, Exchange};
@@ -28,12 +29,17 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-/// The per-server settings a session needs.
+/// The per-server settings a session needs, its message limits included (the
+/// driver's own are I/O limits only: `connection::WireLimits`).
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub struct Settings {
     /// This server's name: greeting, EHLO, 421s, `Received:`.
     pub hostname: String,
-    /// SIZE (RFC 1870) and the BDAT total.
+    /// SIZE (RFC 1870), the BDAT total, and DATA content beyond which the rest is
+    /// drained and the message refused 552 (SPEC invariant 4).
     pub max_message_size: u64,
+    /// What a bare LF in DATA content means (SPEC invariant 2).
+    pub bare_lf: BareLf,
     /// RCPT beyond this many gets 452 4.5.3 (RFC 5321 §4.5.3.1.10).
     pub max_recipients: usize,
     /// Failed commands before 421 and close (RFC 5321 §4.2.5 leaves the limit to us).
@@ -42,10 +48,13 @@ pub struct Settings {
     pub tls_available: bool,
     /// MAIL and AUTH need TLS first (530 5.7.0).
     pub require_tls: bool,
+    /// `[auth]`, when configured: AUTH is offered (after STARTTLS, unless
+    /// `allow_plaintext`).
     pub auth: Option<AuthSettings>,
 }
 
 /// `[auth]` for sessions.
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub struct AuthSettings {
     /// AUTH is offered without TLS too (RFC 4954 §4 advises against it).
     pub allow_plaintext: bool,
@@ -56,14 +65,14 @@ pub struct AuthSettings {
 /// Bounds on what one session may spend beyond single commands (SPEC invariant 8).
 /// Set with [`Session::set_guards`]; the defaults are the shipped config's.
 #[derive(Clone)]
-pub struct Guards {
+pub(crate) struct Guards {
     /// NOOP, RSET, VRFY, EXPN and HELP beyond this many each count as an error, as
     /// Postfix's `smtpd_junk_command_limit` does.
-    pub max_junk_commands: u32,
+    pub(crate) max_junk_commands: u32,
     /// The whole session's lifetime: the first command after it gets 421 4.4.2.
-    pub lifetime: Duration,
+    pub(crate) lifetime: Duration,
     /// Failed AUTH attempts per client address, shared by all sessions.
-    pub auth_rate: Option<Arc<RateLimit>>,
+    pub(crate) auth_rate: Option<Arc<RateLimit>>,
 }
 
 impl Default for Guards {
@@ -105,6 +114,7 @@ enum Txn {
 
 /// Why the session ends, for the driver's summary line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub enum CloseReason {
     /// QUIT (RFC 5321 §4.1.1.10).
     Quit,
@@ -124,6 +134,7 @@ pub enum CloseReason {
 /// What the driver must do next. Every call into the session answers with one of
 /// these (or, in the body phase, [`Body`]); the driver never looks at a reply's code.
 #[derive(Debug, PartialEq, Eq)]
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub enum Step {
     /// Send the reply, read the next command.
     Reply(Reply),
@@ -183,6 +194,7 @@ enum MessageOutcome {
 }
 
 /// One SMTP session.
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub struct Session {
     settings: Arc<Settings>,
     hooks: Arc<dyn Hooks>,
@@ -206,8 +218,9 @@ pub struct Session {
     chunk_panicked: bool,
     /// The mechanism of the AUTH exchange in progress.
     auth_mechanism: Option<String>,
-    /// The body phase's limits.
-    limits: BodyLimits,
+    /// The data hooks read the content ([`Hooks::wants_data`]): it is held until
+    /// they have seen it, and passed to `data_chunk` as it arrives.
+    hold: bool,
     /// DATA content decoded and not yet handed out (reused from message to message).
     pending: Vec<u8>,
     /// What the content guard rewrote (reused).
@@ -248,8 +261,11 @@ fn refused_what(line: &[u8], in_auth: bool) -> String {
 }
 
 impl Session {
-    /// A session for one connection; `info` says who the client is.
+    /// A session for one connection; `info` says who the client is. The hooks are
+    /// asked here whether they read message content ([`Hooks::wants_data`]).
+    #[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
     pub fn new(settings: Arc<Settings>, hooks: Arc<dyn Hooks>, info: SessionInfo) -> Session {
+        let hold = hooks.wants_data();
         Session {
             settings,
             hooks,
@@ -266,7 +282,7 @@ impl Session {
             content_open: false,
             chunk_panicked: false,
             auth_mechanism: None,
-            limits: BodyLimits::default(),
+            hold,
             pending: Vec::new(),
             scratch: Vec::new(),
             emitted: false,
@@ -274,14 +290,14 @@ impl Session {
     }
 
     /// Replaces the default [`Guards`] (the server sets them from its config).
-    pub fn set_guards(&mut self, guards: Guards) {
+    pub(crate) fn set_guards(&mut self, guards: Guards) {
         self.guards = guards;
     }
 
     /// How long this session may still wait for commands before its lifetime ends.
     /// A BDAT transaction in progress may finish (its size is bounded by
     /// `max_message_size`), so between its chunks the lifetime does not count.
-    pub fn lifetime_left(&self) -> Duration {
+    pub(crate) fn lifetime_left(&self) -> Duration {
         if self.is_chunking() {
             return Duration::MAX;
         }
@@ -289,7 +305,7 @@ impl Session {
     }
 
     /// 421 4.4.2 once the session lifetime has passed (`session_timeout_secs`).
-    pub fn lifetime_over(&mut self) -> Step {
+    pub(crate) fn lifetime_over(&mut self) -> Step {
         log::info!(
             "session {}: client {}: session lifetime of {}s exceeded; closing",
             self.info.id,
@@ -305,7 +321,7 @@ impl Session {
 
     /// 421 4.4.2 for a session whose worker was given to a new client while it waited
     /// for a command with every worker busy (SPEC invariant 8).
-    pub fn evicted(&mut self) -> Step {
+    pub(crate) fn evicted(&mut self) -> Step {
         log::warn!(
             "session {}: client {}: closed for a new client: all workers busy and this session waited longest for a command",
             self.info.id,
@@ -362,6 +378,7 @@ impl Session {
 
     /// The session is over (after its last reply, whatever the reason): an open
     /// transaction is reset, then the `close` hook runs.
+    #[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
     pub fn closed(&mut self) {
         let _ = self.abort_transaction(false);
         let hooks = Arc::clone(&self.hooks);
@@ -375,12 +392,13 @@ impl Session {
     }
 
     /// What hooks see: id, peer, TLS, user, HELO name.
+    #[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
     pub fn info(&self) -> &SessionInfo {
         &self.info
     }
 
     /// The envelope of the transaction in progress.
-    pub fn envelope(&self) -> Option<&Envelope> {
+    pub(crate) fn envelope(&self) -> Option<&Envelope> {
         match &self.txn {
             Txn::Idle | Txn::Drain(_) => None,
             Txn::Mail(env) => Some(env),
@@ -396,7 +414,7 @@ impl Session {
 
     /// True while a BDAT transaction's message is in transfer (between its chunks
     /// too): the session is then never idle at a prompt (SPEC invariant 8).
-    pub fn is_chunking(&self) -> bool {
+    pub(crate) fn is_chunking(&self) -> bool {
         matches!(
             self.txn,
             Txn::Chunk(..) | Txn::Chunked(_) | Txn::Opening(_, Some(_))
@@ -404,6 +422,7 @@ impl Session {
     }
 
     /// The greeting, after the `connect` hook (a refusal closes).
+    #[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
     pub fn greeting(&mut self) -> Step {
         let hooks = Arc::clone(&self.hooks);
         let step = match self.hook(|s| hooks.connect(s)) {
@@ -414,6 +433,7 @@ impl Session {
     }
 
     /// Handles one command line (without CRLF), or one AUTH response line.
+    #[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
     pub fn command(&mut self, line: &[u8]) -> Step {
         if self.lifetime_left().is_zero() {
             // A message in transfer was allowed to finish; no new command starts.
@@ -454,6 +474,7 @@ impl Session {
     }
 
     /// A command line longer than `max_line_length` (it was discarded).
+    #[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
     pub fn line_too_long(&mut self) -> Step {
         self.auth = None;
         log::info!(
@@ -523,7 +544,7 @@ impl Session {
                 Txn::Mail(env) if !env.rcpts.is_empty() => {
                     self.txn = Txn::Opening(Message::new(env, 0), None);
                     Step::Open {
-                        hold: self.limits.hold,
+                        hold: self.hold,
                     }
                 }
                 Txn::Mail(env) => {
@@ -714,7 +735,7 @@ impl Session {
             Txn::Mail(env) => {
                 self.txn = Txn::Opening(Message::new(env, size), Some(chunk));
                 return Step::Open {
-                    hold: self.limits.hold,
+                    hold: self.hold,
                 };
             }
             Txn::Chunked(msg) if msg.size.saturating_add(size) > max => {
@@ -731,6 +752,7 @@ impl Session {
     }
 
     /// The trace headers for the message in progress (SPEC 5), naming every recipient.
+    #[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
     pub fn trace_headers(&self, queue_id: &str, now: SystemTime) -> Vec<u8> {
         match self.envelope() {
             Some(env) => self.trace_for(&env.rcpts, queue_id, now),
@@ -740,7 +762,7 @@ impl Session {
 
     /// The trace headers for one stored copy: `Return-Path:`, an `X-Original-To:` for
     /// each of `rcpts` (the recipients this copy is for), `Received:`.
-    pub fn trace_for(&self, rcpts: &[Address], queue_id: &str, now: SystemTime) -> Vec<u8> {
+    pub(crate) fn trace_for(&self, rcpts: &[Address], queue_id: &str, now: SystemTime) -> Vec<u8> {
         let Some(env) = self.envelope() else {
             return Vec::new();
         };
@@ -821,6 +843,7 @@ impl Session {
     }
 
     /// After a successful TLS handshake: everything starts over (RFC 3207 §4.2).
+    #[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
     pub fn tls_started(&mut self, tls: TlsInfo) -> Step {
         let _ = self.abort_transaction(false);
         self.info.tls = Some(tls);
@@ -835,6 +858,7 @@ impl Session {
     /// The client sent `pending` bytes after its STARTTLS line, before the handshake
     /// (CVE-2011-0411, SPEC invariant 3): they are never run; the session closes after
     /// the 220 already due.
+    #[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
     pub fn tls_injection(&mut self, pending: usize) -> Step {
         log::warn!(
             "session {}: client {}: refused {pending} byte(s) pipelined after STARTTLS (command injection attempt); closing",
@@ -845,7 +869,7 @@ impl Session {
     }
 
     /// 421 for a command or data deadline, or a too slow transfer.
-    pub fn timeout(&mut self) -> Step {
+    pub(crate) fn timeout(&mut self) -> Step {
         self.notify_error(SessionError::Timeout);
         Step::Close(
             vec![replies::timeout(&self.settings.hostname)],
@@ -854,7 +878,7 @@ impl Session {
     }
 
     /// 421 when the server is stopping (SPEC invariant 7).
-    pub fn shutting_down(&self) -> Step {
+    pub(crate) fn shutting_down(&self) -> Step {
         Step::Close(
             vec![replies::shutting_down(&self.settings.hostname)],
             CloseReason::Shutdown,
@@ -862,6 +886,7 @@ impl Session {
     }
 
     /// The connection broke (or the client left in the middle of a message).
+    #[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
     pub fn io_error(&mut self, what: String) {
         log::info!(
             "session {}: client {}: {what}",

@@ -6,6 +6,7 @@ fn settings(max_errors: u32, tls: bool) -> Arc<Settings> {
     Arc::new(Settings {
         hostname: "mx.test".into(),
         max_message_size: 1000,
+        bare_lf: crate::protocol::data::BareLf::Normalize,
         max_recipients: 2,
         max_errors,
         tls_available: tls,

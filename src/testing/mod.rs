@@ -219,6 +219,7 @@ impl Mem {
         let settings = Arc::new(Settings {
             hostname: self.hostname.clone(),
             max_message_size: self.max_message_size,
+            bare_lf: self.bare_lf,
             max_recipients: self.max_recipients,
             max_errors: self.max_errors,
             tls_available: self.starttls.is_some(),
@@ -240,8 +241,6 @@ impl Mem {
         let session = Session::new(settings, Arc::clone(&self.hooks), info);
         let limits = WireLimits {
             max_line_length: self.max_line_length,
-            max_message_size: self.max_message_size,
-            bare_lf: self.bare_lf,
             command_timeout: Duration::from_secs(5),
             data_timeout: Duration::from_secs(5),
             min_data_rate: 0,
@@ -259,8 +258,7 @@ impl Mem {
         if let Some(tls) = self.starttls {
             io = io.fake_tls(tls);
         }
-        let wants_data = self.hooks.wants_data();
-        let mut conn = Connection::new(io, session, &store, &Forever, limits, wants_data);
+        let mut conn = Connection::new(io, session, &store, &Forever, limits);
         let end = conn.run();
         let io = conn.into_transport();
         MemRun {
