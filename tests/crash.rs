@@ -2,6 +2,11 @@
 //! moments while several clients stream messages into it. After every kill, and again
 //! after a restart on the same spool: every message that got 250 is in `new/` whole,
 //! nothing partial is in `new/`, and `tmp/` is empty once the server is back.
+//!
+//! Rounds alternate the two `[spool] data_sync` modes on the same spool: `"file"`
+//! (each session fdatasyncs its file) and `"batch"` (the spool writer syncfs's a whole
+//! batch before renaming it); each mode is killed in the same number of rounds, and a
+//! restart in one mode must find every message acknowledged in the other.
 mod common;
 use common::process::{free_port, write_config, ChildServer};
 use common::split_stored;
@@ -13,7 +18,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-const ROUNDS: u64 = 5;
+/// Rounds that end in a SIGKILL; even, so each mode gets as many.
+const ROUNDS: u64 = 6;
+/// `[spool] data_sync` of round `r` is `MODES[r % 2]`.
+const MODES: [&str; 2] = ["file", "batch"];
 const CLIENTS: usize = 3;
 
 /// The exact content of message `idx`: its index in the Subject, then 1–25 KB of lines
@@ -48,11 +56,16 @@ fn reply(r: &mut BufReader<TcpStream>) -> std::io::Result<(u16, String)> {
     Ok((reply.code, last.to_string()))
 }
 
-/// Sends messages until the connection breaks; records `(index, queue id)` for each 250.
+/// One acknowledged message: its index, its queue id, and the mode of the server that
+/// said 250.
+type Acked = (u64, String, &'static str);
+
+/// Sends messages until the connection breaks; records each 250.
 fn stream_messages(
     addr: SocketAddr,
+    mode: &'static str,
     next: &AtomicU64,
-    acked: &Mutex<Vec<(u64, String)>>,
+    acked: &Mutex<Vec<Acked>>,
 ) -> std::io::Result<()> {
     let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -82,7 +95,7 @@ fn stream_messages(
             return Err(std::io::Error::other(text));
         }
         let id = text.rsplit(' ').next().unwrap_or("").to_string();
-        acked.lock().unwrap().push((idx, id));
+        acked.lock().unwrap().push((idx, id, mode));
     }
 }
 
@@ -149,12 +162,19 @@ fn sigkill_at_any_moment_loses_no_acknowledged_message_and_leaves_nothing_partia
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
     let next = Arc::new(AtomicU64::new(0));
-    let acked = Arc::new(Mutex::new(Vec::<(u64, String)>::new()));
+    let acked = Arc::new(Mutex::new(Vec::<Acked>::new()));
     let mut rng = 0x5EED_u64;
     let mut debris_rounds = 0;
     let mut known = BTreeMap::new();
     for round in 0..=ROUNDS {
-        let cfg = write_config(dir.path(), free_port(), &spool, "", "");
+        let mode = MODES[round as usize % MODES.len()];
+        let cfg = write_config(
+            dir.path(),
+            free_port(),
+            &spool,
+            "",
+            &format!("data_sync = {mode:?}"),
+        );
         let before_restart = names(&spool.join("new"));
         let mut p = ChildServer::start(&cfg, &[]);
         // Waits for a greeting: the spool is open and tmp/ has been cleared.
@@ -162,19 +182,26 @@ fn sigkill_at_any_moment_loses_no_acknowledged_message_and_leaves_nothing_partia
         assert_eq!(
             names(&spool.join("tmp")),
             Vec::<String>::new(),
-            "round {round}: tmp/ not cleared at start"
+            "round {round} ({mode}): tmp/ not cleared at start"
         );
         assert_eq!(
             names(&spool.join("new")),
             before_restart,
-            "round {round}: restart changed new/"
+            "round {round} ({mode}): restart changed new/"
         );
-        let stored = check_new(&spool, &format!("after restart {round}"), &mut known);
-        for (idx, id) in acked.lock().unwrap().iter() {
+        let stored = check_new(
+            &spool,
+            &format!("after restart {round} ({mode})"),
+            &mut known,
+        );
+        for (idx, id, acked_in) in acked.lock().unwrap().iter() {
             let name = stored.get(idx).unwrap_or_else(|| {
-                panic!("round {round}: message {idx} got 250 ({id}) but is not in new/")
+                panic!("round {round} ({mode}): message {idx} got 250 ({id}) with data_sync = {acked_in:?} but is not in new/")
             });
-            assert!(name.contains(&format!(".{id}.")), "{name} vs {id}");
+            assert!(
+                name.contains(&format!(".{id}.")),
+                "{acked_in}: {name} vs {id}"
+            );
         }
         if round == ROUNDS {
             p.signal("TERM");
@@ -186,7 +213,7 @@ fn sigkill_at_any_moment_loses_no_acknowledged_message_and_leaves_nothing_partia
             .map(|_| {
                 let (next, acked) = (Arc::clone(&next), Arc::clone(&acked));
                 std::thread::spawn(move || {
-                    let _ = stream_messages(addr, &next, &acked);
+                    let _ = stream_messages(addr, mode, &next, &acked);
                 })
             })
             .collect();
@@ -208,9 +235,9 @@ fn sigkill_at_any_moment_loses_no_acknowledged_message_and_leaves_nothing_partia
             debris_rounds += 1;
         }
         // Right after the crash, before any cleanup: new/ holds only whole messages.
-        check_new(&spool, &format!("after kill {round}"), &mut known);
+        check_new(&spool, &format!("after kill {round} ({mode})"), &mut known);
         eprintln!(
-            "round {round}: killed after {delay} ms; {} acked this round, {} in new/, {} debris file(s) in tmp/",
+            "round {round} ({mode}): killed after {delay} ms; {} acked this round, {} in new/, {} debris file(s) in tmp/",
             acked.lock().unwrap().len() - acked_before,
             names(&spool.join("new")).len(),
             tmp.len()
@@ -218,18 +245,25 @@ fn sigkill_at_any_moment_loses_no_acknowledged_message_and_leaves_nothing_partia
     }
     // Once more from scratch: every file's bytes, every acknowledged id.
     let stored = check_new(&spool, "at the end", &mut BTreeMap::new());
-    for (idx, id) in acked.lock().unwrap().iter() {
+    let acked = acked.lock().unwrap();
+    for (idx, id, acked_in) in acked.iter() {
         assert!(
             stored
                 .get(idx)
                 .is_some_and(|n| n.contains(&format!(".{id}."))),
-            "{idx} {id}"
+            "{acked_in}: {idx} {id}"
         );
     }
-    let total = acked.lock().unwrap().len();
-    eprintln!("{total} messages acknowledged over {ROUNDS} crashes; debris in tmp/ after {debris_rounds} of them");
-    assert!(
-        total >= ROUNDS as usize,
-        "too few messages got through to make the test meaningful"
+    eprintln!(
+        "{} messages acknowledged over {ROUNDS} crashes; debris in tmp/ after {debris_rounds} of them",
+        acked.len()
     );
+    for mode in MODES {
+        let n = acked.iter().filter(|a| a.2 == mode).count();
+        eprintln!("  data_sync = {mode:?}: {n} acknowledged");
+        assert!(
+            n >= ROUNDS as usize / MODES.len(),
+            "data_sync = {mode:?}: too few messages got through ({n}) to make the test meaningful"
+        );
+    }
 }

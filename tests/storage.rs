@@ -3,6 +3,11 @@
 //! directory fsync); every failure answers 452/451, leaves nothing in `new/` or `tmp/`,
 //! and the next message succeeds once the fault clears. A held step proves that no 250
 //! is sent before the file and directory fsyncs have completed.
+//!
+//! Each test runs once per `[spool] data_sync` mode: `"file"` (each session fdatasyncs
+//! its own file, the `SyncFile` step) and `"batch"` (the spool writer runs one syncfs
+//! per batch instead, behind the same `SyncFile` step, before any rename). Invariant 1
+//! is the same in both, so the replies and leftovers asserted are the same.
 mod common;
 use common::*;
 use mailer::spool::{Faults, Op};
@@ -19,6 +24,8 @@ struct State {
     fail: HashMap<Op, i32>,
     hold: Option<Op>,
     holding: bool,
+    /// The name of the thread the held step was reached on.
+    held_by: Option<String>,
     released: bool,
 }
 
@@ -37,6 +44,7 @@ impl Faults for Injector {
         }
         if st.hold == Some(op) && !st.released {
             st.holding = true;
+            st.held_by = std::thread::current().name().map(str::to_string);
             self.cv.notify_all();
             let deadline = Instant::now() + WAIT;
             while !st.released && Instant::now() < deadline {
@@ -64,7 +72,8 @@ impl Injector {
         st.released = false;
         st.holding = false;
     }
-    fn wait_holding(&self) {
+    /// Waits until the held step is reached; returns the name of the thread holding.
+    fn wait_holding(&self) -> Option<String> {
         let mut st = self.state.lock().unwrap();
         let deadline = Instant::now() + WAIT;
         while !st.holding {
@@ -75,6 +84,7 @@ impl Injector {
                 .unwrap()
                 .0;
         }
+        st.held_by.clone()
     }
     fn release(&self) {
         self.state.lock().unwrap().released = true;
@@ -82,9 +92,13 @@ impl Injector {
     }
 }
 
-fn server(inj: &Arc<Injector>) -> TestServer {
+/// The values of `[spool] data_sync`; every test here runs with each.
+const MODES: [&str; 2] = ["file", "batch"];
+
+fn server(inj: &Arc<Injector>, mode: &str) -> TestServer {
     let faults: Arc<dyn Faults> = inj.clone();
     TestServer::start(Opts {
+        toml: format!("data_sync = {mode:?}\n"),
         hooks: Some(Box::new(move |b| b.spool_faults(faults))),
         ..Opts::default()
     })
@@ -113,8 +127,14 @@ fn deliver(c: &mut Client) -> String {
 /// Each failing step gives its reply; nothing is left behind; the next message works.
 #[test]
 fn every_storage_fault_is_answered_and_leaves_nothing() {
+    for mode in MODES {
+        storage_faults_are_answered(mode);
+    }
+}
+
+fn storage_faults_are_answered(mode: &str) {
     let inj = Arc::new(Injector::default());
-    let s = server(&inj);
+    let s = server(&inj, mode);
     let cases = [
         (Op::Write, ENOSPC, "452 4.3.1 "),
         (Op::Write, EIO, "451 4.3.0 "),
@@ -128,57 +148,78 @@ fn every_storage_fault_is_answered_and_leaves_nothing() {
     for (op, errno, want) in cases {
         inj.fail(op, errno);
         let reply = deliver(&mut c);
-        assert!(reply.starts_with(want), "{op:?}/{errno}: {reply}");
+        assert!(reply.starts_with(want), "{mode}: {op:?}/{errno}: {reply}");
         assert_eq!(
             s.stored().len(),
             stored,
-            "{op:?}: nothing new may be stored"
+            "{mode}: {op:?}: nothing new may be stored"
         );
-        wait_until("tmp/ emptied", || count(&s.spool().join("tmp")) == 0);
+        wait_until(&format!("{mode}: {op:?}: tmp/ emptied"), || {
+            count(&s.spool().join("tmp")) == 0
+        });
         inj.clear();
         let reply = c.transaction("a@x.test", &["b@y.test"], BODY);
         assert!(
             reply.starts_with("250 2.0.0 Ok: queued as "),
-            "after {op:?}: {reply}"
+            "{mode}: after {op:?}: {reply}"
         );
         stored += 1;
-        assert_eq!(s.stored().len(), stored);
+        assert_eq!(s.stored().len(), stored, "{mode}: after {op:?}");
     }
     // Creating the file fails before 354: DATA itself is answered.
     inj.fail(Op::Create, ENOSPC);
     c.ok("MAIL FROM:<a@x.test>", 250);
     c.ok("RCPT TO:<b@y.test>", 250);
     let t = c.ok("DATA", 452);
-    assert!(t.starts_with("452 4.3.1 "), "{t}");
+    assert!(t.starts_with("452 4.3.1 "), "{mode}: {t}");
     inj.clear();
     c.ok("NOOP", 250);
     let reply = c.transaction("a@x.test", &["b@y.test"], BODY);
-    assert!(reply.starts_with("250 2.0.0 "), "{reply}");
-    for (_, bytes) in s.stored() {
-        assert_eq!(split_stored(&bytes).1, b"Subject: s\r\n\r\nbody\r\n");
+    assert!(reply.starts_with("250 2.0.0 "), "{mode}: {reply}");
+    assert_eq!(
+        count(&s.spool().join("tmp")),
+        0,
+        "{mode}: tmp/ after Create"
+    );
+    for (name, bytes) in s.stored() {
+        assert_eq!(
+            split_stored(&bytes).1,
+            b"Subject: s\r\n\r\nbody\r\n",
+            "{mode}: {name}"
+        );
     }
 }
 
-/// BDAT goes through the same paths: a failed chunk answers 451/452 and the rest of
-/// the transaction is refused; the next transaction works.
+/// BDAT goes through the same paths: a failed chunk, or a failed data sync of the last
+/// one, answers 451/452 and leaves nothing; the next transaction works.
 #[test]
 fn storage_fault_during_bdat() {
-    let inj = Arc::new(Injector::default());
-    let s = server(&inj);
-    let mut c = s.ehlo();
-    inj.fail(Op::Write, ENOSPC);
-    c.ok("MAIL FROM:<a@x.test>", 250);
-    c.ok("RCPT TO:<b@y.test>", 250);
-    c.send_raw(b"BDAT 5 LAST\r\nhello");
-    let (code, text) = c.reply();
-    assert_eq!(code, 452, "{text}");
-    inj.clear();
-    c.ok("MAIL FROM:<a@x.test>", 250);
-    c.ok("RCPT TO:<b@y.test>", 250);
-    c.send_raw(b"BDAT 5 LAST\r\nhello");
-    assert_eq!(c.reply().0, 250);
-    assert_eq!(s.stored().len(), 1);
-    assert_eq!(count(&s.spool().join("tmp")), 0);
+    for mode in MODES {
+        let inj = Arc::new(Injector::default());
+        let s = server(&inj, mode);
+        let mut c = s.ehlo();
+        // A failed write, then (the last chunk stored whole) a failed data sync.
+        for (op, errno, want) in [(Op::Write, ENOSPC, 452), (Op::SyncFile, EIO, 451)] {
+            inj.fail(op, errno);
+            c.ok("MAIL FROM:<a@x.test>", 250);
+            c.ok("RCPT TO:<b@y.test>", 250);
+            c.send_raw(b"BDAT 5 LAST\r\nhello");
+            let (code, text) = c.reply();
+            assert_eq!(code, want, "{mode}: {op:?}: {text}");
+            assert!(s.stored().is_empty(), "{mode}: {op:?}: stored");
+            wait_until(&format!("{mode}: {op:?}: tmp/ emptied"), || {
+                count(&s.spool().join("tmp")) == 0
+            });
+            inj.clear();
+        }
+        c.ok("MAIL FROM:<a@x.test>", 250);
+        c.ok("RCPT TO:<b@y.test>", 250);
+        c.send_raw(b"BDAT 5 LAST\r\nhello");
+        let (code, text) = c.reply();
+        assert_eq!(code, 250, "{mode}: {text}");
+        assert_eq!(s.stored().len(), 1, "{mode}");
+        assert_eq!(count(&s.spool().join("tmp")), 0, "{mode}");
+    }
 }
 
 /// True when no byte arrives within `d` (the reply is being held back).
@@ -195,27 +236,42 @@ fn silent_for(c: &mut Client, d: Duration) -> bool {
 /// own fsync.
 #[test]
 fn no_250_before_file_fsync_rename_and_directory_fsync() {
-    for op in [Op::SyncFile, Op::Rename, Op::SyncDir] {
+    for (mode, op) in MODES
+        .into_iter()
+        .flat_map(|m| [Op::SyncFile, Op::Rename, Op::SyncDir].map(|op| (m, op)))
+    {
         let inj = Arc::new(Injector::default());
-        let s = server(&inj);
+        let s = server(&inj, mode);
         let mut c = s.ehlo();
         c.ok("MAIL FROM:<a@x.test>", 250);
         c.ok("RCPT TO:<b@y.test>", 250);
         c.ok("DATA", 354);
         inj.hold(op);
         c.send_raw(BODY);
-        inj.wait_holding();
+        let held_by = inj.wait_holding();
+        if op == Op::SyncFile {
+            // The mode is really in effect: the data sync is the session's own in
+            // "file" mode, the spool writer's in "batch" mode.
+            assert_eq!(
+                held_by.as_deref() == Some("spool-writer"),
+                mode == "batch",
+                "{mode}: SyncFile reached on thread {held_by:?}"
+            );
+        }
         assert!(
             silent_for(&mut c, Duration::from_millis(300)),
-            "{op:?}: a reply came before the step completed"
+            "{mode}: {op:?}: a reply came before the step completed"
         );
         if op != Op::SyncDir {
-            assert!(s.stored().is_empty(), "{op:?}: in new/ before its fsync");
+            assert!(
+                s.stored().is_empty(),
+                "{mode}: {op:?}: in new/ before its fsync"
+            );
         }
         inj.release();
         let (code, text) = c.reply();
-        assert_eq!(code, 250, "{text}");
-        assert_eq!(s.stored().len(), 1);
+        assert_eq!(code, 250, "{mode}: {op:?}: {text}");
+        assert_eq!(s.stored().len(), 1, "{mode}: {op:?}");
     }
 }
 
