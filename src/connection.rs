@@ -853,15 +853,11 @@ mod tests {
             require_tls: false,
             auth: None,
         });
-        let info = SessionInfo {
-            id: 1,
-            peer: "192.0.2.7:4000".parse().expect("a literal address"),
-            tls: None,
-            auth_user: None,
-            helo: None,
-            local: "192.0.2.1:25".parse().expect("a literal address"),
-            auth_mechanism: None,
-        };
+        let info = SessionInfo::new(
+            1,
+            "192.0.2.7:4000".parse().expect("a literal address"),
+            "192.0.2.1:25".parse().expect("a literal address"),
+        );
         let session = Session::new(settings, Arc::new(NoHooks), info);
         let limits = WireLimits {
             max_line_length: 512,

@@ -149,6 +149,22 @@ pub struct SessionInfo {
     pub auth_mechanism: Option<String>,
 }
 
+impl SessionInfo {
+    /// A session as it starts: `peer` connected to `local`, no TLS, no HELO, no AUTH
+    /// yet. Also what a hook's own unit tests can call their hook with.
+    pub fn new(id: u64, peer: SocketAddr, local: SocketAddr) -> SessionInfo {
+        SessionInfo {
+            id,
+            peer,
+            tls: None,
+            auth_user: None,
+            helo: None,
+            local,
+            auth_mechanism: None,
+        }
+    }
+}
+
 /// What the `data` hooks decided about a message, beyond accepting it.
 #[derive(Default, Debug, Clone, PartialEq, Eq)]
 pub struct DataVerdict {

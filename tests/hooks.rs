@@ -820,13 +820,12 @@ fn chain_gives_data_only_to_hooks_that_want_it_and_joins_their_headers() {
 fn policy_hook_accepts_listed_domains_postmaster_and_authenticated_relay() {
     let p = Policy::new(&["Example.ORG".to_string()]);
     let mut info = SessionInfo {
-        id: 1,
-        peer: "192.0.2.7:1234".parse().unwrap(),
-        tls: None,
-        auth_user: None,
         helo: Some("c".into()),
-        local: "192.0.2.1:25".parse().unwrap(),
-        auth_mechanism: None,
+        ..SessionInfo::new(
+            1,
+            "192.0.2.7:1234".parse().unwrap(),
+            "192.0.2.1:25".parse().unwrap(),
+        )
     };
     let env = Envelope {
         from: ReversePath::Null,

@@ -144,15 +144,11 @@ fuzz_target!(|data: &[u8]| {
             authenticator: Arc::new(OneUser("alice", "secret")),
         }),
     });
-    let info = SessionInfo {
-        id: 1,
-        peer: "192.0.2.1:25".parse().unwrap(),
-        tls: None,
-        auth_user: None,
-        helo: None,
-        local: "192.0.2.2:25".parse().unwrap(),
-        auth_mechanism: None,
-    };
+    let info = SessionInfo::new(
+        1,
+        "192.0.2.1:25".parse().unwrap(),
+        "192.0.2.2:25".parse().unwrap(),
+    );
     let mut s = Session::new(settings, Arc::new(NoHooks), info);
     let _ = s.greeting();
     let _ = s.command(b"EHLO c.test");

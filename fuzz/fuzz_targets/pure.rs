@@ -59,15 +59,11 @@ pub fn run_pure(input: &[u8], k: &Knobs) -> PureRun {
             authenticator: Arc::new(OneUser("alice", "secret")),
         }),
     });
-    let info = SessionInfo {
-        id: 1,
-        peer: "192.0.2.1:4000".parse().unwrap(),
-        tls: None,
-        auth_user: None,
-        helo: None,
-        local: "192.0.2.2:25".parse().unwrap(),
-        auth_mechanism: None,
-    };
+    let info = SessionInfo::new(
+        1,
+        "192.0.2.1:4000".parse().unwrap(),
+        "192.0.2.2:25".parse().unwrap(),
+    );
     let mut s = Session::new(settings, Arc::new(NoHooks), info);
     let mut d = Driver {
         input,

@@ -173,15 +173,7 @@ impl Worker {
         } else {
             log::info!(target: LOG_TARGET, "session {id}: connect from {peer}");
         }
-        let mut info = SessionInfo {
-            id,
-            peer,
-            tls: None,
-            auth_user: None,
-            helo: None,
-            local: tcp.local_addr().unwrap_or(job.peer),
-            auth_mechanism: None,
-        };
+        let mut info = SessionInfo::new(id, peer, tcp.local_addr().unwrap_or(job.peer));
         let tally = Arc::new(SessionTally::default());
         let stream = if job.implicit_tls {
             let Some(cfg) = &self.tls else { return };

@@ -199,6 +199,20 @@ impl Session {
         self.io_error(what.into());
     }
 
+    /// The open message, in every state that has one.
+    pub(super) fn message(&self) -> Option<&Message> {
+        match &self.txn {
+            Txn::Opening(m, _)
+            | Txn::Data(m, _)
+            | Txn::Chunk(m, _)
+            | Txn::Chunked(m)
+            | Txn::Sealed(m)
+            | Txn::Checking(m)
+            | Txn::Committing(m) => Some(m),
+            Txn::Idle | Txn::Mail(_) | Txn::Drain(_) => None,
+        }
+    }
+
     fn message_mut(&mut self) -> Option<&mut Message> {
         match &mut self.txn {
             Txn::Opening(m, _)

@@ -400,15 +400,8 @@ impl Session {
     /// The envelope of the transaction in progress.
     pub(crate) fn envelope(&self) -> Option<&Envelope> {
         match &self.txn {
-            Txn::Idle | Txn::Drain(_) => None,
             Txn::Mail(env) => Some(env),
-            Txn::Opening(m, _)
-            | Txn::Data(m, _)
-            | Txn::Chunk(m, _)
-            | Txn::Chunked(m)
-            | Txn::Sealed(m)
-            | Txn::Checking(m)
-            | Txn::Committing(m) => Some(&m.env),
+            _ => self.message().map(|m| &m.env),
         }
     }
 

@@ -16,15 +16,11 @@ fn settings(max_errors: u32, tls: bool) -> Arc<Settings> {
 }
 
 fn session_with(settings: Arc<Settings>, hooks: Arc<dyn Hooks>) -> Session {
-    let info = SessionInfo {
-        id: 1,
-        peer: "192.0.2.7:4000".parse().unwrap(),
-        tls: None,
-        auth_user: None,
-        helo: None,
-        local: "192.0.2.1:25".parse().unwrap(),
-        auth_mechanism: None,
-    };
+    let info = SessionInfo::new(
+        1,
+        "192.0.2.7:4000".parse().unwrap(),
+        "192.0.2.1:25".parse().unwrap(),
+    );
     Session::new(settings, hooks, info)
 }
 

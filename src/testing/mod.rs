@@ -230,13 +230,8 @@ impl Mem {
             }),
         });
         let info = SessionInfo {
-            id: 1,
-            peer: self.peer,
             tls: self.tls.clone(),
-            auth_user: None,
-            helo: None,
-            local: SocketAddr::from((Ipv4Addr::LOCALHOST, 25)),
-            auth_mechanism: None,
+            ..SessionInfo::new(1, self.peer, SocketAddr::from((Ipv4Addr::LOCALHOST, 25)))
         };
         let session = Session::new(settings, Arc::clone(&self.hooks), info);
         let limits = WireLimits {
