@@ -773,29 +773,6 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
 
-    /// Serves `input` in one read; keeps what the server writes.
-    struct Wire(io::Cursor<Vec<u8>>, Vec<u8>);
-
-    impl Read for Wire {
-        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            self.0.read(buf)
-        }
-    }
-    impl Write for Wire {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.1.extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-    impl Transport for Wire {
-        fn set_read_timeout(&mut self, _: Option<Duration>) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
     /// Counts the writers open at once; committed messages are their bytes.
     #[derive(Default)]
     struct Files {
@@ -866,19 +843,23 @@ mod tests {
             min_data_rate: 0,
         };
         let files = Files::default();
-        let wire = Wire(io::Cursor::new(input.to_vec()), Vec::new());
+        let wire = crate::testing::MemoryTransport::new(input, &[]);
         let mut conn = Connection::new(wire, session, &files, &Forever, limits);
         assert_eq!(conn.run(), End::Quit);
-        let out = String::from_utf8_lossy(&conn.into_transport().1).into_owned();
+        let out = String::from_utf8_lossy(&conn.into_transport().output).into_owned();
         (out, files)
     }
 
-    /// The reply codes in `out`, one per reply.
-    fn codes(out: &str) -> Vec<&str> {
-        out.lines()
-            .filter(|l| l.as_bytes().get(3) == Some(&b' '))
-            .map(|l| &l[..3])
-            .collect()
+    /// The reply codes in `out`, one per reply, read with the client's parser.
+    fn codes(out: &str) -> Vec<String> {
+        let mut rest = out.as_bytes();
+        let mut codes = Vec::new();
+        while let Ok(Some((r, n))) = crate::client::parse_reply(rest) {
+            codes.push(r.code.to_string());
+            rest = &rest[n..];
+        }
+        assert!(rest.is_empty(), "malformed server output: {out:?}");
+        codes
     }
 
     #[test]

@@ -130,7 +130,6 @@ struct Checked {
     inner: Arc<WebPkiServerVerifier>,
     pinned: Vec<CertificateDer<'static>>,
     opportunistic: bool,
-    provider: Arc<CryptoProvider>,
 }
 
 impl ServerCertVerifier for Checked {
@@ -170,18 +169,15 @@ impl ServerCertVerifier for Checked {
         }
     }
 
+    // The handshake signatures are checked exactly as the WebPKI verifier checks them,
+    // with the same provider's algorithms.
     fn verify_tls12_signature(
         &self,
         message: &[u8],
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.inner.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -190,18 +186,11 @@ impl ServerCertVerifier for Checked {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.inner.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.inner.supported_verify_schemes()
     }
 }
 
@@ -224,7 +213,6 @@ pub(crate) fn tls_setup(job: &Job) -> Result<TlsSetup, SendError> {
                 inner,
                 pinned,
                 opportunistic: job.starttls == StartTls::Try,
-                provider,
             }))
             .with_no_client_auth()
     } else {
