@@ -36,6 +36,8 @@ pub enum Op {
     Rename,
     /// fsync of `new/` after a batch of renames.
     SyncDir,
+    /// The disk cache flush after a batch's syncfs, before its renames (`batch` mode).
+    Flush,
 }
 
 /// Fault injection for tests: consulted before each storage step; an `Err` is
@@ -209,8 +211,8 @@ pub enum DataSync {
     /// can. Costs nothing beyond the spool's own files.
     #[default]
     PerFile,
-    /// The writer makes a whole batch durable with one syncfs(2) per filesystem, then
-    /// renames. Fewer journal commits per message, but it also flushes whatever else is
+    /// The writer makes a whole batch durable with one syncfs(2) and one cache flush
+    /// per filesystem ([`sync_batch_data`]), then renames. Fewer journal commits per message, but it also flushes whatever else is
     /// dirty on that filesystem: for a spool on a filesystem of its own.
     Batch,
 }
@@ -944,18 +946,25 @@ fn writer(
     }
 }
 
-/// [`DataSync::Batch`]: one syncfs(2) per filesystem holding files of the batch.
+/// [`DataSync::Batch`]: one syncfs(2) per filesystem holding files of the batch, then
+/// one flush of the disk's write cache.
 ///
 /// Why this keeps invariant 1: every file of the batch was written and closed by its
 /// session before it was handed over, so its data is in the page cache (or already on
 /// disk) when the writer starts. syncfs writes back every dirty inode of the filesystem
-/// and waits for it, then commits the journal and flushes the disk cache
-/// (sync_filesystem: writeback, then ->sync_fs with wait), so when it returns the data
-/// of every file of the batch is durable, as one fdatasync per file would have made it.
-/// Only then are the files renamed into new/ and new/ fsynced, so new/ can never name a
-/// file whose data could be lost. Since Linux 5.8 syncfs reports writeback errors on the
-/// filesystem since the descriptor was opened; any error fails the whole batch (the
-/// clients retry), never a silent loss.
+/// and waits for it: the files' data, and the metadata needed to read it back (size,
+/// block map, the conversion of unwritten extents). But sync_filesystem() asks the
+/// filesystem to flush the disk cache (->sync_fs with wait) *before* its last step,
+/// which writes the block device's dirty buffers; a filesystem that keeps inodes there
+/// (ext4 without a journal, ext2) gets them written after that flush, into a volatile
+/// cache. So an fsync follows on the same filesystem (of tmp/, whose own entries need
+/// nothing more): it ends with a cache flush of its own, after syncfs's writes have
+/// completed. Only then is every file of the batch as durable as one fdatasync each
+/// would have made it, and only then are the files renamed into new/ and new/
+/// fsynced, so new/ never names a file whose data or inode a power cut could lose.
+/// Since Linux 5.8 syncfs reports writeback errors on the filesystem since the
+/// descriptor was opened; any error fails the whole batch (the clients retry), never
+/// a silent loss.
 fn sync_batch_data(
     batch: &[Commit],
     filesystems: &mut HashMap<PathBuf, (u64, File)>,
@@ -980,6 +989,8 @@ fn sync_batch_data(
             if synced.insert(*dev) {
                 faults.before(Op::SyncFile)?;
                 rustix::fs::syncfs(f)?;
+                faults.before(Op::Flush)?;
+                f.sync_all()?;
             }
         }
     }

@@ -6,8 +6,9 @@
 //!
 //! Each test runs once per `[spool] data_sync` mode: `"file"` (each session fdatasyncs
 //! its own file, the `SyncFile` step) and `"batch"` (the spool writer runs one syncfs
-//! per batch instead, behind the same `SyncFile` step, before any rename). Invariant 1
-//! is the same in both, so the replies and leftovers asserted are the same.
+//! per batch instead, behind the same `SyncFile` step, then flushes the disk cache, the
+//! `Flush` step, before any rename). Invariant 1 is the same in both, so the replies and
+//! leftovers asserted are the same.
 mod common;
 use common::*;
 use mailer::spool::{Faults, Op};
@@ -135,7 +136,7 @@ fn every_storage_fault_is_answered_and_leaves_nothing() {
 fn storage_faults_are_answered(mode: &str) {
     let inj = Arc::new(Injector::default());
     let s = server(&inj, mode);
-    let cases = [
+    let mut cases = vec![
         (Op::Write, ENOSPC, "452 4.3.1 "),
         (Op::Write, EIO, "451 4.3.0 "),
         (Op::SyncFile, EIO, "451 4.3.0 "),
@@ -143,6 +144,9 @@ fn storage_faults_are_answered(mode: &str) {
         (Op::Rename, EIO, "451 4.3.0 "),
         (Op::SyncDir, EIO, "451 4.3.0 "),
     ];
+    if mode == "batch" {
+        cases.push((Op::Flush, EIO, "451 4.3.0 "));
+    }
     let mut c = s.ehlo();
     let mut stored = 0;
     for (op, errno, want) in cases {
@@ -233,12 +237,20 @@ fn silent_for(c: &mut Client, d: Duration) -> bool {
 
 /// Invariant 1: while the file fsync or the directory fsync has not completed, the
 /// client has no 250, and the message is not (yet) visible as delivered before its
-/// own fsync.
+/// own fsync. In "batch" mode the same holds for the cache flush after the syncfs: the
+/// file is not in new/ before it (a test that fails should the flush go missing).
 #[test]
 fn no_250_before_file_fsync_rename_and_directory_fsync() {
+    let steps = |mode: &str| {
+        let mut ops = vec![Op::SyncFile, Op::Rename, Op::SyncDir];
+        if mode == "batch" {
+            ops.push(Op::Flush);
+        }
+        ops
+    };
     for (mode, op) in MODES
         .into_iter()
-        .flat_map(|m| [Op::SyncFile, Op::Rename, Op::SyncDir].map(|op| (m, op)))
+        .flat_map(|m| steps(m).into_iter().map(move |op| (m, op)))
     {
         let inj = Arc::new(Injector::default());
         let s = server(&inj, mode);
@@ -249,7 +261,7 @@ fn no_250_before_file_fsync_rename_and_directory_fsync() {
         inj.hold(op);
         c.send_raw(BODY);
         let held_by = inj.wait_holding();
-        if op == Op::SyncFile {
+        if matches!(op, Op::SyncFile | Op::Flush) {
             // The mode is really in effect: the data sync is the session's own in
             // "file" mode, the spool writer's in "batch" mode.
             assert_eq!(
