@@ -16,6 +16,10 @@
 #                     spool.data_sync = $DATA_SYNC ("file" by default, or "batch");
 # then runs every cell against all three in alternation (the order rotates per
 # repetition), REPS times, and prints a markdown table of medians and ratios.
+# Every run starts on an empty store: mailer is restarted on a new spool directory and
+# Postfix's hold queue is moved aside, so that no run measures the backlog its
+# predecessors left (a directory of 100,000s of never-read messages) and the rotation
+# of the order is not undone by a store that only ever grows.
 # Everything it starts is stopped by PID (or by `postfix -c <its own dir> stop`) and the
 # temp dir is removed on exit. Absolute figures depend on the disk; the ratios are the
 # point.
@@ -154,8 +158,11 @@ timeout 60 postfix -c "$PF/etc" start >/dev/null 2>&1 || {
 
 # --- mailer -------------------------------------------------------------------------------
 MAILER_PORT=$(free_port)
+STORE_N=0 # stores made so far; the old ones stay until the end (deleting many files
+# right before a run slows ext4's next file creations, see clear_store)
 start_mailer() {
-    rm -rf "$WORK/spool"
+    STORE_N=$((STORE_N + 1))
+    SPOOL=$WORK/spool.$STORE_N
     cat >"$WORK/mailer.toml" <<EOF
 hostname = "mailer-bench.test"
 [server]
@@ -166,7 +173,7 @@ stats_interval_secs = 0
 [limits]
 max_message_size = $((BIG + 1048576))
 [spool]
-dir = "$WORK/spool"
+dir = "$SPOOL"
 fsync = true
 data_sync = "$DATA_SYNC"
 EOF
@@ -198,9 +205,34 @@ port_of() {
 clear_store() {
     case $1 in
     postfix) find "$PF/queue/hold" -type f -delete ;;
-    mailer) find "$WORK/spool/new" -type f -delete ;;
+    mailer) find "$SPOOL/new" -type f -delete ;;
     esac
     timeout 60 sync -f "$WORK" || true
+}
+
+# fresh_store TARGET: an empty store for the run about to start (see the top). A
+# restarted mailer gets a few messages first, so that it runs warm like the others.
+fresh_store() {
+    case $1 in
+    mailer)
+        stop_mailer
+        start_mailer
+        "$LOADGEN" --port "$MAILER_PORT" --sessions 4 --messages 200 --size 4096 \
+            --pipelining >/dev/null 2>"$WORK/loadgen.err" || {
+            log "warming mailer up failed: $(head -c 500 "$WORK/loadgen.err")"
+            exit 1
+        }
+        ;;
+    postfix)
+        STORE_N=$((STORE_N + 1))
+        local q=$PF/queue
+        mkdir "$q/hold.new"
+        chown --reference="$q/hold" "$q/hold.new"
+        chmod --reference="$q/hold" "$q/hold.new"
+        mv "$q/hold" "$WORK/postfix-hold.$STORE_N"
+        mv "$q/hold.new" "$q/hold"
+        ;;
+    esac
 }
 
 field() { sed -n "s/.*\"$2\":\([0-9.]*\).*/\1/p" <<<"$1"; }
@@ -252,6 +284,7 @@ cell() { # name metric loadgen-args...
     shift 2
     for rep in $(seq 0 $((REPS - 1))); do
         for t in $(order "$rep"); do
+            fresh_store "$t"
             if [ "$name" = tput ]; then
                 # Where the CPU goes (is the box saturated? who uses it?): the whole
                 # machine from /proc/stat, the generator by `time`, the server's own
