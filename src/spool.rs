@@ -212,8 +212,9 @@ pub enum DataSync {
     #[default]
     PerFile,
     /// The writer makes a whole batch durable with one syncfs(2) and one cache flush
-    /// per filesystem ([`sync_batch_data`]), then renames. Fewer journal commits per message, but it also flushes whatever else is
-    /// dirty on that filesystem: for a spool on a filesystem of its own.
+    /// per filesystem (`sync_batch_data`), then renames. Fewer journal commits per
+    /// message, but it also flushes whatever else is dirty on that filesystem: for a
+    /// spool on a filesystem of its own.
     Batch,
 }
 
