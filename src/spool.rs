@@ -958,11 +958,14 @@ fn writer(
 /// filesystem to flush the disk cache (->sync_fs with wait) *before* its last step,
 /// which writes the block device's dirty buffers; a filesystem that keeps inodes there
 /// (ext4 without a journal, ext2) gets them written after that flush, into a volatile
-/// cache. So an fsync follows on the same filesystem (of tmp/, whose own entries need
-/// nothing more): it ends with a cache flush of its own, after syncfs's writes have
-/// completed. Only then is every file of the batch as durable as one fdatasync each
-/// would have made it, and only then are the files renamed into new/ and new/
-/// fsynced, so new/ never names a file whose data or inode a power cut could lose.
+/// cache. So an fsync follows on the same filesystem: it ends with a cache flush of
+/// its own, after syncfs's writes have completed. It is an fsync of new/, which is on
+/// tmp/'s filesystem (the renames need that) and which no session writes, so it has
+/// little to write; not of tmp/, whose directory blocks it would write again, locked
+/// against the sessions creating their files meanwhile. Only then is every file of
+/// the batch as durable as one fdatasync each would have made it, and only then are
+/// the files renamed into new/ and new/ fsynced, so new/ never names a file whose data
+/// or inode a power cut could lose.
 /// Since Linux 5.8 syncfs reports writeback errors on the filesystem since the
 /// descriptor was opened; any error fails the whole batch (the clients retry), never
 /// a silent loss.
@@ -974,8 +977,7 @@ fn sync_batch_data(
     use std::os::unix::fs::MetadataExt;
     let mut synced: BTreeSet<u64> = BTreeSet::new();
     for c in batch {
-        for (tmp, _, _) in &c.files {
-            let Some(dir) = tmp.parent() else { continue };
+        for (_, _, dir) in &c.files {
             if !filesystems.contains_key(dir) {
                 let f = File::open(dir)?;
                 let dev = f.metadata()?.dev();
